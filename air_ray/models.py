@@ -294,10 +294,16 @@ def load_model(
     return model
 
 
-def model_shape(model) -> tuple[int, int, int, int]:
-    """(num_layers, num_heads, num_kv_heads, head_dim) of a decoder-only model."""
-    c = model.config
+def model_shape(model_or_config) -> tuple[int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_dim) of a decoder-only model (or of its config)."""
+    c = getattr(model_or_config, "config", model_or_config)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     return c.num_hidden_layers, heads, kv, head_dim
+
+
+def load_config(ref: ModelRef, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)

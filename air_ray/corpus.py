@@ -1,0 +1,142 @@
+"""Corpus input: expanding URIs to files, and reading files as chunks of raw records.
+
+Files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON lines, or one JSON array) and ``.parquet`` on any fsspec
+URI. A chunk is the unit of work and of output: ``rows_per_partition`` consecutive records of one file,
+named deterministically from the file and its index, so a rerun replaces a partition rather than adding one.
+Records stay raw text here (``None`` for a line that is not valid UTF-8); parsing and validation happen in
+the prepare step, where a bad record becomes a rejected row instead of an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from air_ray.errors import AirRayError
+
+EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass
+class Chunk:
+    unit: str  # partition name (no extension)
+    source: str  # input URI
+    lines: list[int] = field(default_factory=list)  # 1-based line (JSONL) or row number (Parquet)
+    texts: list[str | None] = field(default_factory=list)  # raw JSON text; None = not valid UTF-8
+    nbytes: int = 0
+    file_error: str | None = None  # the whole file could not be read
+
+
+def _with_protocol(fs, path: str) -> str:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if proto in ("file", "local") else f"{proto}://{path}"
+
+
+def expand_inputs(uris: list[str]) -> list[str]:
+    """Files, directories (searched recursively) and globs -> sorted, de-duplicated file URIs."""
+    import fsspec
+
+    out: list[str] = []
+    for uri in uris:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as e:
+            raise AirRayError(f"input {uri}: {e}") from None
+        try:
+            if _GLOB.search(path):
+                found = [p for p in fs.glob(path) if fs.isfile(p)]
+            elif fs.isdir(path):
+                found = [p for p in fs.find(path) if not posix_hidden(p)]
+            elif fs.isfile(path):
+                found = [path]
+            else:
+                raise AirRayError(f"input {uri} does not exist")
+        except AirRayError:
+            raise
+        except Exception as e:  # unreachable endpoint, permission ...
+            raise AirRayError(f"input {uri} cannot be listed: {type(e).__name__}: {e}") from None
+        out += [_with_protocol(fs, p) for p in found if p.endswith(EXTENSIONS)]
+    out = sorted(set(out))
+    if not out:
+        raise AirRayError(f"no input files ({', '.join(EXTENSIONS)}) found in {' '.join(uris)}")
+    return out
+
+
+def posix_hidden(path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+
+
+def unit_name(source: str, index: int) -> str:
+    """Deterministic, filesystem-safe partition name: <file stem>-<hash of the URI>-<chunk index>."""
+    stem = source.rstrip("/").split("/")[-1]
+    for ext in EXTENSIONS:
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._")[:60] or "input"
+    digest = hashlib.sha1(source.encode()).hexdigest()[:10]
+    return f"{stem}-{digest}-{index:05d}"
+
+
+def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
+    """All records of one file, in chunks. If the file cannot be read (or breaks off), the chunk in progress
+    carries ``file_error``: its records so far are kept, and the file gets one rejected entry."""
+    index = 0
+    chunk = Chunk(unit_name(source, 0), source)
+    try:
+        records = _parquet_records(source) if source.endswith(".parquet") else _text_records(source)
+        for line, text, nbytes in records:
+            chunk.lines.append(line)
+            chunk.texts.append(text)
+            chunk.nbytes += nbytes
+            if len(chunk.lines) == rows_per_partition:
+                yield chunk
+                index += 1
+                chunk = Chunk(unit_name(source, index), source)
+    except Exception as e:  # corrupt gzip, bad parquet footer, vanished file ...
+        chunk.file_error = f"{type(e).__name__}: {e}"[:500]
+    if chunk.lines or chunk.file_error or index == 0:
+        yield chunk
+
+
+def _text_records(source: str) -> Iterator[tuple[int, str | None, int]]:
+    import fsspec
+
+    with fsspec.open(source, "rb", compression="infer") as f:
+        head = f.read(1 << 16)
+        if source.endswith(".json") and head.lstrip()[:1] == b"[":
+            try:
+                rows = json.loads(head + f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"not a valid JSON array: {e}") from None
+            for i, row in enumerate(rows, 1):
+                text = json.dumps(row, ensure_ascii=False)
+                yield i, text, len(text)
+            return
+        f.seek(0)
+        for i, raw in enumerate(f, 1):  # streams: a huge file is never held whole
+            if not raw.strip():
+                continue  # blank lines are not rows
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            yield i, text, len(raw)
+
+
+def _parquet_records(source: str) -> Iterator[tuple[int, str | None, int]]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(source, "rb") as f:
+        pf = pq.ParquetFile(f)
+        n = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                text = json.dumps(row, ensure_ascii=False, default=str)
+                yield n, text, len(text)

@@ -1,0 +1,78 @@
+"""`make demo` / `air-ray demo`: fetch the default model, detect heads, score the bundled GSM8K sample on an
+embedded local Ray, select the top 10%, print a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+def run_demo(output: str = "out/demo", input: str = "data/gsm8k_sample/train_sample.jsonl", *,
+             limit: int | None = None, num_probes: int = 12, probe_tokens: int = 512) -> dict:
+    import pyarrow.parquet as pq
+
+    from air_ray.config import HeadsConfig, ScoreConfig
+    from air_ray.detect import run_heads
+    from air_ray.errors import AirRayError
+    from air_ray.models import prepare_model
+    from air_ray.pipeline import run_score
+    from air_ray.select import SelectConfig, select
+
+    t0 = time.time()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(input)
+    if not src.exists():
+        raise AirRayError(f"demo input {input} not found (run `make demo` from the repository root)")
+    if limit:
+        lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
+        src = out / "input" / src.name
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    print("== 1/4 model", flush=True)
+    ref = prepare_model()
+    print(f"{ref.name} -> {ref.path} (fingerprint {ref.fingerprint})", flush=True)
+
+    print("== 2/4 heads", flush=True)
+    heads = run_heads(HeadsConfig(out=str(out / "heads.json"), num_probes=num_probes, probe_tokens=probe_tokens))
+
+    print("== 3/4 score (embedded local Ray)", flush=True)
+    manifest = run_score(ScoreConfig(
+        heads=str(out / "heads.json"), input=[str(src)], output=str(out / "scores"), address="local",
+        cpus_per_actor=float(os.cpu_count() or 1), rows_per_partition=64,
+    ))
+
+    print("== 4/4 select top 10%", flush=True)
+    summary = select(SelectConfig(scores=str(out / "scores"), output=str(out / "selection"), top_frac=0.1))
+
+    sel = pq.read_table(out / "selection" / "selection.parquet").to_pylist()
+    scores = {r["id"]: r for r in pq.read_table(out / "scores" / "scores").to_pylist()}
+    rows = {json.loads(ln).get("id"): json.loads(ln) for ln in src.read_text(encoding="utf-8").splitlines()
+            if ln.strip()}
+    c = manifest["counts"]
+    print()
+    print(f"critical heads ({len(heads['heads'])}): {heads['heads']}")
+    ac = heads["ablation_check"]
+    print(f"probe answer loss: base {ac['answer_loss_base']:.3f} | critical heads off "
+          f"{ac['answer_loss_ablated']:.3f} | random heads off {ac['answer_loss_random_heads']:.3f}")
+    print(f"rows: read {c['rows_read']}, scored {c['rows_scored']}, rejected {c['rows_rejected']}; "
+          f"{manifest['tokens_per_s']:.0f} tok/s; selected {len(sel)} (threshold {summary['threshold_score']:.4f})")
+    print()
+    print(f"{'rank':>4}  {'id':<20} {'score':>8} {'tokens':>6}  most influential step")
+    for r in sel[:10]:
+        s = scores[r["id"]]
+        resp = rows.get(r["id"], {}).get("response", "")
+        best = max((i for i, v in enumerate(s["step_scores"]) if v is not None),
+                   key=lambda i: s["step_scores"][i], default=None)
+        step = resp[s["step_spans"][best][0]:s["step_spans"][best][1]] if best is not None else ""
+        print(f"{r['rank']:>4}  {r['id']:<20} {r['score']:>8.4f} {s['n_response_tokens']:>6}  {step[:60]!r}")
+    print()
+    print("outputs:")
+    for p in ["heads.json", "heads.png", "scores/scores/", "scores/rejected/", "scores/_manifest.json",
+              "selection/selection.parquet", "selection/selection.json", "selection/score_hist.png"]:
+        print(f"  {out / p}")
+    print(f"demo finished in {time.time() - t0:.0f}s")
+    return {"heads": heads, "manifest": manifest, "selection": summary}

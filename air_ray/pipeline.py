@@ -1,0 +1,234 @@
+"""Ray wiring for ``air-ray score``: the only module that knows how the stages run.
+
+    from_items(files) ─flat_map→ ReadStage ─map_batches(tasks)→ PrepareStage
+                      ─map_batches(actor pool: --actors × (--gpus/--cpus-per-actor))→ ScoreStage ─→ summaries
+
+Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
+(atomically, named from the input file and chunk index) and returns a summary row. The driver streams the
+summaries for progress and writes ``_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import posixpath
+import socket
+import sys
+import time
+from collections import Counter
+
+from air_ray.config import ScoreConfig
+from air_ray.errors import AirRayError
+from air_ray.stages import PrepareStage, ReadStage, ScoreStage
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters: a stage inside Ray Data
+
+
+def _read(row: dict, rows_per_partition: int) -> list[dict]:
+    stage = ReadStage(rows_per_partition)
+    return [{"payload": pickle.dumps(c)} for c in stage.process(row["source"])]
+
+
+class _StageActor:
+    """Builds a stage once per Ray worker/actor, then feeds it one pickled item per batch row."""
+
+    def __init__(self, stage_cls, *args):
+        self.stage = stage_cls(*args)
+        self.stage.setup()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        outs = [self.stage.process(pickle.loads(b)) for b in batch["payload"]]
+        if outs and isinstance(outs[0], dict):  # summaries
+            return {k: [o[k] for o in outs] for k in outs[0]} | {"actor": [self.name] * len(outs)}
+        return {"payload": [pickle.dumps(o) for o in outs]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def connect(address: str | None, min_cpus: int) -> bool:
+    """Join or start Ray. Returns True when this call started a local cluster (and should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw = dict(log_to_driver=True, configure_logging=False)
+    if address in ("auto",) or (address and address != "local"):
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as e:
+            raise AirRayError(f"cannot join a Ray cluster at {address!r}: {e}") from None
+        return False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kw)
+        return False
+    if address is None:
+        try:
+            ray.init(address="auto", **kw)
+            return False
+        except (ConnectionError, RuntimeError):
+            pass
+    # an embedded local cluster; logical CPUs cover the actors plus the CPU stages
+    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, **kw)
+    return True
+
+
+def _check_writable(fs, root: str) -> None:
+    probe = posixpath.join(root, ".air_ray_write_check")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as e:
+        raise AirRayError(f"output {root} cannot be written: {type(e).__name__}: {e}") from None
+
+
+def versions() -> dict:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    import air_ray
+
+    return {"air_ray": air_ray.__version__, "ray": ray.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
+            "python": platform.python_version()}
+
+
+class Progress:
+    """Plain progress lines (readable in a terminal and in `ray job logs`)."""
+
+    def __init__(self, total_bytes: int, every_s: float = 5.0):
+        self.total_bytes, self.every_s = max(total_bytes, 1), every_s
+        self.t0 = self.last = time.time()
+        self.rows = self.tokens = self.nbytes = self.parts = 0
+
+    def update(self, s: dict, final: bool = False) -> None:
+        self.rows += s["rows_read"]
+        self.tokens += s["tokens"]
+        self.nbytes += s["nbytes"]
+        self.parts += 1
+        now = time.time()
+        if final or now - self.last >= self.every_s:
+            self.last = now
+            el = now - self.t0
+            frac = min(self.nbytes / self.total_bytes, 1.0)
+            eta = el * (1 - frac) / frac if frac > 0 else float("nan")
+            print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
+                  f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
+
+
+def run_score(cfg: ScoreConfig) -> dict:
+    """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``."""
+    import fsspec
+    import ray
+
+    from air_ray.corpus import expand_inputs
+    from air_ray.heads import load_heads
+    from air_ray.models import load_config, model_shape, prepare_model
+
+    cfg.check()
+    t0 = time.time()
+    files = expand_inputs(cfg.input)
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    _check_writable(fs, root)
+    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
+    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
+                           allow_mismatch=cfg.allow_model_mismatch)
+
+    # the CPU stages (read, repartition, prepare) need ~2 CPUs beside the actors
+    started = connect(cfg.address, min_cpus=int(cfg.actors * cfg.cpus_per_actor) + 2)
+    try:
+        if cfg.gpus_per_actor is None:
+            cfg.gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        total_bytes = 0
+        for f in files:
+            try:
+                total_bytes += fsspec.core.url_to_fs(f)[0].size(fsspec.core.url_to_fs(f)[1]) or 0
+            except Exception:
+                pass
+        print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
+              f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
+
+        score_stage = ScoreStage(cfg, heads_doc)
+        ds = (
+            ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
+            .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
+            # one chunk per block, so that the actor pool can spread chunks over its actors
+            .repartition(target_num_rows_per_block=1)
+            .map_batches(_StageActor, fn_constructor_args=(PrepareStage, cfg), batch_size=1,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
+                         **PrepareStage.resources)
+            .map_batches(_StageActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
+                         compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
+                         **score_stage.resources)
+        )
+        progress = Progress(total_bytes)
+        summaries = []
+        for s in ds.iter_rows():
+            summaries.append(dict(s))
+            progress.update(s)
+    finally:
+        if started:
+            ray.shutdown()
+
+    wall = time.time() - t0
+    manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
+    write_json(fs, posixpath.join(root, "_manifest.json"), manifest)
+    c = manifest["counts"]
+    print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
+          f"{c['rows_rejected']:,} rejected in {wall:,.1f}s ({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
+    return manifest
+
+
+def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
+    from dataclasses import asdict
+
+    reasons: Counter = Counter()
+    per_actor: Counter = Counter()
+    for s in summaries:
+        reasons.update(json.loads(s["reasons"]))
+        per_actor[s["actor"]] += s["rows_scored"]
+    tokens = sum(s["tokens"] for s in summaries)
+    counts = {
+        "rows_read": sum(s["rows_read"] for s in summaries),
+        "rows_scored": sum(s["rows_scored"] for s in summaries),
+        "rows_rejected": sum(s["rows_rejected"] for s in summaries),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
+    return {
+        "format_version": 1,
+        "config": asdict(cfg),
+        "model": ref.name,
+        "model_fingerprint": ref.fingerprint,
+        "heads": [list(h) for h in heads_doc["heads"]],
+        "versions": versions(),
+        "inputs": files,
+        "partitions": sorted(s["unit"] for s in summaries),
+        "counts": counts,
+        "per_actor_rows": dict(sorted(per_actor.items())),
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+    }
+
+
+def write_json(fs, path: str, doc: dict) -> None:
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.tmp")
+    fs.makedirs(parent, exist_ok=True)
+    with fs.open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    fs.mv(tmp, path)

@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/detect_heads.py --config jobs/configs/detect_heads.yaml` (or flags).
+
+Thin: the options are those of `air-ray heads`; everything happens in air_ray.
+"""
+
+import sys
+
+from air_ray.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["heads", *sys.argv[1:]]))

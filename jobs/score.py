@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/score.yaml` (or flags).
+
+Thin: the options are those of `air-ray score`; everything happens in air_ray.
+"""
+
+import sys
+
+from air_ray.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["score", *sys.argv[1:]]))

@@ -1,0 +1,102 @@
+"""Shared fixtures: the real default model (loaded once per session, float32, CPU) and an independent
+reference attention that disables heads explicitly (uniform 1/i attention rows), used to check the
+q-row ablation and the scorer against a plain implementation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K_SAMPLE = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smol_ref():
+    from air_ray.models import prepare_model
+
+    return prepare_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tok(smol_ref):
+    from air_ray.models import load_tokenizer
+
+    return load_tokenizer(smol_ref)
+
+
+@pytest.fixture(scope="session")
+def smol_fp32(smol_ref):
+    """The default model, float32 on CPU, SDPA attention (as air_ray loads it). Tests that change it in place
+    (QueryAblation, attention implementation) must restore it."""
+    from air_ray.models import load_model
+
+    return load_model(smol_ref, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_rows():
+    with open(GSM8K_SAMPLE, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the independent reference: explicit eager attention with disabled heads' rows written as 1/i
+
+_names = itertools.count()
+
+
+def make_uniform_attention(heads):
+    """An eager attention function in which every (layer, head) in ``heads`` attends uniformly (exactly
+    1/i, i = number of visible positions) over what the mask lets it see; every other head is plain
+    softmax(QK^T * scaling + mask) V. Shapes: query [b, H, q, d]; key/value [b, KV, k, d]."""
+    import torch
+
+    heads = frozenset((int(l), int(h)) for l, h in heads)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        b, H, q_len, d = query.shape
+        rep = H // key.shape[1]
+        k = key.repeat_interleave(rep, dim=1)  # query head h reads kv head h // rep
+        v = value.repeat_interleave(rep, dim=1)
+        if scaling is None:
+            scaling = d ** -0.5
+        scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling  # [b, H, q, k]
+        k_len = scores.shape[-1]
+        if attention_mask is None:
+            visible = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+            visible = visible[None, None].expand(b, 1, q_len, k_len)
+        elif attention_mask.dtype == torch.bool:
+            visible = attention_mask[:, :, :, :k_len]
+        else:  # eager float mask: 0 where visible, a very negative number elsewhere
+            visible = attention_mask[:, :, :, :k_len] == 0
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (none with right padding)
+        uniform = visible[:, 0].float() / visible[:, 0].sum(-1, keepdim=True).clamp(min=1).float()  # [b, q, k]
+        for h in range(H):
+            if (module.layer_idx, h) in heads:
+                probs[:, h] = uniform
+        out = torch.matmul(probs.to(v.dtype), v)  # [b, H, q, d]
+        return out.transpose(1, 2).contiguous(), probs
+
+    return attention
+
+
+def register_uniform_attention(heads) -> str:
+    """Register the reference attention for ``heads`` under a fresh name; pass it as attn_implementation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    name = f"test_uniform_ablation_{next(_names)}"
+    AttentionInterface.register(name, make_uniform_attention(heads))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)
+    return name
+
+
+@pytest.fixture(scope="session")
+def uniform_attention():
+    """``uniform_attention(heads) -> attn_implementation name`` (see ``make_uniform_attention``)."""
+    return register_uniform_attention

@@ -1,0 +1,142 @@
+"""The influence formulas on hand-computed numbers (no model, no torch)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from air_ray.influence import EPS, all_finite, influence, relative_divergence, step_weights, token_step_index
+
+
+def softmax_weights(scores, temperature=1.0):
+    ex = [math.exp(s / temperature) for s in scores]
+    return [len(scores) * e / sum(ex) for e in ex]
+
+
+# tokens start at chars 0, 3, 6, 10; steps [0,6) [6,9) [9,12) [12,15)
+BASE = [1.0, 2.0, 1.0, 4.0]
+REF = [2.0, 2.0, 3.0, 4.0]
+STARTS = [0, 3, 6, 10]
+SPANS = [(0, 6), (6, 9), (9, 12), (12, 15)]
+
+
+def test_influence_hand_computed():
+    out = influence(BASE, REF, STARTS, SPANS)
+    assert out["loss_base"] == pytest.approx(2.0)  # 8 / 4
+    assert out["loss_ref"] == pytest.approx(2.75)  # 11 / 4
+    assert out["score"] == pytest.approx(0.375)  # (2.75 - 2) / 2
+    assert out["step_spans"] == [[0, 6], [6, 9], [9, 12], [12, 15]]
+    assert out["step_token_counts"] == [2, 1, 1, 0]
+    s = out["step_scores"]
+    assert s[0] == pytest.approx((2.0 - 1.5) / 1.5)  # tokens 0, 1
+    assert s[1] == pytest.approx(2.0)  # token 2: (3 - 1) / 1
+    assert s[2] == pytest.approx(0.0)  # token 3: (4 - 4) / 4
+    assert s[3] is None  # no token starts in [12, 15)
+    w = out["step_weights"]
+    expected = softmax_weights([1 / 3, 2.0, 0.0])
+    assert w[:3] == pytest.approx(expected)
+    assert w[3] == 1.0
+    assert sum(w[:3]) / 3 == pytest.approx(1.0)
+    assert w[1] > w[0] > w[2]
+
+
+def test_influence_temperature():
+    scores = [1 / 3, 2.0, 0.0]
+    w2 = influence(BASE, REF, STARTS, SPANS, temperature=2.0)["step_weights"]
+    assert w2[:3] == pytest.approx(softmax_weights(scores, 2.0))
+    assert w2[3] == 1.0
+    w1 = influence(BASE, REF, STARTS, SPANS, temperature=1.0)["step_weights"]
+    # a higher temperature flattens the weights towards 1 ...
+    assert abs(w2[1] - 1) < abs(w1[1] - 1)
+    hot = influence(BASE, REF, STARTS, SPANS, temperature=1e6)["step_weights"]
+    assert hot == pytest.approx([1.0, 1.0, 1.0, 1.0], abs=1e-5)
+    # ... a low one puts all the mass (n = 3) on the best step
+    cold = influence(BASE, REF, STARTS, SPANS, temperature=1e-3)["step_weights"]
+    assert cold == pytest.approx([0.0, 3.0, 0.0, 1.0], abs=1e-9)
+    # the scores themselves do not depend on the temperature
+    assert influence(BASE, REF, STARTS, SPANS, temperature=5.0)["step_scores"][:3] == pytest.approx(scores)
+
+
+def test_influence_negative_and_zero_base():
+    # the reference model can be better than the base: negative scores
+    out = influence([2.0, 2.0], [1.0, 1.0], [0, 1], [(0, 1), (1, 2)])
+    assert out["score"] == pytest.approx(-0.5)
+    assert out["step_scores"] == pytest.approx([-0.5, -0.5])
+    assert out["step_weights"] == pytest.approx([1.0, 1.0])
+    # a zero base loss divides by EPS, not by zero
+    out = influence([0.0, 0.0], [0.5, 0.0], [0, 1], [(0, 1), (1, 2)])
+    assert out["score"] == pytest.approx(0.25 / EPS)
+    assert out["step_scores"] == pytest.approx([0.5 / EPS, 0.0])
+    assert all_finite(out["step_weights"])
+
+
+def test_influence_no_steps_and_tokens_outside_steps():
+    out = influence([1.0, 3.0], [2.0, 3.0], [0, 5], [])
+    assert out["score"] == pytest.approx(0.25)
+    assert out["step_spans"] == [] and out["step_scores"] == [] and out["step_weights"] == []
+    assert out["step_token_counts"] == []
+    # the token at char 0 lies before the only step: it counts for the sample, not the step
+    out = influence([1.0, 3.0], [2.0, 3.0], [0, 5], [(4, 9)])
+    assert out["score"] == pytest.approx(0.25)
+    assert out["step_token_counts"] == [1]
+    assert out["step_scores"] == pytest.approx([0.0])
+    assert out["step_weights"] == pytest.approx([1.0])
+
+
+def test_influence_rejects_bad_input():
+    with pytest.raises(ValueError):
+        influence([], [], [], [])
+    with pytest.raises(ValueError):
+        influence([1.0, 2.0], [1.0], [0, 1], [])
+    with pytest.raises(ValueError):
+        influence([1.0, 2.0], [1.0, 2.0], [0], [])
+
+
+def test_token_step_index_edges():
+    spans = [(0, 5), (5, 9)]
+    # a token starting exactly at a span's end belongs to the next span
+    assert token_step_index([0, 4, 5, 8, 9], spans).tolist() == [0, 0, 1, 1, -1]
+    # ... or to none when there is a gap
+    assert token_step_index([4, 5, 6, 7, 8], [(0, 5), (7, 9)]).tolist() == [0, -1, -1, 1, 1]
+    # tokens before the first step
+    assert token_step_index([0, 2, 3, 10], [(3, 10)]).tolist() == [-1, -1, 0, -1]
+    # no steps at all
+    assert token_step_index([0, 1, 2], []).tolist() == [-1, -1, -1]
+    # no tokens
+    assert token_step_index([], spans).tolist() == []
+    assert token_step_index([0, 1], spans).dtype == np.int64
+
+
+def test_relative_divergence():
+    assert relative_divergence(3.0, 2.0) == pytest.approx(0.5)
+    assert relative_divergence(1.0, 2.0) == pytest.approx(-0.5)
+    assert relative_divergence(2.0, 2.0) == 0.0
+    assert EPS == 1e-6
+    assert relative_divergence(0.5, 0.0) == pytest.approx(0.5 / 1e-6)
+    assert relative_divergence(0.5, 1e-9) == pytest.approx((0.5 - 1e-9) / 1e-6)
+    assert relative_divergence(1.0, -1.0) == pytest.approx(2.0 / 1e-6)  # never divides by a negative
+
+
+def test_step_weights():
+    assert step_weights([]) == []
+    assert step_weights([None, None]) == [1.0, 1.0]
+    assert step_weights([0.7]) == pytest.approx([1.0])
+    assert step_weights([0.3, 0.3, 0.3]) == pytest.approx([1.0, 1.0, 1.0])
+    w = step_weights([0.0, math.log(3.0), None])  # exp: 1 and 3
+    assert w == pytest.approx([2 * 1 / 4, 2 * 3 / 4, 1.0])
+    # softmax is shift invariant; the weights of the scored steps average 1
+    scores = [0.1, -0.4, 1.3, None, 0.0]
+    w1, w2 = step_weights(scores), step_weights([None if s is None else s + 100 for s in scores])
+    assert w1 == pytest.approx(w2)
+    assert np.mean([x for x, s in zip(w1, scores) if s is not None]) == pytest.approx(1.0)
+    assert w1[3] == 1.0
+    assert step_weights([1.0, 0.0], temperature=0.5) == pytest.approx(softmax_weights([1.0, 0.0], 0.5))
+    # large scores do not overflow
+    assert all_finite(step_weights([1e6, 0.0]))
+    assert step_weights([1e6, 0.0]) == pytest.approx([2.0, 0.0])
+
+
+def test_all_finite():
+    assert all_finite([1.0, 2.0], np.zeros(3))
+    assert not all_finite([1.0, float("nan")])
+    assert not all_finite([1.0], [float("inf")])
