@@ -47,14 +47,15 @@ def expand_inputs(uris: list[str]) -> list[str]:
         except (ImportError, ValueError) as e:
             raise AirRayError(f"input {uri}: {e}") from None
         try:
-            if _GLOB.search(path):
-                found = [p for p in fs.glob(path) if fs.isfile(p)]
-            elif fs.isdir(path):
-                found = [p for p in fs.find(path) if not posix_hidden(p)]
-            elif fs.isfile(path):
-                found = [path]
-            else:
+            matches = fs.glob(path.rstrip("/")) if _GLOB.search(path) else [path]
+            if not _GLOB.search(path) and not fs.exists(path):
                 raise AirRayError(f"input {uri} does not exist")
+            found = []
+            for m in matches:
+                if fs.isdir(m):  # a directory (or a glob matching directories): every file below it
+                    found += [p for p in fs.find(m) if not posix_hidden(p)]
+                else:
+                    found.append(m)
         except AirRayError:
             raise
         except Exception as e:  # unreachable endpoint, permission ...

@@ -125,7 +125,7 @@ class ScoreStage:
             else:
                 scored.append(dict(r, source=chunk.source))
         self._write(schema.to_table(scored, schema.SCORES, self.metadata), "scores", chunk.unit)
-        self._write(schema.to_table(rejected, schema.REJECTED), "rejected", chunk.unit, keep_empty=False)
+        self._write(schema.to_table(rejected, schema.REJECTED), "rejected", chunk.unit)
         return {
             "unit": chunk.unit,
             "source": chunk.source,
@@ -138,11 +138,13 @@ class ScoreStage:
             "seconds": time.time() - t0,
         }
 
-    def _write(self, table, kind: str, unit: str, keep_empty: bool = True) -> None:
+    def _write(self, table, kind: str, unit: str) -> None:
+        """One file per chunk and kind; no empty files (some readers choke on them): a rerun that leaves a
+        chunk with no rows of this kind removes the stale file instead."""
         from air_ray.schema import write_atomic
 
         path = posixpath.join(self.root, kind, f"{unit}.parquet")
-        if table.num_rows or keep_empty:
+        if table.num_rows:
             write_atomic(table, self.fs, path)
-        elif self.fs.exists(path):  # a rerun with no rejects for this partition: drop the stale file
+        elif self.fs.exists(path):
             self.fs.rm(path)

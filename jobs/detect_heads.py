@@ -5,6 +5,7 @@ Thin: the options are those of `air-ray heads`; everything happens in air_ray.
 
 import sys
 
+import _jobpath  # noqa: F401  (first: fixes sys.path)
 from air_ray.cli import main
 
 if __name__ == "__main__":

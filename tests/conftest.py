@@ -100,3 +100,20 @@ def register_uniform_attention(heads) -> str:
 def uniform_attention():
     """``uniform_attention(heads) -> attn_implementation name`` (see ``make_uniform_attention``)."""
     return register_uniform_attention
+
+
+@pytest.fixture(scope="session")
+def heads_file(tmp_path_factory, smol_ref):
+    """A real heads.json for the default model from a small detection run (4 probes)."""
+    from air_ray.config import HeadsConfig
+    from air_ray.detect import run_heads
+
+    out = tmp_path_factory.mktemp("heads") / "heads.json"
+    run_heads(HeadsConfig(out=str(out), num_probes=4, probe_tokens=512, device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_rows(gsm8k_rows):
+    """The 9 shortest GSM8K sample rows (pipeline tests: cheap but real)."""
+    return sorted(gsm8k_rows, key=lambda r: len(r["prompt"]) + len(r["response"]))[:9]

