@@ -7,4 +7,3 @@ import sys
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 sys.path.insert(0, os.path.dirname(_here))
-sys.modules.pop("select", None) if getattr(sys.modules.get("select"), "__file__", "").startswith(_here) else None

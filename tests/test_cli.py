@@ -1,0 +1,93 @@
+"""The command line's contract: one-line errors with exit code 2, `model fetch` prints the directory last."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def air_ray(*args, env=None, timeout=300):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "air_ray", *args], capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("air-ray: error: "), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unknown_model(tmp_path):
+    assert_one_line_error(air_ray("model", "fetch", "no-such-model"), "unknown model")
+    assert_one_line_error(air_ray("heads", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "h.json")),
+                          "unknown model")
+    assert_one_line_error(air_ray("model", "fetch", "nobody-xyz/no-such-repo"), "unknown model")
+
+
+def test_debug_shows_traceback():
+    p = air_ray("--debug", "model", "fetch", "no-such-model")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+@pytest.mark.slow
+def test_model_fetch_prints_directory_last(smol_ref):
+    p = air_ray("model", "fetch", "smollm2-135m")
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert last == str(smol_ref.path) and os.path.isdir(last)
+
+
+def test_probe_answer_not_in_prompt(tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "The code is 1234.", "answer": "1234"}) + "\n"
+                      + json.dumps({"prompt": "The code is 1234.", "answer": "9999"}) + "\n")
+    assert_one_line_error(air_ray("heads", "--probes", str(probes), "--out", str(tmp_path / "h.json")),
+                          "line 2", "answer")
+
+
+@pytest.mark.slow
+def test_heads_for_another_model(tmp_path, heads_file, smol_ref):
+    doc = json.loads(heads_file.read_text())
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "1+1?", "response": "2"}) + "\n")
+    args = ["score", "--input", str(inp), "--output", str(tmp_path / "out"), "--address", "local"]
+
+    other = dict(doc, model_fingerprint="0123456789abcdef")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert_one_line_error(air_ray(*args, "--heads", str(tmp_path / "other.json")), "fingerprint",
+                          "--allow-model-mismatch")
+
+    shape = dict(doc, num_layers=12, heads=[[11, 0]])
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    assert_one_line_error(air_ray(*args, "--heads", str(tmp_path / "shape.json")), "12x9")
+
+    assert_one_line_error(air_ray(*args, "--heads", str(tmp_path / "missing.json")), "does not exist")
+
+
+@pytest.mark.slow
+def test_score_input_and_output_errors(tmp_path, heads_file):
+    base = ["score", "--heads", str(heads_file), "--address", "local"]
+    assert_one_line_error(air_ray(*base, "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")),
+                          "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(air_ray(*base, "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")),
+                          "no input files")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("{}\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(air_ray(*base, "--input", str(inp), "--output", str(blocker / "out")), "cannot be written")
+
+
+def test_yaml_config_unknown_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("scores: x\noutput: y\ntop_fraction: 0.1\n")
+    assert_one_line_error(air_ray("select", "--config", str(cfg)), "top_fraction")
