@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export AIR_RAY_HOME ?= $(HOME)/.cache/air_ray
 OUT ?= out/demo
+DEMO_ARGS ?=
 
 .PHONY: install demo test test-fast bench clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m air_ray demo --output $(OUT)
+	$(BIN)/python -m air_ray demo --output $(OUT) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
