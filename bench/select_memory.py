@@ -4,7 +4,8 @@
 
 Writes ``--rows`` SCORES rows (unique ids in random order, ~1 % NaN scores, rounded scores so ties occur, four
 domains, 2-6 steps per row in the list columns) as ``--partitions`` Parquet files under a temporary folder,
-then runs, each in a fresh subprocess so that ``ru_maxrss`` is that run's own peak:
+then runs, each in a fresh subprocess whose VmHWM is that run's own peak (not ``ru_maxrss``, which Linux
+carries over from the parent across fork + exec):
 
 * ``select``: ``air_ray.select.select(SelectConfig(top_frac=...))``;
 * ``naive``:  ``pandas.read_parquet`` of every column of every partition, ``sort_values(score desc, id asc)``,
@@ -39,11 +40,11 @@ from air_ray.schema import SCORES  # noqa: E402
 DOMAINS = np.array(["math", "code", "science", "chat"])
 
 SELECT_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy, pyarrow, pyarrow.dataset, pyarrow.compute, pyarrow.parquet, fsspec
 import matplotlib.figure, matplotlib.backends.backend_agg
 from air_ray.select import SelectConfig, select
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 before = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 t = time.perf_counter()
 s = select(SelectConfig(scores=sys.argv[1], output=sys.argv[2], top_frac=float(sys.argv[3])))
@@ -53,9 +54,9 @@ print(json.dumps({"seconds": time.perf_counter() - t, "before": before, "peak": 
 """
 
 NAIVE_CHILD = """
-import json, math, resource, sys, time
+import json, math, sys, time
 import numpy, pyarrow, pyarrow.dataset, pyarrow.parquet, pandas as pd
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 before = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 t = time.perf_counter()
 df = pd.read_parquet(sys.argv[1])                      # every column, every partition

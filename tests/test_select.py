@@ -410,11 +410,11 @@ def test_corrupt_partition(tmp_path):
 
 
 MEMORY_CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from air_ray.select import SelectConfig, select
     import pyarrow, pyarrow.dataset, pyarrow.compute, numpy, matplotlib.figure, matplotlib.backends.backend_agg
-    def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def peak_mb():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+        return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     before = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
     t = time.perf_counter()
     summary = select(SelectConfig(scores=sys.argv[1], output=sys.argv[2], top_frac=0.1))
