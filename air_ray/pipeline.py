@@ -127,6 +127,17 @@ class Progress:
                   f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
 
 
+def _size(uri: str) -> int:
+    """File size for the ETA; 0 when the store cannot say."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return int(fs.size(path) or 0)
+    except Exception:
+        return 0
+
+
 def run_score(cfg: ScoreConfig) -> dict:
     """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``."""
     import fsspec
@@ -153,12 +164,7 @@ def run_score(cfg: ScoreConfig) -> dict:
             cfg.gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
-        total_bytes = 0
-        for f in files:
-            try:
-                total_bytes += fsspec.core.url_to_fs(f)[0].size(fsspec.core.url_to_fs(f)[1]) or 0
-            except Exception:
-                pass
+        total_bytes = sum(_size(f) for f in files)
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
 

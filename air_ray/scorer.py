@@ -109,7 +109,7 @@ class Scorer:
             except RowError as e:
                 raise RowError(e.reason, f"row {i}: {e.detail}") from None
         results = self.score_prepared(prepared)
-        for i, r in enumerate(results):
+        for r in results:
             if isinstance(r, RowError):
                 raise r
         return results  # type: ignore[return-value]
