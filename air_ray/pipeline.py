@@ -75,8 +75,9 @@ def connect(address: str | None, min_cpus: int) -> bool:
             return False
         except (ConnectionError, RuntimeError):
             pass
-    # an embedded local cluster; logical CPUs cover the actors plus the CPU stages
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, **kw)
+    # an embedded local cluster (address="local": never a `ray start` cluster found on this machine);
+    # logical CPUs cover the actors plus the CPU stages
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, **kw)
     return True
 
 
