@@ -31,7 +31,8 @@ class Chunk:
     file_error: str | None = None  # the whole file could not be read
 
 
-def _with_protocol(fs, path: str) -> str:
+def with_protocol(fs, path: str) -> str:
+    """A path as the user would write it: plain for local files, with the protocol otherwise."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return path if proto in ("file", "local") else f"{proto}://{path}"
 
@@ -60,7 +61,7 @@ def expand_inputs(uris: list[str]) -> list[str]:
             raise
         except Exception as e:  # unreachable endpoint, permission ...
             raise AirRayError(f"input {uri} cannot be listed: {type(e).__name__}: {e}") from None
-        out += [_with_protocol(fs, p) for p in found if p.endswith(EXTENSIONS)]
+        out += [with_protocol(fs, p) for p in found if p.endswith(EXTENSIONS)]
     out = sorted(set(out))
     if not out:
         raise AirRayError(f"no input files ({', '.join(EXTENSIONS)}) found in {' '.join(uris)}")

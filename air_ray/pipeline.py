@@ -233,9 +233,6 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
 
 
 def write_json(fs, path: str, doc: dict) -> None:
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.tmp")
-    fs.makedirs(parent, exist_ok=True)
-    with fs.open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    fs.mv(tmp, path)
+    from air_ray.schema import write_bytes_atomic
+
+    write_bytes_atomic(fs, path, json.dumps(doc, indent=1, default=str).encode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,14 +53,26 @@ def to_table(rows: list[dict], schema: pa.Schema, metadata: dict | None = None) 
     return table
 
 
-def write_atomic(table: pa.Table, fs, path: str) -> None:
-    """Write ``table`` to ``path`` on fsspec filesystem ``fs`` so readers never see a partial file."""
+@contextmanager
+def atomic_open(fs, path: str):
+    """Open ``path`` on fsspec filesystem ``fs`` for writing under a hidden temporary name; the file is moved
+    into place only when the block completes, so readers never see a partial file."""
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f".{name}.tmp")
     fs.makedirs(parent, exist_ok=True)
     with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+        yield f
     fs.mv(tmp, path)
+
+
+def write_atomic(table: pa.Table, fs, path: str) -> None:
+    with atomic_open(fs, path) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    with atomic_open(fs, path) as f:
+        f.write(data)
 
 
 def read_metadata(fs, path: str) -> dict | None:

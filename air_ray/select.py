@@ -65,7 +65,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from air_ray.errors import AirRayError
-from air_ray.schema import METADATA_KEY, SCORES, SELECTION, write_atomic
+from air_ray.corpus import with_protocol
+from air_ray.schema import METADATA_KEY, SCORES, SELECTION, write_atomic, write_bytes_atomic
 
 QUANTILES = (("p0", 0.0), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90),
              ("p99", 0.99), ("p100", 1.0))
@@ -271,8 +272,8 @@ def select(cfg: SelectConfig) -> dict:
         "config": {"scores": cfg.scores, "output": cfg.output, "top_k": top_k,
                    "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
                    "per_domain": cfg.per_domain, "min_score": min_score},
-        "inputs": [_uri(fs, f) for f in files],
-        "outputs": {name: _uri(out_fs, posixpath.join(out_root, name))
+        "inputs": [with_protocol(fs, f) for f in files],
+        "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name))
                     for name in ("selection.parquet", "selection.json", "score_hist.png")},
         "ranking": {"order": "score desc, id asc", "rank": "global over the whole selection",
                     "top_frac_count": "ceil(F * n), F as written in decimal, n = candidates (per domain)"},
@@ -283,8 +284,8 @@ def select(cfg: SelectConfig) -> dict:
     meta = json.dumps(summary, sort_keys=True, allow_nan=False).encode()
     write_atomic(selection.replace_schema_metadata({METADATA_KEY: meta}), out_fs,
                  posixpath.join(out_root, "selection.parquet"))
-    _write_bytes(out_fs, posixpath.join(out_root, "score_hist.png"), _plot(hist, threshold, summary))
-    _write_bytes(out_fs, posixpath.join(out_root, "selection.json"),
+    write_bytes_atomic(out_fs, posixpath.join(out_root, "score_hist.png"), _plot(hist, threshold, summary))
+    write_bytes_atomic(out_fs, posixpath.join(out_root, "selection.json"),
                  (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
     return summary
 
@@ -315,7 +316,7 @@ def find_partitions(uri: str) -> tuple[object, list[str]]:
         and not posixpath.basename(e["name"]).startswith((".", "_"))
     )
     if not files:
-        raise AirRayError(f"select: no score partitions (*.parquet) under {_uri(fs, root)}")
+        raise AirRayError(f"select: no score partitions (*.parquet) under {with_protocol(fs, root)}")
     return fs, files
 
 
@@ -336,7 +337,7 @@ def _open_dataset(fs, files: list[str]):
             names = set(frag.physical_schema.names)
             missing = [c for c in _READ_SCHEMA.names if c not in names]
             if missing:
-                raise AirRayError(f"select: {_uri(fs, frag.path)} is not a scores partition "
+                raise AirRayError(f"select: {with_protocol(fs, frag.path)} is not a scores partition "
                                   f"(no column {', '.join(missing)})")
     except (pa.ArrowInvalid, OSError) as e:
         raise AirRayError(f"select: cannot read the score partitions: {str(e).splitlines()[0]}") from None
@@ -499,20 +500,3 @@ def _plot(hist: dict, threshold: float | None, summary: dict) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Write under a hidden temporary name, then move into place."""
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.tmp")
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
-def _uri(fs, path: str) -> str:
-    """A path as the user would write it: plain for local files, with the protocol otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return path
-    return fs.unstrip_protocol(path)
