@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs")
     s.add_argument("--cpus-per-actor", type=float, default=1.0)
     s.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one model batch")
-    s.add_argument("--max-tokens", type=int, default=8192, help="longer rows are rejected")
+    s.add_argument("--max-tokens", type=int, default=8192, help="longer rows are rejected (or --truncate)")
+    s.add_argument("--truncate", action="store_true",
+                   help="cut a response that does not fit --max-tokens (column truncated=true) instead of "
+                        "rejecting the row")
+    s.add_argument("--strict", action="store_true", help="exit 1 when any row is rejected (outputs are written)")
     s.add_argument("--rows-per-partition", type=int, default=512)
     s.add_argument("--address", default=None, help="auto (join) | local (embedded) | ray://...")
     s.add_argument("--allow-model-mismatch", action="store_true")
@@ -155,7 +159,11 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from air_ray.config import ScoreConfig
         from air_ray.pipeline import run_score
 
-        run_score(_to_config(ScoreConfig, ns))
+        manifest = run_score(_to_config(ScoreConfig, ns))
+        rejected = manifest["counts"]["rows_rejected"]
+        if ns.strict and rejected:
+            print(f"air-ray: {rejected:,} rows rejected (--strict); see {ns.output}/rejected/", file=sys.stderr)
+            return 1
         return 0
     if ns.command == "select":
         from air_ray.select import SelectConfig, select

@@ -49,6 +49,8 @@ class ScoreConfig(ModelOptions):
     cpus_per_actor: float = 1.0
     batch_tokens: int = 8192
     max_tokens: int | None = 8192
+    truncate: bool = False  # cut over-long responses to max_tokens (flagged) instead of rejecting them
+    strict: bool = False  # exit non-zero when any row is rejected
     rows_per_partition: int = 512
     address: str | None = None  # auto | local | ray://... ; None: join a running cluster, else start one
     allow_model_mismatch: bool = False
@@ -69,6 +71,24 @@ class ScoreConfig(ModelOptions):
         if self.step_temperature <= 0:
             raise AirRayError("--step-temperature must be > 0")
         return self
+
+    def scoring_key(self, model_fingerprint: str, heads) -> str:
+        """A short hash of everything that changes a partition's contents for the same input: the model,
+        the heads, the row and step rules, the numerics and the scoring code's version. Placement options
+        (actors, batch size, addresses) are not part of it."""
+        import hashlib
+        import json
+
+        import air_ray
+
+        doc = {
+            "model_fingerprint": model_fingerprint,
+            "heads": sorted([int(l), int(h)] for l, h in heads),
+            "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
+            "dtype": self.dtype, "max_tokens": self.max_tokens, "truncate": self.truncate,
+            "backend": self.backend, "air_ray": air_ray.__version__,
+        }
+        return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def config_keys(cls) -> set[str]:

@@ -30,6 +30,16 @@ class Chunk:
     nbytes: int = 0
     file_error: str | None = None  # the whole file could not be read
 
+    def digest(self) -> str:
+        """A hash of what the chunk holds (records, their lines, any file error): a committed partition is
+        reused only while its input is unchanged."""
+        h = hashlib.sha1(self.source.encode())
+        for line, text in zip(self.lines, self.texts):
+            h.update(f"\n{line}\t".encode())
+            h.update(b"\x00<invalid utf-8>" if text is None else text.encode("utf-8"))
+        h.update(f"\n{self.file_error}".encode())
+        return h.hexdigest()[:20]
+
 
 def with_protocol(fs, path: str) -> str:
     """A path as the user would write it: plain for local files, with the protocol otherwise."""

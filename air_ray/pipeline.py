@@ -1,11 +1,13 @@
 """Ray wiring for ``air-ray score``: the only module that knows how the stages run.
 
-    from_items(files) ─flat_map→ ReadStage ─map_batches(tasks)→ PrepareStage
-                      ─map_batches(actor pool: --actors × (--gpus/--cpus-per-actor))→ ScoreStage ─→ summaries
+    1. from_items(files) ─map_batches→ IdStage ─→ driver: global duplicate ids (first occurrence wins)
+    2. from_items(files) ─flat_map→ ReadStage ─map_batches(actor pool)→ PrepareStage
+                         ─map_batches(actor pool: --actors × (--gpus/--cpus-per-actor))→ ScoreStage ─→ summaries
 
 Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
-(atomically, named from the input file and chunk index) and returns a summary row. The driver streams the
-summaries for progress and writes ``_manifest.json``.
+(atomically, named from the input file and chunk index), then the unit's commit marker, and returns a summary
+row. Units committed by an earlier run with the same key are skipped and counted from their markers. The
+driver streams the summaries for progress and writes ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import Counter
 
 from air_ray.config import ScoreConfig
 from air_ray.errors import AirRayError
-from air_ray.stages import PrepareStage, ReadStage, ScoreStage
+from air_ray.stages import COMMITS, IdStage, PrepareStage, ReadStage, ScoreStage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +34,14 @@ from air_ray.stages import PrepareStage, ReadStage, ScoreStage
 def _read(row: dict, rows_per_partition: int) -> list[dict]:
     stage = ReadStage(rows_per_partition)
     return [{"payload": pickle.dumps(c)} for c in stage.process(row["source"])]
+
+
+def _ids(batch: dict) -> dict:
+    import numpy as np
+
+    stage = IdStage()
+    outs = [stage.process((int(i), str(src))) for i, src in zip(batch["index"], batch["source"])]
+    return {k: np.array([x for o in outs for x in o[k]], dtype=np.int64) for k in ("hash", "order")}
 
 
 class _StageActor:
@@ -115,7 +125,7 @@ class Progress:
 
     def update(self, s: dict, final: bool = False) -> None:
         self.rows += s["rows_read"]
-        self.tokens += s["tokens"]
+        self.tokens += 0 if s["skipped"] else s["tokens"]
         self.nbytes += s["nbytes"]
         self.parts += 1
         now = time.time()
@@ -157,6 +167,8 @@ def run_score(cfg: ScoreConfig) -> dict:
     shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
     heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
                            allow_mismatch=cfg.allow_model_mismatch)
+    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
+    markers = load_commits(fs, root)
 
     # the CPU stages (read, repartition, prepare) need ~2 CPUs beside the actors
     started = connect(cfg.address, min_cpus=int(cfg.actors * cfg.cpus_per_actor) + 2)
@@ -169,13 +181,16 @@ def run_score(cfg: ScoreConfig) -> dict:
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
 
+        duplicates = find_duplicates(files)
+        committed = {u: m["key"] for u, m in markers.items()}
         score_stage = ScoreStage(cfg, heads_doc)
         ds = (
             ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
             .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
             # one chunk per block, so that the actor pool can spread chunks over its actors
             .repartition(target_num_rows_per_block=1)
-            .map_batches(_StageActor, fn_constructor_args=(PrepareStage, cfg), batch_size=1,
+            .map_batches(_StageActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
+                         batch_size=1,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
                          **PrepareStage.resources)
             .map_batches(_StageActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
@@ -185,7 +200,10 @@ def run_score(cfg: ScoreConfig) -> dict:
         progress = Progress(total_bytes)
         summaries = []
         for s in ds.iter_rows():
-            summaries.append(dict(s))
+            s = dict(s)
+            if s["skipped"]:  # committed earlier: its counts come from the marker
+                s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)")
+            summaries.append(s)
             progress.update(s)
     finally:
         if started:
@@ -193,11 +211,67 @@ def run_score(cfg: ScoreConfig) -> dict:
 
     wall = time.time() - t0
     manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
+    manifest["scoring_key"] = scoring_key
+    manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
+    manifest["foreign_partitions"] = foreign_partitions(fs, root, manifest["partitions"])
+    if manifest["foreign_partitions"]:
+        print(f"[air-ray score] warning: {len(manifest['foreign_partitions'])} partition files in {cfg.output} "
+              "come from other inputs (listed in _manifest.json as foreign_partitions); readers of scores/ "
+              "see them too", flush=True)
     write_json(fs, posixpath.join(root, "_manifest.json"), manifest)
-    c = manifest["counts"]
+    c, r = manifest["counts"], manifest["this_run"]
+    resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
     print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
-          f"{c['rows_rejected']:,} rejected in {wall:,.1f}s ({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
+          f"{c['rows_rejected']:,} rejected{resumed}; this run scored {r['rows_scored']:,} rows in {wall:,.1f}s "
+          f"({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
     return manifest
+
+
+def find_duplicates(files: list[str]) -> dict[str, dict[int, str]]:
+    """Pass 1 (Ray Data tasks): every valid record's (id hash, order) -> later occurrences of an id."""
+    import numpy as np
+    import ray
+
+    from air_ray import dedupe
+
+    ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
+                             override_num_blocks=len(files))
+    ds = ds.map_batches(_ids, batch_size=1, **IdStage.resources)
+    hashes, orders = [], []
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        hashes.append(b["hash"])
+        orders.append(b["order"])
+    if not hashes:
+        return {}
+    dups = dedupe.find_duplicates(np.concatenate(hashes), np.concatenate(orders))
+    return dedupe.by_source(dups, files)
+
+
+def load_commits(fs, root: str) -> dict[str, dict]:
+    """The commit markers of earlier runs in this output: ``{unit: marker}`` (unreadable ones are ignored:
+    their units are redone)."""
+    paths = [p for p in fs.glob(posixpath.join(root, COMMITS, "*.json"))]
+    if not paths:
+        return {}
+    out = {}
+    for path, blob in fs.cat(paths).items():
+        try:
+            m = json.loads(blob)
+            out[m["unit"]] = m
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def foreign_partitions(fs, root: str, units: list[str]) -> list[str]:
+    """Partition files in the output that this run's inputs did not produce (e.g. from an earlier input)."""
+    mine = set(units)
+    out = []
+    for kind in ("scores", "rejected"):
+        for p in fs.glob(posixpath.join(root, kind, "*.parquet")):
+            if posixpath.basename(p)[: -len(".parquet")] not in mine:
+                out.append(posixpath.join(kind, posixpath.basename(p)))
+    return sorted(out)
 
 
 def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
@@ -208,7 +282,8 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
     for s in summaries:
         reasons.update(json.loads(s["reasons"]))
         per_actor[s["actor"]] += s["rows_scored"]
-    tokens = sum(s["tokens"] for s in summaries)
+    fresh = [s for s in summaries if not s.get("skipped")]
+    tokens = sum(s["tokens"] for s in fresh)
     counts = {
         "rows_read": sum(s["rows_read"] for s in summaries),
         "rows_scored": sum(s["rows_scored"] for s in summaries),
@@ -225,6 +300,13 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
         "inputs": files,
         "partitions": sorted(s["unit"] for s in summaries),
         "counts": counts,
+        "this_run": {  # what this run did; a resumed run skips units committed earlier
+            "units": len(summaries),
+            "units_skipped": len(summaries) - len(fresh),
+            "rows_read": sum(s["rows_read"] for s in fresh),
+            "rows_scored": sum(s["rows_scored"] for s in fresh),
+            "rows_rejected": sum(s["rows_rejected"] for s in fresh),
+        },
         "per_actor_rows": dict(sorted(per_actor.items())),
         "wall_s": round(wall, 3),
         "tokens": tokens,

@@ -38,6 +38,7 @@ class PreparedRow:
     n_prompt_tokens: int
     token_starts: list[int]  # first character of each response token, in the response
     step_spans: list[Span] = field(default_factory=list)
+    truncated: bool = False  # the response was cut to fit max_tokens (``truncate=True``)
 
     @property
     def n_response_tokens(self) -> int:
@@ -91,10 +92,22 @@ def split_row(row) -> tuple[list[dict] | str, str, str, str | None]:
     return prompt, response, rid, domain
 
 
+def row_id(text: str | None) -> str | None:
+    """The id a raw JSON record will be scored under, or None when the record is not a valid row (it is
+    rejected for that reason later). Cheap: no tokenizer."""
+    if text is None:
+        return None
+    try:
+        return split_row(json.loads(text))[2]
+    except (json.JSONDecodeError, RowError):
+        return None
+
+
 class RowPreparer:
     """Tokenizes rows and splits their steps; the same ids in every backend."""
 
-    def __init__(self, tokenizer, format: str = "chat", steps: str = "lines", max_tokens: int | None = None):
+    def __init__(self, tokenizer, format: str = "chat", steps: str = "lines", max_tokens: int | None = None,
+                 truncate: bool = False):
         from air_ray.errors import AirRayError
 
         if format not in FORMATS:
@@ -105,6 +118,7 @@ class RowPreparer:
         self.format = format
         self.steps = check_rule(steps)
         self.max_tokens = max_tokens
+        self.truncate = truncate  # cut an over-long response to fit max_tokens instead of rejecting the row
 
     def prompt_ids(self, prompt) -> list[int]:
         tok = self.tokenizer
@@ -125,14 +139,21 @@ class RowPreparer:
         if not p_ids:
             raise RowError("empty_tokens", "the prompt tokenizes to nothing: no position predicts the first "
                                            "response token")
-        n = len(p_ids) + len(r_ids)
+        starts = [int(a) for a, _ in enc["offset_mapping"]]
+        n, truncated = len(p_ids) + len(r_ids), False
         if self.max_tokens is not None and n > self.max_tokens:
-            raise RowError("too_long", f"{n} tokens > max_tokens {self.max_tokens}")
+            keep = self.max_tokens - len(p_ids)
+            if not self.truncate or keep < 1:
+                why = " (the prompt alone leaves no room for the response)" if self.truncate else ""
+                raise RowError("too_long", f"{n} tokens > max_tokens {self.max_tokens}{why}")
+            # cut before the first token that does not fit; the steps are those of the text that is kept
+            response, r_ids, starts, truncated = response[: starts[keep]], r_ids[:keep], starts[:keep], True
         return PreparedRow(
             id=rid,
             domain=domain,
             input_ids=p_ids + r_ids,
             n_prompt_tokens=len(p_ids),
-            token_starts=[int(a) for a, _ in enc["offset_mapping"]],
+            token_starts=starts,
             step_spans=split_steps(response, self.steps),
+            truncated=truncated,
         )

@@ -26,6 +26,8 @@ SCORES = pa.schema([
     pa.field("step_token_counts", pa.list_(pa.int32())),
     pa.field("step_scores", pa.list_(pa.float64())),
     pa.field("step_weights", pa.list_(pa.float64())),
+    # appended after the columns of issue #3 (readers select by name): the response was cut to --max-tokens
+    pa.field("truncated", pa.bool_(), nullable=False),
 ])
 
 REJECTED = pa.schema([

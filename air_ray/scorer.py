@@ -19,7 +19,7 @@ from air_ray.rows import PreparedRow, RowError, RowPreparer
 
 SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
-    "step_spans", "step_token_counts", "step_scores", "step_weights",
+    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated",
 )
 
 
@@ -37,6 +37,7 @@ class Scorer:
         step_temperature: float = 1.0,
         batch_tokens: int = 8192,
         max_tokens: int | None = None,
+        truncate: bool = False,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         allow_model_mismatch: bool = False,
@@ -49,7 +50,8 @@ class Scorer:
             raise AirRayError("step_temperature must be > 0")
         self.ref = prepare_model(model, allow_pickle=allow_pickle)
         self.tokenizer = load_tokenizer(self.ref, trust_remote_code=trust_remote_code)
-        self.preparer = RowPreparer(self.tokenizer, format=format, steps=steps, max_tokens=max_tokens)
+        self.preparer = RowPreparer(self.tokenizer, format=format, steps=steps, max_tokens=max_tokens,
+                                    truncate=truncate)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(self.ref, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle,
@@ -97,6 +99,7 @@ class Scorer:
                 "n_response_tokens": p.n_response_tokens,
             }
             row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
+            row["truncated"] = p.truncated
             results.append(row)
         return results
 

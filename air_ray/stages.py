@@ -1,14 +1,22 @@
 """The pipeline's steps, which do not know how they run (``setup`` once, then ``process`` per item).
 
+    IdStage       (file index, URI) -> (id hash, order) of every valid record   (CPU; feeds the dedupe)
     ReadStage     source URI       -> Chunks of raw records              (CPU)
-    PrepareStage  Chunk            -> PreparedChunk: token ids + steps    (CPU: a tokenizer, no model)
-    ScoreStage    PreparedChunk    -> partition files + a summary row     (an actor: base + ablated model)
+    PrepareStage  Chunk            -> PreparedChunk: token ids + steps    (CPU: a tokenizer, no model);
+                                      or "skipped" when the unit is already committed with the same key
+    ScoreStage    PreparedChunk    -> partition files + commit marker + a summary row
+                                      (an actor: base + ablated model)
+
+Exactly once: a unit's files are written under hidden names and renamed into place, then its commit marker
+``_commits/<unit>.json`` (key + summary) is written last. A rerun skips a unit whose marker key still matches
+(same scoring settings, same input records, same duplicate decisions) and counts it from the marker.
 
 Ray wiring lives in ``air_ray.pipeline``; these classes run the same in a plain loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import time
@@ -19,6 +27,8 @@ from air_ray.config import ScoreConfig
 from air_ray.corpus import Chunk, read_chunks
 from air_ray.rows import PreparedRow, RowError
 
+COMMITS = "_commits"  # <output>/_commits/<unit>.json
+
 
 @dataclass
 class PreparedChunk:
@@ -28,10 +38,40 @@ class PreparedChunk:
     nbytes: int
     prepared: list[tuple[int, PreparedRow]] = field(default_factory=list)  # (line, row)
     rejected: list[dict] = field(default_factory=list)
+    key: str = ""  # the unit key its commit marker records
+    skipped: bool = False  # committed by an earlier run with the same key: nothing to do
+
+
+def unit_key(scoring_key: str, chunk: Chunk, duplicate_lines) -> str:
+    blob = json.dumps([scoring_key, chunk.digest(), sorted(duplicate_lines)])
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
 def rejected_row(source: str, line: int | None, reason: str, detail: str = "", id: str | None = None) -> dict:
     return {"source": source, "line": line, "id": id, "reason": reason, "detail": detail[:1000]}
+
+
+class IdStage:
+    """The ids of one file's valid records, hashed, with their global order (see ``air_ray.dedupe``)."""
+
+    resources = {"num_cpus": 0.25}
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, item: tuple[int, str]) -> dict:
+        from air_ray.dedupe import id_hash, order_key
+        from air_ray.rows import row_id
+
+        file_index, source = item
+        hashes, orders = [], []
+        for chunk in read_chunks(source, 1 << 16):
+            for line, text in zip(chunk.lines, chunk.texts):
+                rid = row_id(text)
+                if rid is not None:
+                    hashes.append(id_hash(rid))
+                    orders.append(order_key(file_index, line))
+        return {"hash": hashes, "order": orders}
 
 
 class ReadStage:
@@ -50,8 +90,12 @@ class ReadStage:
 class PrepareStage:
     resources = {"num_cpus": 0.25}  # tokenizing is ~1000x cheaper than scoring; do not starve the actors
 
-    def __init__(self, cfg: ScoreConfig):
+    def __init__(self, cfg: ScoreConfig, scoring_key: str = "", duplicates: dict | None = None,
+                 committed: dict | None = None):
         self.cfg = cfg
+        self.scoring_key = scoring_key
+        self.duplicates = duplicates or {}  # {source: {line: detail}}: later occurrences of an id
+        self.committed = committed or {}  # {unit: key} of the commit markers found in the output
         self.preparer = None
 
     def setup(self) -> None:
@@ -60,13 +104,23 @@ class PrepareStage:
 
         ref = prepare_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
         tok = load_tokenizer(ref, trust_remote_code=self.cfg.trust_remote_code)
-        self.preparer = RowPreparer(tok, self.cfg.format, self.cfg.steps, self.cfg.max_tokens)
+        self.preparer = RowPreparer(tok, self.cfg.format, self.cfg.steps, self.cfg.max_tokens, self.cfg.truncate)
 
     def process(self, chunk: Chunk) -> PreparedChunk:
+        from air_ray.rows import row_id
+
+        dups = self.duplicates.get(chunk.source, {})
         out = PreparedChunk(chunk.unit, chunk.source, rows_read=len(chunk.lines), nbytes=chunk.nbytes)
+        out.key = unit_key(self.scoring_key, chunk, [line for line in chunk.lines if line in dups])
+        if self.committed.get(chunk.unit) == out.key:
+            out.skipped = True
+            return out
         for line, text in zip(chunk.lines, chunk.texts):
             if text is None:
                 out.rejected.append(rejected_row(chunk.source, line, "invalid_utf8", "the line is not valid UTF-8"))
+                continue
+            if line in dups:
+                out.rejected.append(rejected_row(chunk.source, line, "duplicate_id", dups[line], row_id(text)))
                 continue
             try:
                 row = json.loads(text)
@@ -106,6 +160,7 @@ class ScoreStage:
         self.scorer = Scorer(
             model=c.model, heads=self.heads_doc, dtype=c.dtype, device=c.device, format=c.format, steps=c.steps,
             step_temperature=c.step_temperature, batch_tokens=c.batch_tokens, max_tokens=c.max_tokens,
+            truncate=c.truncate,
             allow_pickle=c.allow_pickle, trust_remote_code=c.trust_remote_code,
             shard=(c.gpus_per_actor or 0) > 1,
         )
@@ -116,6 +171,8 @@ class ScoreStage:
         from air_ray import schema
 
         t0 = time.time()
+        if chunk.skipped:  # the driver takes its counts from the commit marker
+            return summary_row(chunk, skipped=True)
         rows = [p for _, p in chunk.prepared]
         results = self.scorer.score_prepared(rows)
         scored, rejected = [], list(chunk.rejected)
@@ -126,17 +183,13 @@ class ScoreStage:
                 scored.append(dict(r, source=chunk.source))
         self._write(schema.to_table(scored, schema.SCORES, self.metadata), "scores", chunk.unit)
         self._write(schema.to_table(rejected, schema.REJECTED), "rejected", chunk.unit)
-        return {
-            "unit": chunk.unit,
-            "source": chunk.source,
-            "rows_read": chunk.rows_read,
-            "rows_scored": len(scored),
-            "rows_rejected": len(rejected),
-            "reasons": json.dumps(Counter(r["reason"] for r in rejected)),
-            "tokens": sum(len(p.input_ids) for p in rows),
-            "nbytes": chunk.nbytes,
-            "seconds": time.time() - t0,
-        }
+        summary = summary_row(chunk, scored=len(scored), rejected=rejected,
+                              tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0)
+        # the commit marker goes last: a unit without one (or with another key) is redone by the next run
+        marker = {"unit": chunk.unit, "key": chunk.key, "summary": summary}
+        schema.write_bytes_atomic(self.fs, posixpath.join(self.root, COMMITS, f"{chunk.unit}.json"),
+                                  json.dumps(marker).encode())
+        return summary
 
     def _write(self, table, kind: str, unit: str) -> None:
         """One file per chunk and kind; no empty files (some readers choke on them): a rerun that leaves a
@@ -148,3 +201,21 @@ class ScoreStage:
             write_atomic(table, self.fs, path)
         elif self.fs.exists(path):
             self.fs.rm(path)
+
+
+def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0, rejected: list | None = None,
+                tokens: int = 0, seconds: float = 0.0) -> dict:
+    """One row per unit back to the driver (the same keys whether or not the unit was skipped)."""
+    rejected = rejected or []
+    return {
+        "unit": chunk.unit,
+        "source": chunk.source,
+        "skipped": skipped,
+        "rows_read": 0 if skipped else chunk.rows_read,
+        "rows_scored": scored,
+        "rows_rejected": len(rejected),
+        "reasons": json.dumps(Counter(r["reason"] for r in rejected)),
+        "tokens": tokens,
+        "nbytes": chunk.nbytes,
+        "seconds": seconds,
+    }

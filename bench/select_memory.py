@@ -100,6 +100,7 @@ def synthetic_partition(rng, row_ids: np.ndarray) -> pa.Table:
         "step_token_counts": pa.ListArray.from_arrays(pa.array(offsets), pa.array((ends - starts).astype(np.int32))),
         "step_scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(step_scores)),
         "step_weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights)),
+        "truncated": pa.array(np.zeros(n, bool)),
     }
     return pa.Table.from_pydict(cols, schema=SCORES)
 

@@ -41,6 +41,7 @@ def scores_table(ids, scores, domains) -> pa.Table:
         "loss_base": pa.array(np.ones(n)),
         "loss_ref": pa.array(np.ones(n)),
         "score": pa.array(np.asarray(scores, np.float64)),
+        "truncated": pa.array(np.zeros(n, bool)),
     }
     for name in ("step_spans", "step_token_counts", "step_scores", "step_weights"):
         cols[name] = pa.nulls(n, SCORES.field(name).type)
@@ -442,7 +443,8 @@ def synthetic_partitions(root: Path, rows: int, parts: int, seed: int = 0) -> in
         cols.update(id=ids, domain=domain, score=pa.array(score), source=pa.repeat("synthetic", n),
                     n_prompt_tokens=pa.array(np.full(n, 10, np.int32)),
                     n_response_tokens=pa.array(np.full(n, 20, np.int32)),
-                    loss_base=pa.array(np.ones(n)), loss_ref=pa.array(np.ones(n)))
+                    loss_base=pa.array(np.ones(n)), loss_ref=pa.array(np.ones(n)),
+                    truncated=pa.array(np.zeros(n, bool)))
         pq.write_table(pa.Table.from_pydict(cols, schema=SCORES), root / f"part-{p:05d}.parquet")
     return nan_total
 

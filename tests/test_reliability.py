@@ -1,0 +1,204 @@
+"""Reliability (issue #4): every kind of bad input through the real pipeline, global duplicate ids, truncation,
+--strict, commit markers and resume, a SIGKILLed scoring actor and a SIGKILLed driver."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read_dir(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_find_duplicates_matches_brute_force():
+    from air_ray.dedupe import by_source, find_duplicates, id_hash, order_key
+
+    rng = random.Random(0)
+    files = ["a.jsonl", "b.jsonl", "c.parquet"]
+    records = [(fi, line, f"id{rng.randrange(40)}") for fi in range(3) for line in range(1, 60, rng.choice([1, 2]))]
+    rng.shuffle(records)  # arrival order must not matter
+    got = find_duplicates(np.array([id_hash(r) for _, _, r in records], dtype=np.int64),
+                          np.array([order_key(f, l) for f, l, _ in records], dtype=np.int64))
+    first: dict[str, tuple[int, int]] = {}
+    for f, l, r in sorted(records):
+        first.setdefault(r, (f, l))
+    want = {order_key(f, l): order_key(*first[r]) for f, l, r in records if first[r] != (f, l)}
+    assert got == want and len(want) > 50
+    named = by_source(got, files)
+    f, l, r = next((f, l, r) for f, l, r in sorted(records) if first[r] != (f, l))
+    assert named[files[f]][l] == f"first occurrence: {files[first[r][0]]}:{first[r][1]}"
+    assert find_duplicates(np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == {}
+
+
+def test_truncate_cuts_the_response_to_a_token_prefix(smol_tok, gsm8k_rows):
+    from air_ray.rows import RowError, RowPreparer
+
+    row = max(gsm8k_rows, key=lambda r: len(r["response"]))
+    full = RowPreparer(smol_tok, "chat", "lines").prepare(row)
+    limit = full.n_prompt_tokens + full.n_response_tokens // 2
+    with pytest.raises(RowError) as e:
+        RowPreparer(smol_tok, "chat", "lines", max_tokens=limit).prepare(row)
+    assert e.value.reason == "too_long"
+    cut = RowPreparer(smol_tok, "chat", "lines", max_tokens=limit, truncate=True).prepare(row)
+    assert cut.truncated and not full.truncated
+    assert len(cut.input_ids) == limit and cut.input_ids == full.input_ids[:limit]
+    assert cut.token_starts == full.token_starts[: cut.n_response_tokens]
+    end = full.token_starts[cut.n_response_tokens]  # the first character that was cut away
+    assert cut.step_spans and all(b <= end for _, b in cut.step_spans)
+    assert cut.step_spans[:-1] == full.step_spans[: len(cut.step_spans) - 1]
+    # a prompt that alone exceeds the budget is still rejected
+    with pytest.raises(RowError) as e:
+        RowPreparer(smol_tok, "chat", "lines", max_tokens=full.n_prompt_tokens, truncate=True).prepare(row)
+    assert e.value.reason == "too_long" and "prompt alone" in e.value.detail
+
+
+# ----------------------------------------------------------------------------------------------
+# every bad-input kind through the real pipeline (a tiny real checkpoint with the default tokenizer, one of
+# whose token embeddings is NaN, so that one row has non-finite losses)
+
+NAN_WORD = " xylophone"
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory, smol_ref, smol_tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from air_ray.models import model_shape, prepare_model
+
+    d = tmp_path_factory.mktemp("nan_model")
+    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=False)  # a NaN row in a tied LM head would poison every row
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for t in smol_tok(NAN_WORD, add_special_tokens=False)["input_ids"]:
+            model.get_input_embeddings().weight[t] = float("nan")
+    model.save_pretrained(d, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(smol_ref.path) / name).exists():
+            shutil.copy(Path(smol_ref.path) / name, d / name)
+    ref = prepare_model(str(d))
+    L, H, KV, _ = model_shape(cfg)
+    heads = d / "heads.json"
+    heads.write_text(json.dumps({"format_version": 1, "model": str(d), "model_fingerprint": ref.fingerprint,
+                                 "num_layers": L, "num_heads": H, "num_kv_heads": KV, "top_frac": 0.25,
+                                 "heads": [[1, 0], [1, 3]]}))
+    return d, heads
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory, short_rows, smol_tok):
+    """Two JSONL files, one corrupt .jsonl.gz: each kind of bad record once, blank lines, cross-file and
+    in-file duplicate ids, one over-long response (cut), one over-long prompt (rejected), path-like ids."""
+    d = tmp_path_factory.mktemp("messy")
+    g = [dict(r) for r in short_rows[:6]]
+    for r in short_rows:  # the NaN token must appear in one row only
+        assert NAN_WORD.strip() not in r["prompt"] + r["response"]
+    long_resp = "\n".join(f"Step {i}: add {i} and {i + 1} to get {2 * i + 1}." for i in range(60))
+    a = [
+        json.dumps(g[0]),                                                    # 1 ok
+        "{not json",                                                         # 2 invalid_json
+        "",                                                                  # 3 blank: not a row
+        json.dumps([1, 2]),                                                  # 4 not_object
+        json.dumps({"id": "np", "prompt": "hi"}),                            # 5 missing_field
+        json.dumps({"id": "bt", "prompt": "hi", "response": 5}),             # 6 bad_type
+        json.dumps({"id": "er", "prompt": "hi", "response": "  \n "}),       # 7 empty_response
+        json.dumps({"id": "et", "prompt": "", "response": "4"}),             # 8 empty_tokens (raw format)
+        json.dumps({"id": "na", "messages": [{"role": "user", "content": "hi"}]}),  # 9 no_assistant_turn
+        None,                                                                # 10 invalid_utf8
+        json.dumps(dict(g[1], id="../../escape", domain="../../../etc")),  # 11 ok: path-like id and domain
+        json.dumps(dict(g[2], id=g[0]["id"])),                               # 12 duplicate_id (of line 1)
+        json.dumps({"id": "nan", "prompt": g[3]["prompt"], "response": "It is a" + NAN_WORD + "."}),  # 13
+        json.dumps({"id": "long", "prompt": "Count.", "response": long_resp}),  # 14 ok, truncated
+        json.dumps({"id": "longprompt", "prompt": long_resp, "response": "done"}),  # 15 too_long
+        "   ",                                                                # 16 blank
+        json.dumps({"id": "m1", "messages": [{"role": "user", "content": g[4]["prompt"]},
+                                             {"role": "assistant", "content": g[4]["response"]}]}),  # 17 ok
+    ]
+    with open(d / "a.jsonl", "wb") as f:
+        for line in a:
+            f.write(b"\xff\xfe{bad" if line is None else line.encode())
+            f.write(b"\n")
+    b = [json.dumps(g[5]), json.dumps(dict(g[3], id="m1")), json.dumps(dict(g[2], id="../../escape"))]
+    (d / "b.jsonl").write_text("\n".join(b) + "\n")  # line 1 ok; 2 and 3 are duplicates of a.jsonl ids
+    (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"id": "z", "prompt": "a", "response": "b"}\n')[:-12] + b"junk")
+    expected = {
+        "invalid_json": 1, "not_object": 1, "missing_field": 1, "bad_type": 1, "empty_response": 1,
+        "empty_tokens": 1, "no_assistant_turn": 1, "invalid_utf8": 1, "duplicate_id": 3, "non_finite_loss": 1,
+        "too_long": 1, "unreadable_file": 1,
+    }
+    scored = {g[0]["id"], "../../escape", "long", "m1", g[5]["id"]}
+    return {"dir": d, "expected": expected, "scored": scored, "rows_read": 15 + 3 + 1}
+
+
+def _cli(*args, timeout=900, **kw):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "air_ray", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+@pytest.mark.slow
+def test_every_bad_input_kind_through_the_pipeline(nan_model, messy, tmp_path):
+    model_dir, heads = nan_model
+    out = tmp_path / "out"
+    p = _cli("score", "--model", model_dir, "--heads", heads, "--input", messy["dir"], "--output", out,
+             "--format", "raw", "--max-tokens", 200, "--truncate", "--strict", "--rows-per-partition", 4,
+             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-actor", 1)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]  # --strict: rows were rejected
+    assert "rows rejected (--strict)" in p.stderr and "Traceback" not in p.stderr
+    m = json.loads((out / "_manifest.json").read_text())
+    c = m["counts"]
+    assert c["rejected_by_reason"] == messy["expected"]
+    assert c["rows_read"] == messy["rows_read"] == c["rows_scored"] + c["rows_rejected"]
+    assert m["duplicate_ids"] == 3
+    scores, rejected = _read_dir(out / "scores"), _read_dir(out / "rejected")
+    assert sorted(r["id"] for r in scores) == sorted(messy["scored"])
+    assert len(rejected) == c["rows_rejected"]
+    by_line = {(Path(r["source"]).name, r["line"]): r for r in rejected}
+    assert by_line[("a.jsonl", 12)]["reason"] == "duplicate_id"
+    assert by_line[("a.jsonl", 12)]["detail"].endswith("a.jsonl:1")  # the first occurrence wins
+    assert by_line[("b.jsonl", 2)]["id"] == "m1" and by_line[("b.jsonl", 3)]["reason"] == "duplicate_id"
+    assert by_line[("a.jsonl", 13)]["reason"] == "non_finite_loss"
+    assert by_line[("a.jsonl", 15)]["reason"] == "too_long"
+    assert [r["reason"] for r in rejected if r["source"].endswith(".gz")] == ["unreadable_file"]
+    assert not any(line in (3, 16) for (f, line) in by_line if f == "a.jsonl")  # blank lines are not rows
+    trunc = {r["id"]: r["truncated"] for r in scores}
+    assert trunc.pop("long") is True and not any(trunc.values())
+    long = next(r for r in scores if r["id"] == "long")
+    assert long["n_prompt_tokens"] + long["n_response_tokens"] == 200
+    # ids and domains never reach a path: everything the run wrote is inside the output directory
+    written = {p.relative_to(out).parts[0] for p in out.rglob("*")}
+    assert written <= {"scores", "rejected", "_commits", "_manifest.json"}
+    assert not (tmp_path / "escape").exists() and not list(tmp_path.parent.glob("escape*"))
+    # without --strict the same run exits 0 (and reuses every committed partition)
+    p = _cli("score", "--model", model_dir, "--heads", heads, "--input", messy["dir"], "--output", out,
+             "--format", "raw", "--max-tokens", 200, "--truncate", "--rows-per-partition", 4,
+             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-actor", 1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m2 = json.loads((out / "_manifest.json").read_text())
+    assert m2["counts"] == c and m2["this_run"]["units_skipped"] == m2["this_run"]["units"]
+    assert m2["this_run"]["rows_scored"] == 0
