@@ -59,6 +59,14 @@ class _StageActor:
         return {"payload": [pickle.dumps(o) for o in outs]}
 
 
+class _PrepareActor(_StageActor):
+    """Named apart so that logs and process titles say which pool a worker is in."""
+
+
+class _ScoreActor(_StageActor):
+    """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs."""
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -189,11 +197,11 @@ def run_score(cfg: ScoreConfig) -> dict:
             .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
             # one chunk per block, so that the actor pool can spread chunks over its actors
             .repartition(target_num_rows_per_block=1)
-            .map_batches(_StageActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
+            .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
                          batch_size=1,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
                          **PrepareStage.resources)
-            .map_batches(_StageActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
+            .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
                          compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                          **score_stage.resources)
         )

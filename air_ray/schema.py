@@ -62,8 +62,15 @@ def atomic_open(fs, path: str):
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f".{name}.tmp")
     fs.makedirs(parent, exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        yield f
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+    except BaseException:
+        try:  # an exception: leave nothing behind (a killed process leaves the hidden file, which readers skip)
+            fs.rm(tmp)
+        except Exception:
+            pass
+        raise
     fs.mv(tmp, path)
 
 

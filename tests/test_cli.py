@@ -91,3 +91,26 @@ def test_yaml_config_unknown_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("scores: x\noutput: y\ntop_fraction: 0.1\n")
     assert_one_line_error(air_ray("select", "--config", str(cfg)), "top_fraction")
+
+
+def test_unreachable_input_store(tmp_path):
+    """An object store that does not answer: one line naming the input, not a traceback from deep in s3fs."""
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+    p = air_ray("score", "--input", "s3://nobucket/dumps/", "--output", str(tmp_path / "o"), "--address", "local",
+                env=env)
+    assert_one_line_error(p, "s3://nobucket/dumps/", "cannot be listed")
+
+
+def test_allow_model_mismatch_overrides_only_the_fingerprint(tmp_path):
+    from air_ray.errors import AirRayError
+    from air_ray.heads import load_heads
+
+    doc = {"format_version": 1, "model": "m", "model_fingerprint": "aaaa", "num_layers": 2, "num_heads": 4,
+           "heads": [[1, 2]]}
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AirRayError, match="fingerprint"):
+        load_heads(str(path), fingerprint="bbbb", shape=(2, 4, 2, 8))
+    assert load_heads(str(path), fingerprint="bbbb", shape=(2, 4, 2, 8), allow_mismatch=True)["heads"] == [(1, 2)]
+    with pytest.raises(AirRayError, match="2x4"):  # a shape mismatch is never overridden
+        load_heads(str(path), fingerprint="bbbb", shape=(3, 4, 2, 8), allow_mismatch=True)

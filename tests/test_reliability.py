@@ -202,3 +202,164 @@ def test_every_bad_input_kind_through_the_pipeline(nan_model, messy, tmp_path):
     m2 = json.loads((out / "_manifest.json").read_text())
     assert m2["counts"] == c and m2["this_run"]["units_skipped"] == m2["this_run"]["units"]
     assert m2["this_run"]["rows_scored"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# killed processes (the real default model; 8 short GSM8K rows, one row per partition, two actors)
+
+
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory, short_rows):
+    d = tmp_path_factory.mktemp("kill_corpus")
+    rows = short_rows[:8]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d, rows
+
+
+def _score_args(heads_file, corpus_dir, out):
+    return ["score", "--heads", heads_file, "--input", corpus_dir, "--output", out, "--dtype", "float32",
+            "--device", "cpu", "--address", "local", "--rows-per-partition", 1, "--actors", 2,
+            "--cpus-per-actor", 1]
+
+
+def _start(args) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "air_ray", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _pids_with(fragment: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if fragment in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _commits(out: Path) -> int:
+    return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Whatever of the run's process group outlived it (so a failed test leaves no Ray behind)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, heads_file, kill_corpus):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    p = _cli(*_score_args(heads_file, kill_corpus[0], out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def _assert_same_scores(a: Path, b: Path) -> None:
+    ra = {r["id"]: r for r in _read_dir(a / "scores")}
+    rb = {r["id"]: r for r in _read_dir(b / "scores")}
+    assert ra.keys() == rb.keys()
+    for k in ra:  # float32 on CPU, same batches: bit-identical
+        for col in ("loss_base", "loss_ref", "score", "step_scores", "step_weights", "step_spans"):
+            assert ra[k][col] == rb[k][col], (k, col)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_scoring_actor_loses_and_doubles_nothing(heads_file, kill_corpus, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(_score_args(heads_file, kill_corpus[0], out))
+    try:
+        actors = _wait_for(lambda: len(_pids_with("MapBatches(_ScoreActor)")) == 2 and _commits(out) >= 1
+                           and _pids_with("MapBatches(_ScoreActor)"), 600, proc, "two score actors at work")
+        assert _commits(out) < len(kill_corpus[1]), "too late: the run had already finished"
+        victim = actors[0]
+        os.kill(victim, signal.SIGKILL)
+        log, _ = proc.communicate(timeout=900)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, log[-4000:]
+    assert victim not in _pids_with("MapBatches(_ScoreActor)")
+    m = json.loads((out / "_manifest.json").read_text())
+    ids = [r["id"] for r in _read_dir(out / "scores")]
+    assert sorted(ids) == sorted(r["id"] for r in kill_corpus[1])  # every valid id exactly once
+    assert m["counts"]["rows_scored"] == len(ids) and m["counts"]["rows_rejected"] == 0
+    assert _commits(out) == len(kill_corpus[1])
+    _assert_same_scores(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_then_rerun_resumes(heads_file, kill_corpus, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = _score_args(heads_file, kill_corpus[0], out)
+    proc = _start(args)
+    try:
+        _wait_for(lambda: _commits(out) >= 2, 600, proc, "two committed partitions")
+        proc.kill()  # SIGKILL to the driver (`air-ray score`) only
+        proc.wait(timeout=30)
+        done_before = _commits(out)
+        assert done_before < len(kill_corpus[1]), "too late: the run had already finished"
+        assert not (out / "_manifest.json").exists()
+        time.sleep(5)  # the embedded cluster shares the driver's fate
+    finally:
+        _reap(proc)
+    p = _cli(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "_manifest.json").read_text())
+    total = len(kill_corpus[1])
+    assert m["counts"]["rows_scored"] == total and m["counts"]["rows_read"] == total
+    r = m["this_run"]
+    assert r["units_skipped"] >= done_before >= 2 and r["rows_scored"] == total - r["units_skipped"] < total
+    ids = [x["id"] for x in _read_dir(out / "scores")]
+    assert len(ids) == len(set(ids)) == total
+    assert not [f for f in out.rglob("*") if f.name.startswith(".") and f.name.endswith(".tmp")
+                and f.stat().st_mtime > time.time() - 60]  # the rerun leaves no temporary files of its own
+    _assert_same_scores(out, uninterrupted)  # equals an uninterrupted run, bit for bit
+
+
+def test_half_written_partition_is_never_read(tmp_path):
+    """A writer killed mid-file leaves only its hidden temporary file; readers and select see the committed
+    partitions only. An exception inside the write removes the temporary file."""
+    import fsspec
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from air_ray import schema
+    from air_ray.select import SelectConfig, select
+
+    fs = fsspec.filesystem("file")
+    d = tmp_path / "scores"
+    row = {"id": "a", "domain": None, "source": "s", "n_prompt_tokens": 1, "n_response_tokens": 1,
+           "loss_base": 1.0, "loss_ref": 2.0, "score": 1.0, "step_spans": [[0, 1]], "step_token_counts": [1],
+           "step_scores": [1.0], "step_weights": [1.0], "truncated": False}
+    schema.write_atomic(schema.to_table([row], schema.SCORES), fs, str(d / "p-00000.parquet"))
+    # what a SIGKILL mid-write leaves: a hidden, truncated file
+    full = (d / "p-00000.parquet").read_bytes()
+    (d / ".p-00001.parquet.tmp").write_bytes(full[: len(full) // 2])
+    with pytest.raises(RuntimeError):
+        with schema.atomic_open(fs, str(d / "p-00002.parquet")) as f:
+            f.write(full[:100])
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in d.iterdir()) == [".p-00001.parquet.tmp", "p-00000.parquet"]
+    assert len(pd.read_parquet(d)) == 1
+    assert pads.dataset(str(d), format="parquet").count_rows() == 1
+    summary = select(SelectConfig(scores=str(tmp_path), output=str(tmp_path / "sel"), top_k=5))
+    assert summary["counts"]["rows_total"] == 1
+    assert [r["id"] for r in _read_dir(tmp_path / "sel")] == ["a"]
