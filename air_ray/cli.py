@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--per-domain", action="store_true")
     sel.add_argument("--min-score", type=float)
 
+    r = sub.add_parser("rescore", help="score only new or changed input files into a versioned output; "
+                                       "refresh the selection (for schedules)")
+    r.add_argument("--config", required=True, help="rescore.yaml: inputs, output, model, heads, format, steps, "
+                                                    "dtype, select, and any score option")
+    r.add_argument("--wait", action="store_true", help="wait for a concurrent run instead of backing off")
+    r.add_argument("--lease-ttl-s", type=float, default=None, help="lease lifetime (default 600)")
+
+    rp = sub.add_parser("report", help="a static HTML report (heads, scores, top/bottom rows, selection) "
+                                       "-> DIR/index.html")
+    rp.add_argument("--scores", help="output URI of `air-ray score` (or a directory of partitions)")
+    rp.add_argument("--heads", help="heads.json (heatmap and critical heads)")
+    rp.add_argument("--output", help="local directory for index.html and its images")
+    rp.add_argument("--selection", help="output of `air-ray select` (default: <scores>/selection or "
+                                        "<scores>/../selection when there)")
+
     d = sub.add_parser("demo", help="the whole pipeline on the bundled GSM8K sample, on a local Ray")
     d.add_argument("--output", default="out/demo")
     d.add_argument("--input", default="data/gsm8k_sample/train_sample.jsonl")
@@ -172,6 +187,19 @@ def _dispatch(ns: argparse.Namespace) -> int:
             raise AirRayError("select needs --scores and --output")
         summary = select(_to_config(SelectConfig, ns))
         print(json.dumps({k: summary[k] for k in ("counts", "threshold_score") if k in summary}))
+        return 0
+    if ns.command == "rescore":
+        from air_ray.rescore import RescoreConfig, main_summary_line, run_rescore
+
+        cfg = RescoreConfig.from_yaml(ns.config, wait=ns.wait or None, lease_ttl_s=ns.lease_ttl_s)
+        print(main_summary_line(run_rescore(cfg)), flush=True)
+        return 0
+    if ns.command == "report":
+        from air_ray.report import write_report
+
+        if not ns.scores or not ns.output:
+            raise AirRayError("report needs --scores and --output")
+        print(write_report(ns.scores, ns.heads, ns.output, selection=ns.selection))
         return 0
     if ns.command == "demo":
         from air_ray.demo import run_demo

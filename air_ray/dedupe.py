@@ -43,11 +43,25 @@ def find_duplicates(hashes: np.ndarray, orders: np.ndarray) -> dict[int, int]:
     return dict(zip(o[later].tolist(), o[first].tolist()))
 
 
+def with_prior(hashes: np.ndarray, orders: np.ndarray, prior: np.ndarray | None):
+    """Add ids already scored (earlier than every record here): they get negative orders, so they win."""
+    if prior is None or not len(prior):
+        return hashes, orders
+    prior = np.unique(np.asarray(prior, dtype=np.int64))
+    return np.concatenate([prior, hashes]), np.concatenate([-1 - np.arange(len(prior), dtype=np.int64), orders])
+
+
 def by_source(dups: dict[int, int], files: list[str]) -> dict[str, dict[int, str]]:
     """``{source: {line: "first occurrence: <source>:<line>"}}`` for the prepare step."""
     out: dict[str, dict[int, str]] = {}
     for later, first in dups.items():
+        if later < 0:
+            continue  # an id already scored earlier (``with_prior``)
         fi, line = split_order(later)
-        ff, fline = split_order(first)
-        out.setdefault(files[fi], {})[line] = f"first occurrence: {files[ff]}:{fline}"
+        if first < 0:
+            detail = "first occurrence: already scored in this output"
+        else:
+            ff, fline = split_order(first)
+            detail = f"first occurrence: {files[ff]}:{fline}"
+        out.setdefault(files[fi], {})[line] = detail
     return out

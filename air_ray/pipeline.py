@@ -157,8 +157,12 @@ def _size(uri: str) -> int:
         return 0
 
 
-def run_score(cfg: ScoreConfig) -> dict:
-    """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``."""
+def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
+    """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``.
+
+    ``prior_ids``: hashes (``dedupe.id_hash``) of ids already scored in this output by files that are not
+    inputs of this run (``air-ray rescore``): a record with such an id is a duplicate. The caller then owns the
+    output's other partitions, so they are not reported as foreign."""
     import fsspec
     import ray
 
@@ -189,7 +193,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
 
-        duplicates = find_duplicates(files)
+        duplicates = find_duplicates(files, prior_ids)
         committed = {u: m["key"] for u, m in markers.items()}
         score_stage = ScoreStage(cfg, heads_doc)
         ds = (
@@ -221,7 +225,8 @@ def run_score(cfg: ScoreConfig) -> dict:
     manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
     manifest["scoring_key"] = scoring_key
     manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
-    manifest["foreign_partitions"] = foreign_partitions(fs, root, manifest["partitions"])
+    manifest["foreign_partitions"] = [] if prior_ids is not None else foreign_partitions(fs, root,
+                                                                                         manifest["partitions"])
     if manifest["foreign_partitions"]:
         print(f"[air-ray score] warning: {len(manifest['foreign_partitions'])} partition files in {cfg.output} "
               "come from other inputs (listed in _manifest.json as foreign_partitions); readers of scores/ "
@@ -235,7 +240,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     return manifest
 
 
-def find_duplicates(files: list[str]) -> dict[str, dict[int, str]]:
+def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str]]:
     """Pass 1 (Ray Data tasks): every valid record's (id hash, order) -> later occurrences of an id."""
     import numpy as np
     import ray
@@ -251,8 +256,8 @@ def find_duplicates(files: list[str]) -> dict[str, dict[int, str]]:
         orders.append(b["order"])
     if not hashes:
         return {}
-    dups = dedupe.find_duplicates(np.concatenate(hashes), np.concatenate(orders))
-    return dedupe.by_source(dups, files)
+    h, o = dedupe.with_prior(np.concatenate(hashes), np.concatenate(orders), prior_ids)
+    return dedupe.by_source(dedupe.find_duplicates(h, o), files)
 
 
 def load_commits(fs, root: str) -> dict[str, dict]:
@@ -287,9 +292,13 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
 
     reasons: Counter = Counter()
     per_actor: Counter = Counter()
+    per_source: dict[str, Counter] = {}
     for s in summaries:
         reasons.update(json.loads(s["reasons"]))
         per_actor[s["actor"]] += s["rows_scored"]
+        src = per_source.setdefault(s["source"], Counter())
+        src.update(rows_read=s["rows_read"], rows_scored=s["rows_scored"], rows_rejected=s["rows_rejected"],
+                   partitions=1)
     fresh = [s for s in summaries if not s.get("skipped")]
     tokens = sum(s["tokens"] for s in fresh)
     counts = {
@@ -316,6 +325,7 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
             "rows_rejected": sum(s["rows_rejected"] for s in fresh),
         },
         "per_actor_rows": dict(sorted(per_actor.items())),
+        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
         "wall_s": round(wall, 3),
         "tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,

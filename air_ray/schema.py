@@ -45,6 +45,18 @@ SELECTION = pa.schema([
     pa.field("domain", pa.string(), nullable=True),
 ])
 
+LEDGER = pa.schema([  # <output>/v=<version>/ledger.parquet: one row per input file (air-ray rescore)
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("size", pa.int64(), nullable=True),
+    pa.field("etag", pa.string(), nullable=True),
+    pa.field("mtime", pa.string(), nullable=True),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("rows", pa.int64(), nullable=True),  # records read (scored + rejected)
+    pa.field("partitions", pa.int32(), nullable=True),
+    pa.field("status", pa.string(), nullable=False),  # scoring | done
+    pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
+])
+
 METADATA_KEY = b"air_ray"
 
 

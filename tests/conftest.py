@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,76 @@ def heads_file(tmp_path_factory, smol_ref):
 def short_rows(gsm8k_rows):
     """The 9 shortest GSM8K sample rows (pipeline tests: cheap but real)."""
     return sorted(gsm8k_rows, key=lambda r: len(r["prompt"]) + len(r["response"]))[:9]
+
+
+def tiny_checkpoint(d: Path, smol_ref, smol_tok, nan_words=(), heads=((1, 0), (1, 3))):
+    """A real (tiny, randomly initialised) Llama checkpoint with the default model's tokenizer and chat
+    template, and a heads.json for it -> (model dir, heads.json). The embeddings of ``nan_words``' tokens are
+    NaN, so a row holding one of them has non-finite losses (the LM head is untied: a NaN row there would
+    poison every row)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from air_ray.models import model_shape, prepare_model
+
+    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for w in nan_words:
+            for t in smol_tok(w, add_special_tokens=False)["input_ids"]:
+                model.get_input_embeddings().weight[t] = float("nan")
+    model.save_pretrained(d, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(smol_ref.path) / name).exists():
+            shutil.copy(Path(smol_ref.path) / name, d / name)
+    ref = prepare_model(str(d))
+    L, H, KV, _ = model_shape(cfg)
+    path = d / "heads.json"
+    path.write_text(json.dumps({"format_version": 1, "model": str(d), "model_fingerprint": ref.fingerprint,
+                                "num_layers": L, "num_heads": H, "num_kv_heads": KV, "top_frac": 0.25,
+                                "heads": [list(h) for h in heads]}))
+    return d, path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smol_ref, smol_tok):
+    """(model dir, heads.json) of a tiny real checkpoint: for pipeline tests where the model's size does not
+    matter, only that it is a real model read by the real loader."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_model"), smol_ref, smol_tok)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_s3():
+    """A real S3 endpoint: moto's server on loopback -> the environment that points clients at it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

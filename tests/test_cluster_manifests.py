@@ -19,6 +19,7 @@ import yaml
 
 from air_ray import cli
 from air_ray.config import HeadsConfig, ScoreConfig
+from air_ray.rescore import RescoreConfig
 from air_ray.select import SelectConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
-JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select"}
+JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore"}
 SUBCOMMAND_CONFIG = {"score": ScoreConfig, "heads": HeadsConfig, "select": SelectConfig}
 
 YAML_FILES = sorted([*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml"), *CONFIGS.glob("*.yaml")])
@@ -134,6 +135,13 @@ def check_job_command(script: str, args: list[str], where: str) -> argparse.Name
             value = tok.split("=", 1)[1] if "=" in tok else args[i + 1]
             assert (REPO / value).is_file(), f"{where}: --config {value} does not exist"
 
+    if sub == "rescore":  # its YAML holds a RescoreConfig (nested `select:`), not the command's flags
+        try:
+            ns = p.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse as `air-ray rescore` options")
+        RescoreConfig.from_yaml(ns.config).check()
+        return ns
     cli._apply_yaml(p, args)
     try:
         ns = p.parse_args(args)
@@ -208,6 +216,10 @@ def test_job_config_keys_are_options_and_parse(path, monkeypatch):
     assert (JOBS / f"{path.stem}.py").is_file()
     sub = JOB_SUBCOMMAND[path.stem]
     doc = load(path)
+    if sub == "rescore":  # keys are RescoreConfig fields; unknown keys are refused by from_yaml itself
+        cfg = RescoreConfig.from_yaml(str(path)).check()
+        assert cfg.inputs == doc["inputs"] and cfg.select == doc["select"] and cfg.heads == doc["heads"]
+        return
     p = subparser(sub)
     dests = option_dests(p)
     for key in doc:
@@ -490,3 +502,26 @@ def test_extras_named_in_the_docs_exist():
         for group in pattern.findall(text) + re.findall(r"\bEXTRAS=([\w,-]+)", text):
             names = {e.strip() for e in group.split(",")}
             assert names <= extras, f"{path.name}: extras {names - extras} are not in pyproject.toml"
+
+
+def test_rescore_cronjob_creates_one_rayjob_per_slot():
+    """The CronJob renames the score RayJob per schedule slot (name = Ray submission id), from the Job name the
+    CronJob controller gives each slot; overlapping slots are forbidden."""
+    doc = load(CLUSTER / "cronjob-rescore.yaml")
+    assert doc["kind"] == "CronJob" and doc["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    script = c["args"][0]
+    assert 'slot="${JOB_NAME##*-}"' in script and 'name="air-ray-rescore-${slot}"' in script
+    patch = re.search(r"patch='(.*)'", script).group(1).replace("'\"${name}\"'", "air-ray-rescore-123")
+    merged = json.loads(patch)
+    assert merged["metadata"]["name"] == merged["spec"]["jobId"] == "air-ray-rescore-123"
+    assert job_commands(merged["spec"]["entrypoint"]) == [("jobs/rescore.py",
+                                                          ["--config", "jobs/configs/rescore.yaml"])]
+    # the RayJob it patches is the score RayJob, mounted from the ConfigMap made of cluster/rayjob-score.yaml
+    mount = c["volumeMounts"][0]["mountPath"]
+    assert f"{mount}/{RAYJOB.name}" in script
+    assert any(v.get("configMap", {}).get("name") == "air-ray-rayjob" for v in pod["volumes"])
+    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in (CLUSTER / "cronjob-rescore.yaml").read_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from air_ray import schema
+from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read_dir(path: Path) -> list[dict]:
@@ -200,26 +194,6 @@ def test_ray_job_submit_single_actor_equals_two_actors(two_actor_run, corpus, he
     for k in a:
         assert a[k]["score"] == pytest.approx(b[k]["score"], abs=1e-9)
         assert a[k]["step_scores"] == pytest.approx(b[k]["step_scores"], abs=1e-9)
-
-
-@pytest.fixture
-def moto_s3():
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    try:
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_s3_round_trip(moto_s3, corpus, heads_file, tmp_path):

@@ -7,7 +7,6 @@ import gzip
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,31 +81,9 @@ NAN_WORD = " xylophone"
 
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory, smol_ref, smol_tok):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import tiny_checkpoint
 
-    from air_ray.models import model_shape, prepare_model
-
-    d = tmp_path_factory.mktemp("nan_model")
-    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=False)  # a NaN row in a tied LM head would poison every row
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for t in smol_tok(NAN_WORD, add_special_tokens=False)["input_ids"]:
-            model.get_input_embeddings().weight[t] = float("nan")
-    model.save_pretrained(d, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (Path(smol_ref.path) / name).exists():
-            shutil.copy(Path(smol_ref.path) / name, d / name)
-    ref = prepare_model(str(d))
-    L, H, KV, _ = model_shape(cfg)
-    heads = d / "heads.json"
-    heads.write_text(json.dumps({"format_version": 1, "model": str(d), "model_fingerprint": ref.fingerprint,
-                                 "num_layers": L, "num_heads": H, "num_kv_heads": KV, "top_frac": 0.25,
-                                 "heads": [[1, 0], [1, 3]]}))
-    return d, heads
+    return tiny_checkpoint(tmp_path_factory.mktemp("nan_model"), smol_ref, smol_tok, nan_words=[NAN_WORD])
 
 
 @pytest.fixture(scope="module")
