@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-frac", type=float)
     sel.add_argument("--per-domain", action="store_true")
     sel.add_argument("--min-score", type=float)
+    sel.add_argument("--by", default="score", choices=["score", "loss_base", "entropy_base", "n_response_tokens",
+                                                       "random"],
+                     help="the value ranked (descending): the AIR score, or a heuristic baseline from the same run")
+    sel.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
     r = sub.add_parser("rescore", help="score only new or changed input files into a versioned output; "
                                        "refresh the selection (for schedules)")

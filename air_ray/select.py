@@ -82,6 +82,10 @@ _BATCH_READAHEAD = 4
 # The columns read, with the types of the SCORES schema (the scanner casts compatible physical types).
 _READ_SCHEMA = pa.schema([SCORES.field("id"), SCORES.field("domain"), SCORES.field("score")])
 
+# --by: the AIR score, or one of the heuristics the paper compares against (from the same scoring run).
+# Every one ranks descending: highest loss, highest entropy, longest response first; random = a seeded hash.
+BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
+
 
 @dataclass
 class SelectConfig:
@@ -93,8 +97,12 @@ class SelectConfig:
     top_frac: float | None = None
     per_domain: bool = False
     min_score: float | None = None
+    by: str = "score"  # the value ranked: score | loss_base | entropy_base | n_response_tokens | random
+    seed: int = 0  # for by=random
 
     def check(self) -> "SelectConfig":
+        if self.by not in BY:
+            raise AirRayError(f"select: --by {self.by!r}: expected one of {', '.join(BY)}")
         if not self.scores or not isinstance(self.scores, str):
             raise AirRayError("select: scores must be a URI")
         if not self.output or not isinstance(self.output, str):
@@ -127,7 +135,8 @@ def select(cfg: SelectConfig) -> dict:
     min_score = None if cfg.min_score is None else float(cfg.min_score)
 
     fs, files = find_partitions(cfg.scores)
-    dataset, footer_rows = _open_dataset(fs, files)
+    dataset, footer_rows = _open_dataset(fs, files, cfg.by)
+    by = (cfg.by, int(cfg.seed))
 
     # ---- pass 1: counts per domain + candidate scores per selection group ----------------------------
     # Global: the candidate scores go straight into one preallocated float64 array (rows from the footers).
@@ -137,7 +146,7 @@ def select(cfg: SelectConfig) -> dict:
     flat = None if cfg.per_domain else np.empty(footer_rows, np.float64)
     n_flat = 0
     chunks: dict[int, list[np.ndarray]] = {}  # domain id -> candidate scores (per_domain only)
-    for batch in _batches(dataset, ["score", "domain"]):
+    for batch in _batches(dataset, ["score", "domain"], by):
         s = _scores(batch)
         gid = domains.encode(batch.column("domain"))
         valid = ~np.isnan(s)
@@ -208,7 +217,7 @@ def select(cfg: SelectConfig) -> dict:
     buffered = np.zeros(n_groups, np.int64)
     seen = 0
     if active.any():
-        for batch in _batches(dataset, ["id", "score", "domain"]):
+        for batch in _batches(dataset, ["id", "score", "domain"], by):
             seen += batch.num_rows
             s = _scores(batch)
             if cfg.per_domain:
@@ -271,11 +280,14 @@ def select(cfg: SelectConfig) -> dict:
         "histogram": hist,
         "config": {"scores": cfg.scores, "output": cfg.output, "top_k": top_k,
                    "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
-                   "per_domain": cfg.per_domain, "min_score": min_score},
+                   "per_domain": cfg.per_domain, "min_score": min_score, "by": cfg.by,
+                   "seed": int(cfg.seed) if cfg.by == "random" else None},
         "inputs": [with_protocol(fs, f) for f in files],
         "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name))
                     for name in ("selection.parquet", "selection.json", "score_hist.png")},
         "ranking": {"order": "score desc, id asc", "rank": "global over the whole selection",
+                    "score": f"the value ranked: {cfg.by}" + (f" (seeded hash of the id, seed {cfg.seed})"
+                                                               if cfg.by == "random" else ""),
                     "top_frac_count": "ceil(F * n), F as written in decimal, n = candidates (per domain)"},
     }
 
@@ -325,17 +337,20 @@ def _changed(uri: str, before: int, now: int) -> AirRayError:
                        f"footers, {now} read); run it again")
 
 
-def _open_dataset(fs, files: list[str]):
+def _open_dataset(fs, files: list[str], by: str = "score"):
     """``(dataset of the needed columns, number of rows per the Parquet footers)``; checks every partition."""
     import pyarrow.dataset as ds
 
+    schema = _READ_SCHEMA
+    if by not in ("score", "random"):
+        schema = schema.append(SCORES.field(by))
     rows = 0
     try:
-        dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=_READ_SCHEMA)
+        dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=schema)
         for frag in dataset.get_fragments():
             rows += frag.metadata.num_rows
             names = set(frag.physical_schema.names)
-            missing = [c for c in _READ_SCHEMA.names if c not in names]
+            missing = [c for c in schema.names if c not in names]
             if missing:
                 raise AirRayError(f"select: {with_protocol(fs, frag.path)} is not a scores partition "
                                   f"(no column {', '.join(missing)})")
@@ -344,12 +359,40 @@ def _open_dataset(fs, files: list[str]):
     return dataset, rows
 
 
-def _batches(dataset, columns: list[str]):
+def _batches(dataset, columns: list[str], by: tuple[str, int] = ("score", 0)):
+    """Record batches of ``columns``, where "score" is the value ranked (``--by``) as float64."""
+    key, seed = by
+    read = list(columns)
+    if key != "score" and "score" in read:
+        read[read.index("score")] = "id" if key == "random" else key
+        read = list(dict.fromkeys(read))  # by=random with id already asked for
     try:
-        yield from dataset.to_batches(columns=columns, batch_size=_BATCH_ROWS, use_threads=True,
-                                      fragment_readahead=_FRAGMENT_READAHEAD, batch_readahead=_BATCH_READAHEAD)
+        for b in dataset.to_batches(columns=read, batch_size=_BATCH_ROWS, use_threads=True,
+                                    fragment_readahead=_FRAGMENT_READAHEAD, batch_readahead=_BATCH_READAHEAD):
+            if key == "score" or "score" not in columns:
+                yield b
+                continue
+            value = _random_keys(b.column("id"), seed) if key == "random" else pc.cast(b.column(key), pa.float64())
+            yield pa.RecordBatch.from_arrays([value if c == "score" else b.column(c) for c in columns],
+                                             names=columns)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise AirRayError(f"select: cannot read the score partitions: {str(e).splitlines()[0]}") from None
+
+
+def _random_keys(ids: pa.Array, seed: int) -> pa.Array:
+    """A uniform [0, 1) value per id from a seeded hash: the same ids give the same order on every run and
+    machine, whatever the partitioning."""
+    import hashlib
+
+    salt = f"{seed}:".encode()
+    out = np.empty(len(ids), np.float64)
+    for i, rid in enumerate(ids.to_pylist()):
+        if rid is None:
+            out[i] = np.nan
+            continue
+        h = hashlib.blake2b(salt + rid.encode("utf-8"), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") / 2.0**64
+    return pa.array(out)
 
 
 def _scores(batch: pa.RecordBatch) -> np.ndarray:

@@ -327,7 +327,7 @@ def test_outputs_readable_everywhere(tmp_path):
     doc = json.loads((out / "selection.json").read_text())
     assert doc == summary
     assert doc["config"] == {"scores": str(tmp_path / "s"), "output": str(out), "top_k": None, "top_frac": 0.3,
-                             "per_domain": False, "min_score": -1.0}
+                             "per_domain": False, "min_score": -1.0, "by": "score", "seed": None}
     cands = np.array([r[1] for r in rows if not math.isnan(r[1]) and r[1] >= -1.0])
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, reported as null
         q = dict(zip(["p0", "p10", "p25", "p50", "p75", "p90", "p99", "p100"],
@@ -467,3 +467,49 @@ def test_memory_bounded_two_million_rows(tmp_path):
     assert t["rank"].to_pylist() == list(range(1, t.num_rows + 1))
     s = t["score"].to_numpy()
     assert (np.diff(s) <= 0).all() and s[-1] == r["threshold"]
+
+
+@pytest.mark.parametrize("by", ["loss_base", "n_response_tokens", "random"])
+def test_select_by_a_baseline(tmp_path, by):
+    """--by ranks a heuristic column (descending) or a seeded random order, with the same machinery."""
+    rng = np.random.default_rng(3)
+    n = 500
+    ids = [f"r{i:04d}" for i in rng.permutation(n)]
+    t = scores_table(ids, rng.normal(size=n), [None] * n)
+    loss = np.round(rng.random(n) * 3, 2)  # ties
+    length = rng.integers(5, 400, n).astype(np.int32)
+    t = t.set_column(t.schema.get_field_index("loss_base"), "loss_base", pa.array(loss))
+    t = t.set_column(t.schema.get_field_index("n_response_tokens"), "n_response_tokens", pa.array(length))
+    root = tmp_path / "s" / "scores"
+    root.mkdir(parents=True)
+    pq.write_table(t.slice(0, 200), root / "a.parquet")
+    pq.write_table(t.slice(200), root / "b.parquet")
+    out = tmp_path / f"sel-{by}"
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(out), top_k=50, by=by, seed=7))
+    got = pq.read_table(out / "selection.parquet").to_pylist()
+    rows = t.to_pylist()
+    if by == "random":
+        import hashlib
+
+        def key(r):
+            h = hashlib.blake2b(b"7:" + r["id"].encode(), digest_size=8).digest()
+            return int.from_bytes(h, "little") / 2.0**64
+        again = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "again"), top_k=50,
+                                    by=by, seed=7))
+        assert [r["id"] for r in pq.read_table(tmp_path / "again" / "selection.parquet").to_pylist()] == \
+            [r["id"] for r in got] and again["config"]["seed"] == 7
+        other = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "other"), top_k=50,
+                                    by=by, seed=8))
+        assert other["threshold_score"] != summary["threshold_score"]
+    else:
+        def key(r):
+            return float(r[by])
+    want = sorted(rows, key=lambda r: (-key(r), r["id"]))[:50]
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["score"] for r in got] == pytest.approx([key(r) for r in want])  # the value ranked
+    assert summary["config"]["by"] == by and summary["ranking"]["score"].startswith(f"the value ranked: {by}")
+
+
+def test_select_by_unknown_column(tmp_path):
+    with pytest.raises(AirRayError, match="--by"):
+        select(SelectConfig(scores=str(tmp_path), output=str(tmp_path / "o"), top_k=1, by="length"))
