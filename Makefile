@@ -30,5 +30,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+# scoring throughput: engine, `air-ray score` end to end and the naive way, one run (see bench/throughput.py);
+# e.g. make bench BENCH_ARGS="--rows 32 --ideas"
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+
 clean:
 	rm -rf out .pytest_cache

@@ -1,74 +1,273 @@
 """Per-token losses from a causal LM without materialising [tokens x vocab] logits.
 
 The decoder runs once over the padded batch; only the positions that predict target tokens go through the
-LM head, in chunks, so peak extra memory is [chunk, vocab] rather than [batch, pos, vocab].
+LM head, in chunks, so peak extra memory is one [chunk, vocab] block (64 MB of float32 logits by default)
+rather than [batch, pos, vocab].
+
+``token_nll_pair`` computes the base and the reference (critical heads disabled) losses of one batch. The
+layers below the first ablated layer compute the same thing in both passes, so by default it runs them
+once: the base pass keeps the hidden state that enters layer ``first_layer`` and the reference pass starts
+there (``share_prefix``). With SmolLM2-135M (30 layers, first ablated layer 17) that is 30 + 13 layer
+passes instead of 60.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 
+# decoder classes whose forward was read (transformers 5.x) and found prefix-safe: embeddings are not rescaled
+# inside forward, the causal mask and rotary tables are built from the inputs before the layer loop, every
+# layer gets (hidden_states, mask, position_embeddings, ...) and returns the hidden state that the next
+# layer takes, and nothing after the loop but the final norm. Other models take the plain two full passes.
+PREFIX_SAFE_DECODERS = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
 
-def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+
+def batch_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
     """Indices grouped into batches whose padded size (rows x longest) stays within ``batch_tokens``.
 
-    Rows are sorted by length first (length bucketing cuts padding); a row longer than the budget gets a
-    batch of its own.
+    Rows are sorted by length first (length bucketing cuts padding), and a batch is also closed when adding
+    the next (longer) row would make more than ``max_padding`` of its padded positions padding: padding is
+    computed like real tokens. On a large corpus sorted lengths are dense and batches fill the budget; on a
+    few rows of scattered lengths this gives smaller batches instead of padded ones. A row longer than the
+    budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
+    real = 0
     for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
+        padded = (len(cur) + 1) * lengths[i]  # sorted: row i is the longest so far
+        if cur and (padded > batch_tokens or padded - real - lengths[i] > max_padding * padded):
             batches.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(i)
+        real += lengths[i]
     if cur:
         batches.append(cur)
     return batches
 
 
-def token_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, pad_id: int = 0,
-              chunk: int = 2048) -> list[np.ndarray]:
-    """-log p(x_t | x_<t) in nats for t in [starts[i], len(sequences[i])) of each sequence (one batch).
+class _Batch:
+    """One padded batch and the positions whose next token is scored.
 
-    Shapes: input_ids [batch, pos]; hidden [batch, pos, d_model]; picked [n_targets, d_model];
-    logits [chunk, vocab] (float32).
+    Shapes: ids [batch, pos] (right-padded with pad_id); mask [batch, pos] or None when nothing is padded;
+    rows, cols, targets [n_targets] (the hidden state at (rows, cols) predicts targets).
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int):
+        import torch
+
+        self.lens = [len(s) for s in sequences]
+        self.starts = list(starts)
+        if any(s < 1 or s >= n for s, n in zip(self.starts, self.lens)):
+            raise ValueError("every sequence needs 1 <= start < len")
+        T = max(self.lens)
+        self.ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            self.ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        padded = any(n != T for n in self.lens)
+        self.mask = (torch.arange(T)[None, :] < torch.as_tensor(self.lens)[:, None]).long() if padded else None
+        self.rows = torch.cat([torch.full((n - s,), i, dtype=torch.long)
+                               for i, (s, n) in enumerate(zip(self.starts, self.lens))])
+        self.cols = torch.cat([torch.arange(s - 1, n - 1) for s, n in zip(self.starts, self.lens)])
+        self.targets = self.ids[self.rows, self.cols + 1]
+
+    def split(self, nll: np.ndarray) -> list[np.ndarray]:
+        bounds = np.cumsum([0] + [n - s for s, n in zip(self.starts, self.lens)])
+        return [nll[bounds[i] : bounds[i + 1]] for i in range(len(self.lens))]
+
+
+def _hidden(model, b: _Batch):
+    """The decoder's last hidden state (after the final norm), [batch, pos, d_model]."""
+    dev = next(model.parameters()).device
+    return model.base_model(
+        input_ids=b.ids.to(dev), attention_mask=None if b.mask is None else b.mask.to(dev), use_cache=False
+    ).last_hidden_state
+
+
+# one [chunk, vocab] float32 block of logits stays within this (the chunk is at least 16 positions); on a GPU
+# the budget is larger so that the head's matmul stays big enough for the tensor cores
+HEAD_CHUNK_BYTES = 64 << 20
+HEAD_CHUNK_BYTES_CUDA = 512 << 20
+
+
+def head_chunk(vocab: int, chunk: int | None = None, device: str = "cpu") -> int:
+    """Positions per LM-head chunk: ``chunk`` if given, else as many as fit the budget of float32 logits
+    (CPU: SmolLM2, vocab 49152: 341 positions; Qwen2, vocab 151936: 110. CUDA: 8x that)."""
+    if chunk:
+        return int(chunk)
+    budget = HEAD_CHUNK_BYTES_CUDA if str(device).startswith("cuda") else HEAD_CHUNK_BYTES
+    return max(16, budget // (4 * vocab))
+
+
+def _head_nll(model, hidden, b: _Batch, chunk: int | None) -> np.ndarray:
+    """Cross-entropy at the scored positions only, ``chunk`` positions at a time through the LM head.
+
+    The loss is computed in place in the chunk's float32 logits (logsumexp - target logit), so one
+    [chunk, vocab] block is all the extra memory: F.cross_entropy would add a second one (its log_softmax).
+    Shapes: hidden [batch, pos, d_model]; picked [chunk, d_model]; logits [chunk, vocab] (float32).
     """
     import torch
-    import torch.nn.functional as F
+
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = head_chunk(head.weight.shape[0], chunk, head.weight.device.type)
+    hdev = hidden.device
+    out = []
+    for a in range(0, len(b.rows), chunk):
+        picked = hidden[b.rows[a : a + chunk].to(hdev), b.cols[a : a + chunk].to(hdev)]  # [n, d_model]
+        logits = head(picked.to(head.weight.device)).float()  # [n, vocab]
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        target = logits.gather(1, b.targets[a : a + chunk, None].to(logits.device))[:, 0]  # [n]
+        top = logits.amax(dim=-1)  # [n]
+        lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)  # [n]
+        out.append(lse - target)
+    return torch.cat(out).double().cpu().numpy()
+
+
+def token_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, pad_id: int = 0,
+              chunk: int | None = None) -> list[np.ndarray]:
+    """-log p(x_t | x_<t) in nats for t in [starts[i], len(sequences[i])) of each sequence (one batch).
+
+    Shapes: input_ids [batch, pos]; hidden [batch, pos, d_model]; picked [chunk, d_model];
+    logits [chunk, vocab] (float32); ``chunk`` None: see ``head_chunk``.
+    """
+    import torch
 
     if not sequences:
         return []
-    dev = next(model.parameters()).device
-    lens = [len(s) for s in sequences]
-    if any(s < 1 or s >= n for s, n in zip(starts, lens)):
-        raise ValueError("every sequence needs 1 <= start < len")
-    T = max(lens)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    padded = any(n != T for n in lens)
-    mask = (torch.arange(T)[None, :] < torch.as_tensor(lens)[:, None]).long() if padded else None
+    b = _Batch(sequences, starts, pad_id)
     with torch.inference_mode():
-        hidden = model.base_model(
-            input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev), use_cache=False
-        ).last_hidden_state  # [batch, pos, d_model]
-        rows = torch.cat([torch.full((n - s,), i, dtype=torch.long) for i, (s, n) in enumerate(zip(starts, lens))])
-        cols = torch.cat([torch.arange(s - 1, n - 1) for s, n in zip(starts, lens)])
-        targets = ids[rows, cols + 1]
-        head = model.get_output_embeddings()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        hdev = hidden.device
-        out = []
-        for a in range(0, len(rows), chunk):
-            picked = hidden[rows[a : a + chunk].to(hdev), cols[a : a + chunk].to(hdev)]  # [n, d_model]
-            logits = head(picked.to(head.weight.device)).float()  # [n, vocab]
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            out.append(F.cross_entropy(logits, targets[a : a + chunk].to(logits.device), reduction="none"))
-        nll = torch.cat(out).double().cpu().numpy()
-    bounds = np.cumsum([0] + [n - s for s, n in zip(starts, lens)])
-    return [nll[bounds[i] : bounds[i + 1]] for i in range(len(sequences))]
+        return b.split(_head_nll(model, _hidden(model, b), b, chunk))
+
+
+# ----------------------------------------------------------------------------------------------
+# base and reference losses of one batch, sharing the layers below the first ablated one
+
+
+def prefix_shareable(model, first_layer: int | None) -> bool:
+    """Whether ``token_nll_pair`` can run layers [0, first_layer) once for both passes on this model: a
+    decoder class in PREFIX_SAFE_DECODERS, on one device (a model sharded by accelerate's device_map keeps
+    the plain path: its per-layer device hooks were not verified with stand-in layers)."""
+    base = getattr(model, "base_model", None)
+    layers = getattr(base, "layers", None)
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return (
+        first_layer is not None
+        and 0 < first_layer <= len(layers or ())
+        and type(base).__name__ in PREFIX_SAFE_DECODERS
+        and len(layers) == model.config.num_hidden_layers
+        and len(devices) <= 1
+    )
+
+
+_REPLAY_CLASS = None
+
+
+def _replay(value=None):
+    """A stand-in for a decoder layer below the first ablated one, during the reference pass: returns
+    ``value`` (the hidden state that layer produced in the base pass) or, when None, its input unchanged (no
+    compute). The layer list keeps its length, so lookups by layer index (``config.layer_types[i]`` in
+    Qwen2/Qwen3) still see the right layer; the embedding lookup, causal mask and rotary tables are rebuilt
+    from input_ids as usual (no matmul)."""
+    global _REPLAY_CLASS
+    if _REPLAY_CLASS is None:
+        import torch.nn as nn
+
+        class Replay(nn.Module):
+            def __init__(self, value):
+                super().__init__()
+                self.value = value  # [batch, pos, d_model] or None
+
+            def forward(self, hidden_states, *args, **kwargs):
+                return hidden_states if self.value is None else self.value
+
+        _REPLAY_CLASS = Replay
+    return _REPLAY_CLASS(value)
+
+
+@contextmanager
+def _capture_output(layer):
+    """Keeps the output of ``layer`` (a decoder layer: a [batch, pos, d_model] tensor) from the next pass."""
+    box: dict = {}
+
+    def hook(module, args, output):
+        box["h"] = output.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _replayed(model, k: int, h_k):
+    """Layers [0, k) replaced by stand-ins that hand ``h_k`` (the input of layer k) to layer k; restored
+    on exit, also on error."""
+    layers = model.base_model.layers
+    saved = [layers[i] for i in range(k)]
+    try:
+        for i in range(k):
+            layers[i] = _replay(h_k if i == k - 1 else None)
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def token_nll_pair(
+    model,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    *,
+    ablated: Callable[[], ContextManager],
+    first_layer: int | None,
+    pad_id: int = 0,
+    chunk: int | None = None,
+    share_prefix: bool = True,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(base losses, reference losses) per sequence, as ``token_nll`` gives them; the reference pass runs
+    inside ``ablated()`` (the critical heads disabled), whose lowest layer is ``first_layer`` (None: no head).
+
+    ``share_prefix`` (default): layers [0, first_layer) run once, in the base pass; the reference pass runs
+    layers [first_layer, L) + final norm + LM head on the hidden state the base pass had there. No heads: the
+    reference model is the base model, and its losses are the base losses. ``share_prefix=False`` or a model
+    not in ``PREFIX_SAFE_DECODERS``: two full passes (the plain path).
+
+    Shapes: hidden [batch, pos, d_model]; h_k (the input of layer first_layer) [batch, pos, d_model].
+    """
+    import torch
+
+    if not sequences:
+        return [], []
+    b = _Batch(sequences, starts, pad_id)
+    with torch.inference_mode():
+        if not share_prefix:
+            base = _head_nll(model, _hidden(model, b), b, chunk)
+            with ablated():
+                ref = _head_nll(model, _hidden(model, b), b, chunk)
+            return b.split(base), b.split(ref)
+        if first_layer is None:
+            base = _head_nll(model, _hidden(model, b), b, chunk)
+            return b.split(base), b.split(base.copy())
+        if not prefix_shareable(model, first_layer):
+            return token_nll_pair(model, sequences, starts, ablated=ablated, first_layer=first_layer,
+                                  pad_id=pad_id, chunk=chunk, share_prefix=False)
+        k = first_layer
+        with _capture_output(model.base_model.layers[k - 1]) as box:
+            hidden = _hidden(model, b)  # [batch, pos, d_model]
+        base = _head_nll(model, hidden, b, chunk)
+        del hidden
+        h_k = box.pop("h", None)  # [batch, pos, d_model]
+        with ablated():
+            if isinstance(h_k, torch.Tensor) and h_k.shape[:2] == b.ids.shape:
+                with _replayed(model, k, h_k):
+                    ref = _head_nll(model, _hidden(model, b), b, chunk)
+            else:  # the layer did not hand a plain hidden state on: run the full pass
+                ref = _head_nll(model, _hidden(model, b), b, chunk)
+        return b.split(base), b.split(ref)

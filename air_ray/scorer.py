@@ -13,7 +13,7 @@ import numpy as np
 from air_ray.ablation import QueryAblation
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, influence
-from air_ray.lm import batch_by_tokens, token_nll
+from air_ray.lm import batch_by_tokens, token_nll_pair
 from air_ray.models import DEFAULT_MODEL, load_model, load_tokenizer, model_shape, prepare_model, resolve_dtype
 from air_ray.rows import PreparedRow, RowError, RowPreparer
 
@@ -42,6 +42,7 @@ class Scorer:
         trust_remote_code: bool = False,
         allow_model_mismatch: bool = False,
         shard: bool = False,
+        share_prefix: bool = True,
     ):
         from air_ray.heads import load_heads
         from air_ray.models import resolve_device
@@ -67,20 +68,25 @@ class Scorer:
         self.ablation = QueryAblation(self.model, self.heads_doc["heads"])
         self.step_temperature = float(step_temperature)
         self.batch_tokens = int(batch_tokens)
+        # run the layers below the first ablated one once for both passes (False: two full passes)
+        self.share_prefix = bool(share_prefix)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     # -- the two passes --------------------------------------------------------------------------
 
     def token_losses(self, prepared: Sequence[PreparedRow]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per response token: (loss under the base model, loss under the reference model), in nats."""
+        """Per response token: (loss under the base model, loss under the reference model), in nats.
+
+        Batches by token budget (rows sorted by length); per batch the layers below the first ablated layer
+        run once for both passes unless ``share_prefix=False`` (see ``air_ray.lm.token_nll_pair``)."""
         out: list = [None] * len(prepared)
         for batch in batch_by_tokens([len(p.input_ids) for p in prepared], self.batch_tokens):
             seqs = [prepared[i].input_ids for i in batch]
             starts = [prepared[i].n_prompt_tokens for i in batch]
-            base = token_nll(self.model, seqs, starts, pad_id=self.pad_id)
-            with self.ablation.ablated():
-                ref = token_nll(self.model, seqs, starts, pad_id=self.pad_id)
+            base, ref = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
+                                       first_layer=self.ablation.first_layer, pad_id=self.pad_id,
+                                       share_prefix=self.share_prefix)
             for i, b, r in zip(batch, base, ref):
                 out[i] = (b, r)
         return out
