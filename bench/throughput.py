@@ -166,7 +166,6 @@ def _engine(spec: dict, variant: str | None = None):
     if variant == "eager":
         scorer.model.set_attn_implementation("eager")
     if variant == "fullhead":  # logits at every position, [batch, pos, vocab] at once (as the naive way)
-        orig = lm._head_nll
 
         def full_head(model, hidden, b, chunk):
             logits = model.get_output_embeddings()(hidden).float()  # [batch, pos, vocab]
@@ -175,7 +174,6 @@ def _engine(spec: dict, variant: str | None = None):
             return nll.double().numpy()
 
         lm._head_nll = full_head
-        assert orig is not None
     if variant in ("unbucketed", "single"):
         import air_ray.scorer as scorer_mod
 
