@@ -263,7 +263,7 @@ def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str
 def load_commits(fs, root: str) -> dict[str, dict]:
     """The commit markers of earlier runs in this output: ``{unit: marker}`` (unreadable ones are ignored:
     their units are redone)."""
-    paths = [p for p in fs.glob(posixpath.join(root, COMMITS, "*.json"))]
+    paths = fs.glob(posixpath.join(root, COMMITS, "*.json"))
     if not paths:
         return {}
     out = {}

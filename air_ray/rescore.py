@@ -134,11 +134,15 @@ def prior_id_hashes(fs, vroot: str, exclude_sources: set[str]):
     import numpy as np
     import pyarrow.dataset as ds
 
+    from air_ray.corpus import with_protocol
     from air_ray.dedupe import id_hash
+    from air_ray.select import find_partitions
 
-    files = [p for p in fs.glob(posixpath.join(vroot, "scores", "*.parquet"))
-             if not posixpath.basename(p).startswith((".", "_"))]
-    if not files:
+    if not fs.exists(posixpath.join(vroot, "scores")):
+        return np.empty(0, dtype=np.int64)
+    try:
+        fs, files = find_partitions(with_protocol(fs, vroot))  # the one listing rule (hidden names skipped)
+    except AirRayError:  # a scores/ folder with no partition in it yet
         return np.empty(0, dtype=np.int64)
     out = []
     for batch in ds.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["id", "source"]):
@@ -241,8 +245,7 @@ def run_rescore(cfg: RescoreConfig) -> dict:
         if todo:
             stamp = _now()
             for uri in todo:  # mark them: a run that dies now leaves them "scoring", so the next run redoes them
-                ledger[uri] = dict(current[uri], status="scoring", time=stamp,
-                                   rows=ledger.get(uri, {}).get("rows"), partitions=ledger.get(uri, {}).get("partitions"))
+                ledger[uri] = dict(current[uri], status="scoring", time=stamp)  # keeps any earlier rows/partitions
             write_ledger(fs, ledger_path, ledger)
             prior = prior_id_hashes(fs, vroot, set(todo))
             score_cfg = ScoreConfig(**{f.name: getattr(cfg, f.name) for f in fields(ScoreConfig)})
