@@ -103,11 +103,14 @@ def head_chunk(vocab: int, chunk: int | None = None, device: str = "cpu") -> int
     return max(16, budget // (4 * vocab))
 
 
-def _head_nll(model, hidden, b: _Batch, chunk: int | None) -> np.ndarray:
-    """Cross-entropy at the scored positions only, ``chunk`` positions at a time through the LM head.
+def _head_nll(model, hidden, b: _Batch, chunk: int | None, entropy: bool = False):
+    """Cross-entropy at the scored positions only, ``chunk`` positions at a time through the LM head;
+    with ``entropy``: (cross-entropy, entropy of the next-token distribution) at those positions.
 
     The loss is computed in place in the chunk's float32 logits (logsumexp - target logit), so one
     [chunk, vocab] block is all the extra memory: F.cross_entropy would add a second one (its log_softmax).
+    The entropy, from the same block: with e = exp(logits - max) and Z = sum(e),
+    H = log Z - sum(e * log e) / Z (one more [chunk, vocab] temporary while it is summed).
     Shapes: hidden [batch, pos, d_model]; picked [chunk, d_model]; logits [chunk, vocab] (float32).
     """
     import torch
@@ -116,7 +119,7 @@ def _head_nll(model, hidden, b: _Batch, chunk: int | None) -> np.ndarray:
     softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = head_chunk(head.weight.shape[0], chunk, head.weight.device.type)
     hdev = hidden.device
-    out = []
+    out, ent = [], []
     for a in range(0, len(b.rows), chunk):
         picked = hidden[b.rows[a : a + chunk].to(hdev), b.cols[a : a + chunk].to(hdev)]  # [n, d_model]
         logits = head(picked.to(head.weight.device)).float()  # [n, vocab]
@@ -124,9 +127,13 @@ def _head_nll(model, hidden, b: _Batch, chunk: int | None) -> np.ndarray:
             logits.div_(softcap).tanh_().mul_(softcap)
         target = logits.gather(1, b.targets[a : a + chunk, None].to(logits.device))[:, 0]  # [n]
         top = logits.amax(dim=-1)  # [n]
-        lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)  # [n]
-        out.append(lse - target)
-    return torch.cat(out).double().cpu().numpy()
+        e = logits.sub_(top[:, None]).exp_()  # [n, vocab], in place
+        log_z = e.sum(dim=-1).log_()  # [n]
+        out.append(log_z + top - target)
+        if entropy:
+            ent.append(log_z - torch.xlogy(e, e).sum(dim=-1) / log_z.exp())
+    nll = torch.cat(out).double().cpu().numpy()
+    return (nll, torch.cat(ent).double().cpu().numpy()) if entropy else nll
 
 
 def token_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, pad_id: int = 0,
@@ -230,9 +237,11 @@ def token_nll_pair(
     pad_id: int = 0,
     chunk: int | None = None,
     share_prefix: bool = True,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(base losses, reference losses) per sequence, as ``token_nll`` gives them; the reference pass runs
-    inside ``ablated()`` (the critical heads disabled), whose lowest layer is ``first_layer`` (None: no head).
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(base losses, reference losses, base entropies) per sequence: losses as ``token_nll`` gives them, and
+    the entropy (nats) of the base model's next-token distribution at the same positions. The reference pass
+    runs inside ``ablated()`` (the critical heads disabled), whose lowest layer is ``first_layer`` (None: no
+    head).
 
     ``share_prefix`` (default): layers [0, first_layer) run once, in the base pass; the reference pass runs
     layers [first_layer, L) + final norm + LM head on the hidden state the base pass had there. No heads: the
@@ -244,24 +253,24 @@ def token_nll_pair(
     import torch
 
     if not sequences:
-        return [], []
+        return [], [], []
     b = _Batch(sequences, starts, pad_id)
     with torch.inference_mode():
         if not share_prefix:
-            base = _head_nll(model, _hidden(model, b), b, chunk)
+            base, ent = _head_nll(model, _hidden(model, b), b, chunk, entropy=True)
             with ablated():
                 ref = _head_nll(model, _hidden(model, b), b, chunk)
-            return b.split(base), b.split(ref)
+            return b.split(base), b.split(ref), b.split(ent)
         if first_layer is None:
-            base = _head_nll(model, _hidden(model, b), b, chunk)
-            return b.split(base), b.split(base.copy())
+            base, ent = _head_nll(model, _hidden(model, b), b, chunk, entropy=True)
+            return b.split(base), b.split(base.copy()), b.split(ent)
         if not prefix_shareable(model, first_layer):
             return token_nll_pair(model, sequences, starts, ablated=ablated, first_layer=first_layer,
                                   pad_id=pad_id, chunk=chunk, share_prefix=False)
         k = first_layer
         with _capture_output(model.base_model.layers[k - 1]) as box:
             hidden = _hidden(model, b)  # [batch, pos, d_model]
-        base = _head_nll(model, hidden, b, chunk)
+        base, ent = _head_nll(model, hidden, b, chunk, entropy=True)
         del hidden
         h_k = box.pop("h", None)  # [batch, pos, d_model]
         with ablated():
@@ -270,4 +279,4 @@ def token_nll_pair(
                     ref = _head_nll(model, _hidden(model, b), b, chunk)
             else:  # the layer did not hand a plain hidden state on: run the full pass
                 ref = _head_nll(model, _hidden(model, b), b, chunk)
-        return b.split(base), b.split(ref)
+        return b.split(base), b.split(ref), b.split(ent)

@@ -28,6 +28,9 @@ SCORES = pa.schema([
     pa.field("step_weights", pa.list_(pa.float64())),
     # appended after the columns of issue #3 (readers select by name): the response was cut to --max-tokens
     pa.field("truncated", pa.bool_(), nullable=False),
+    # appended (issue #8): mean entropy (nats) of the base model's next-token distribution over the response
+    # tokens, a heuristic baseline to rank by (select --by entropy_base)
+    pa.field("entropy_base", pa.float64(), nullable=False),
 ])
 
 REJECTED = pa.schema([

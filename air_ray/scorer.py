@@ -19,7 +19,7 @@ from air_ray.rows import PreparedRow, RowError, RowPreparer
 
 SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
-    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated",
+    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base",
 )
 
 
@@ -75,8 +75,9 @@ class Scorer:
 
     # -- the two passes --------------------------------------------------------------------------
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per response token: (loss under the base model, loss under the reference model), in nats.
+    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per response token: (loss under the base model, loss under the reference model, entropy of the base
+        model's next-token distribution), in nats.
 
         Batches by token budget (rows sorted by length); per batch the layers below the first ablated layer
         run once for both passes unless ``share_prefix=False`` (see ``air_ray.lm.token_nll_pair``)."""
@@ -84,18 +85,18 @@ class Scorer:
         for batch in batch_by_tokens([len(p.input_ids) for p in prepared], self.batch_tokens):
             seqs = [prepared[i].input_ids for i in batch]
             starts = [prepared[i].n_prompt_tokens for i in batch]
-            base, ref = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
-                                       first_layer=self.ablation.first_layer, pad_id=self.pad_id,
-                                       share_prefix=self.share_prefix)
-            for i, b, r in zip(batch, base, ref):
-                out[i] = (b, r)
+            base, ref, ent = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
+                                            first_layer=self.ablation.first_layer, pad_id=self.pad_id,
+                                            share_prefix=self.share_prefix)
+            for i, b, r, e in zip(batch, base, ref, ent):
+                out[i] = (b, r, e)
         return out
 
     def score_prepared(self, prepared: Sequence[PreparedRow]) -> list[dict | RowError]:
         """Scores of prepared rows; a row whose losses are not finite comes back as a RowError."""
         results: list[dict | RowError] = []
-        for p, (base, ref) in zip(prepared, self.token_losses(prepared)):
-            if not all_finite(base, ref):
+        for p, (base, ref, ent) in zip(prepared, self.token_losses(prepared)):
+            if not all_finite(base, ref, ent):
                 results.append(RowError("non_finite_loss", f"id {p.id}: a loss is NaN or infinite"))
                 continue
             row = {
@@ -106,6 +107,7 @@ class Scorer:
             }
             row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
             row["truncated"] = p.truncated
+            row["entropy_base"] = float(np.mean(ent))  # a heuristic baseline (select --by entropy_base)
             results.append(row)
         return results
 

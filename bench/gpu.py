@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     def run(share_prefix: bool, which=None):
         out = {}
         for b in (batches if which is None else which):
-            base, ref = token_nll_pair(model, [seqs[i] for i in b], [starts[i] for i in b], ablated=ablation.ablated,
+            base, ref, _ = token_nll_pair(model, [seqs[i] for i in b], [starts[i] for i in b], ablated=ablation.ablated,
                                        first_layer=ablation.first_layer, share_prefix=share_prefix)
             out.update({i: (x, y) for i, x, y in zip(b, base, ref)})
         return out

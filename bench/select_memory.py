@@ -101,6 +101,7 @@ def synthetic_partition(rng, row_ids: np.ndarray) -> pa.Table:
         "step_scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(step_scores)),
         "step_weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights)),
         "truncated": pa.array(np.zeros(n, bool)),
+        "entropy_base": pa.array(rng.random(n) * 3.0),
     }
     return pa.Table.from_pydict(cols, schema=SCORES)
 

@@ -167,11 +167,13 @@ def _engine(spec: dict, variant: str | None = None):
         scorer.model.set_attn_implementation("eager")
     if variant == "fullhead":  # logits at every position, [batch, pos, vocab] at once (as the naive way)
 
-        def full_head(model, hidden, b, chunk):
+        def full_head(model, hidden, b, chunk, entropy=False):
             logits = model.get_output_embeddings()(hidden).float()  # [batch, pos, vocab]
-            nll = torch.nn.functional.cross_entropy(logits[b.rows, b.cols], b.targets, reduction="none")
-            del logits
-            return nll.double().numpy()
+            picked = logits[b.rows, b.cols]  # [n, vocab]
+            nll = torch.nn.functional.cross_entropy(picked, b.targets, reduction="none").double().numpy()
+            if entropy:
+                return nll, torch.distributions.Categorical(logits=picked).entropy().double().numpy()
+            return nll
 
         lm._head_nll = full_head
     if variant in ("unbucketed", "single"):

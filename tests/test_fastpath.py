@@ -62,10 +62,10 @@ def assert_untouched(model, snap):
 def check(model, heads, seqs=None, starts=STARTS, lengths=LENGTHS):
     seqs = seqs or sequences(model.config.vocab_size, lengths)
     snap = snapshot(model)
-    fb, fr = pair(model, heads, seqs, starts, share_prefix=True)
+    fb, fr, fe = pair(model, heads, seqs, starts, share_prefix=True)
     assert_untouched(model, snap)
-    pb, pr = pair(model, heads, seqs, starts, share_prefix=False)
-    d = max(max_diff(fb, pb), max_diff(fr, pr))
+    pb, pr, pe = pair(model, heads, seqs, starts, share_prefix=False)
+    d = max(max_diff(fb, pb), max_diff(fr, pr), max_diff(fe, pe))
     effect = max_diff(pr, pb)
     print(f"{type(model).__name__} heads={heads}: max |d nll| fast vs plain = {d:.2e}; ablation effect {effect:.2f}")
     assert d <= TOL
@@ -189,11 +189,12 @@ def test_scorer_share_prefix_switch(gsm8k_rows):
     plain = scorer.score(rows)
     scorer.share_prefix = True
     fast = scorer.score(rows)
-    for (pb, pr), (fb, fr) in zip(*losses):
-        assert max_diff([pb, pr], [fb, fr]) <= TOL
+    for (pb, pr, pe), (fb, fr, fe) in zip(*losses):  # per row: base, ref, entropy
+        assert max_diff([pb, pr, pe], [fb, fr, fe]) <= TOL
     for p, f in zip(plain, fast):
         assert p["id"] == f["id"]
         assert abs(p["score"] - f["score"]) <= 1e-5
+        assert abs(p["entropy_base"] - f["entropy_base"]) <= 1e-5 and 0 < p["entropy_base"] < np.log(49152)
     import inspect
 
     assert inspect.signature(Scorer).parameters["share_prefix"].default is True  # the fast path is the default
@@ -221,18 +222,26 @@ def test_fast_path_skips_the_shared_layers():
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
 def test_chunked_head_equals_full_logits(chunk):
-    """token_nll (chunked, in-place logsumexp) = cross-entropy of the full [batch, pos, vocab] logits."""
+    """token_nll (chunked, in-place logsumexp) = cross-entropy of the full [batch, pos, vocab] logits, and the
+    entropies token_nll_pair gives = the entropy of softmax(full logits), at the same positions."""
     from air_ray.lm import token_nll
 
     model = tiny_model("qwen3")
     seqs = sequences(model.config.vocab_size, LENGTHS)
     got = token_nll(model, seqs, STARTS, chunk=chunk)
-    for s, st, g in zip(seqs, STARTS, got):
+    abl = QueryAblation(model, [(1, 0)])
+    base, _, ent = token_nll_pair(model, seqs, STARTS, ablated=abl.ablated, first_layer=abl.first_layer,
+                                  chunk=chunk)
+    for s, st, g, b, e in zip(seqs, STARTS, got, base, ent):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([s])).logits[0].float()  # [pos, vocab]
         want = torch.nn.functional.cross_entropy(logits[st - 1 : -1], torch.tensor(s[st:]), reduction="none")
-        assert len(g) == len(s) - st
+        want_ent = torch.distributions.Categorical(logits=logits[st - 1 : -1].double()).entropy()
+        assert len(g) == len(s) - st == len(e)
         assert np.abs(g - want.double().numpy()).max() <= TOL
+        assert np.abs(b - want.double().numpy()).max() <= TOL
+        assert np.abs(e - want_ent.numpy()).max() <= TOL
+        assert (e > 0).all() and (e <= np.log(model.config.vocab_size) + TOL).all()
 
 
 def test_head_chunk_size():

@@ -125,7 +125,7 @@ def test_pipeline_equals_scorer(two_actor_run, corpus, heads_file):
         g = got[w["id"]]
         assert g["n_prompt_tokens"] == w["n_prompt_tokens"] and g["n_response_tokens"] == w["n_response_tokens"]
         assert g["step_spans"] == w["step_spans"] and g["step_token_counts"] == w["step_token_counts"]
-        for k in ("loss_base", "loss_ref", "score"):
+        for k in ("loss_base", "loss_ref", "score", "entropy_base"):
             assert g[k] == pytest.approx(w[k], abs=1e-5), k
         for a, b in zip(g["step_scores"], w["step_scores"]):
             assert (a is None and b is None) or a == pytest.approx(b, abs=1e-4)
@@ -141,6 +141,13 @@ def test_select_on_pipeline_output(two_actor_run, tmp_path):
     sel = pq.read_table(tmp_path / "sel" / "selection.parquet").to_pylist()
     assert [r["id"] for r in sel] == [r["id"] for r in brute]
     assert [r["rank"] for r in sel] == list(range(1, len(sel) + 1))
+    # a heuristic baseline from the same scoring run (issue #8)
+    select(SelectConfig(scores=str(out), output=str(tmp_path / "ent"), top_k=3, by="entropy_base"))
+    want = sorted(rows, key=lambda r: (-r["entropy_base"], r["id"]))[:3]
+    got = pq.read_table(tmp_path / "ent" / "selection.parquet").to_pylist()
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["score"] for r in got] == [r["entropy_base"] for r in want]
+    assert all(0 < r["entropy_base"] < 11 for r in rows)  # nats; log(49152) = 10.8
 
 
 def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_path):

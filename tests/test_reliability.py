@@ -325,7 +325,8 @@ def test_half_written_partition_is_never_read(tmp_path):
     d = tmp_path / "scores"
     row = {"id": "a", "domain": None, "source": "s", "n_prompt_tokens": 1, "n_response_tokens": 1,
            "loss_base": 1.0, "loss_ref": 2.0, "score": 1.0, "step_spans": [[0, 1]], "step_token_counts": [1],
-           "step_scores": [1.0], "step_weights": [1.0], "truncated": False}
+           "step_scores": [1.0], "step_weights": [1.0], "truncated": False,
+           "entropy_base": 1.5}
     schema.write_atomic(schema.to_table([row], schema.SCORES), fs, str(d / "p-00000.parquet"))
     # what a SIGKILL mid-write leaves: a hidden, truncated file
     full = (d / "p-00000.parquet").read_bytes()

@@ -77,6 +77,7 @@ def synthetic_rows(n: int, seed: int, source: str) -> list[dict]:
             "n_prompt_tokens": 10, "n_response_tokens": int(rng.integers(5, 400)), "loss_base": 1.0,
             "loss_ref": 1.0 + s, "score": s, "step_spans": [[0, 3], [4, 9]], "step_token_counts": [2, 3],
             "step_scores": [s, None], "step_weights": [1.0, 1.0], "truncated": False,
+            "entropy_base": 2.0,
         })
     return out
 

@@ -54,13 +54,17 @@ def line_spans(text):
     return spans
 
 
-def response_losses(model, ids, n_prompt):
-    """-log p(ids[t] | ids[:t]) for every response position t, from full logits."""
+def response_losses(model, ids, n_prompt, entropy=False):
+    """-log p(ids[t] | ids[:t]) for every response position t, from full logits (and, with ``entropy``, the
+    entropy -sum p log p of each of those next-token distributions)."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # [pos, vocab]
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)[n_prompt - 1 : len(ids) - 1]  # [response, vocab]
     targets = torch.tensor(ids[n_prompt:])
-    return -logp[n_prompt - 1 : len(ids) - 1].gather(1, targets[:, None])[:, 0].double().numpy()
+    nll = -logp.gather(1, targets[:, None])[:, 0].double().numpy()
+    if entropy:
+        return nll, -(logp.exp() * logp).sum(-1).double().numpy()
+    return nll
 
 
 def hand_scores(base, ref, starts, spans, temperature=1.0):
@@ -106,7 +110,7 @@ def test_scorer_matches_two_copy_reference(fp32_results, short_rows, reference_m
         ids = p_ids + list(enc["input_ids"])
         starts = [a for a, _ in enc["offset_mapping"]]
         spans = line_spans(row["response"])
-        lb = response_losses(base_model, ids, len(p_ids))
+        lb, ent = response_losses(base_model, ids, len(p_ids), entropy=True)
         lr = response_losses(ref_model, ids, len(p_ids))
         want = hand_scores(lb, lr, starts, spans)
 
@@ -118,6 +122,7 @@ def test_scorer_matches_two_copy_reference(fp32_results, short_rows, reference_m
         assert g["loss_base"] == pytest.approx(want["loss_base"], abs=1e-3)
         assert g["loss_ref"] == pytest.approx(want["loss_ref"], abs=1e-3)
         assert g["score"] == pytest.approx(want["score"], abs=2e-3)
+        assert g["entropy_base"] == pytest.approx(float(np.mean(ent)), abs=1e-3)  # the heuristic baseline
         assert want["score"] > 0  # disabling these heads hurts
         for gs, ws in zip(g["step_scores"], want["step_scores"]):
             assert (gs is None) == (ws is None)

@@ -42,6 +42,7 @@ def scores_table(ids, scores, domains) -> pa.Table:
         "loss_ref": pa.array(np.ones(n)),
         "score": pa.array(np.asarray(scores, np.float64)),
         "truncated": pa.array(np.zeros(n, bool)),
+        "entropy_base": pa.array(np.full(n, 2.0)),
     }
     for name in ("step_spans", "step_token_counts", "step_scores", "step_weights"):
         cols[name] = pa.nulls(n, SCORES.field(name).type)
@@ -444,7 +445,7 @@ def synthetic_partitions(root: Path, rows: int, parts: int, seed: int = 0) -> in
                     n_prompt_tokens=pa.array(np.full(n, 10, np.int32)),
                     n_response_tokens=pa.array(np.full(n, 20, np.int32)),
                     loss_base=pa.array(np.ones(n)), loss_ref=pa.array(np.ones(n)),
-                    truncated=pa.array(np.zeros(n, bool)))
+                    truncated=pa.array(np.zeros(n, bool)), entropy_base=pa.array(np.full(n, 2.0)))
         pq.write_table(pa.Table.from_pydict(cols, schema=SCORES), root / f"part-{p:05d}.parquet")
     return nan_total
 
@@ -469,7 +470,7 @@ def test_memory_bounded_two_million_rows(tmp_path):
     assert (np.diff(s) <= 0).all() and s[-1] == r["threshold"]
 
 
-@pytest.mark.parametrize("by", ["loss_base", "n_response_tokens", "random"])
+@pytest.mark.parametrize("by", ["loss_base", "entropy_base", "n_response_tokens", "random"])
 def test_select_by_a_baseline(tmp_path, by):
     """--by ranks a heuristic column (descending) or a seeded random order, with the same machinery."""
     rng = np.random.default_rng(3)
@@ -480,6 +481,7 @@ def test_select_by_a_baseline(tmp_path, by):
     length = rng.integers(5, 400, n).astype(np.int32)
     t = t.set_column(t.schema.get_field_index("loss_base"), "loss_base", pa.array(loss))
     t = t.set_column(t.schema.get_field_index("n_response_tokens"), "n_response_tokens", pa.array(length))
+    t = t.set_column(t.schema.get_field_index("entropy_base"), "entropy_base", pa.array(rng.random(n) * 4))
     root = tmp_path / "s" / "scores"
     root.mkdir(parents=True)
     pq.write_table(t.slice(0, 200), root / "a.parquet")
