@@ -73,7 +73,7 @@ def score(base, ablated, tok, rows) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from air_ray.models import prepare_model
+    from air_ray.models import prepare_model, weights_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4)
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     rows = [json.loads(l) for l in open(a.data) if l.strip()][: a.rows]
     ref = prepare_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(ref.path)
-    base, ablated = load_models(ref.path, heads, a.dtype)
+    base, ablated = load_models(weights_dir(ref, a.dtype), heads, a.dtype)  # the file in that dtype (fair to both)
     t = time.perf_counter()
     res = score(base, ablated, tok, rows)
     el = time.perf_counter() - t

@@ -269,12 +269,13 @@ class NaiveWorker(Worker):
         import naive
         from transformers import AutoTokenizer
 
-        from air_ray.models import prepare_model
+        from air_ray.models import prepare_model, weights_dir
 
         self.naive = naive
         ref = prepare_model(MODEL)
         self.tok = AutoTokenizer.from_pretrained(ref.path)
-        self.base, self.ablated = naive.load_models(ref.path, spec["heads"], spec["dtype"])
+        # from the checkpoint stored in that dtype, as the engine loads it (a hub checkpoint would be too)
+        self.base, self.ablated = naive.load_models(weights_dir(ref, spec["dtype"]), spec["heads"], spec["dtype"])
         self.m = dims(self.base.config)
         self.info = {"layer_passes": 2 * self.m["L"]}
 

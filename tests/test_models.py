@@ -1,0 +1,77 @@
+"""Model cache: a checkpoint air_ray converted gets one copy per load dtype (issue #7: load-time memory)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import tiny_checkpoint
+
+
+@pytest.fixture
+def home_model(tmp_path, monkeypatch, smol_ref, smol_tok):
+    """A tiny float32 checkpoint placed in a fresh $AIR_RAY_HOME/models as if air_ray had converted it."""
+    from air_ray.models import ModelRef, fingerprint
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("AIR_RAY_HOME", str(home))
+    d = home / "models" / "tiny"
+    d.mkdir(parents=True)
+    tiny_checkpoint(d, smol_ref, smol_tok)
+    (d / ".complete").write_text("{}")
+    return ModelRef(name="tiny", path=d, fingerprint=fingerprint(d))
+
+
+def tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as g:
+            out.update({k: g.get_tensor(k) for k in g.keys()})
+    return out
+
+
+def test_cast_copy_made_once_and_equal(home_model):
+    from air_ray.models import load_model, weights_dir
+
+    ref = home_model
+    assert weights_dir(ref, "float32") == ref.path
+    cast = weights_dir(ref, "bfloat16")
+    assert cast == ref.path.with_name("tiny@bfloat16")
+    src, got = tensors(ref.path), tensors(cast)
+    assert got.keys() == src.keys()
+    for k, v in src.items():
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
+    assert json.loads((cast / ".complete").read_text())["fingerprint"] == ref.fingerprint
+    stamp = (cast / ".complete").stat().st_mtime_ns
+    assert weights_dir(ref, "bfloat16") == cast and (cast / ".complete").stat().st_mtime_ns == stamp  # reused
+
+    model = load_model(ref, dtype="bfloat16", device="cpu")
+    plain = load_model(ref, dtype="float32", device="cpu")
+    for (k, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), k
+
+
+def test_cast_copy_remade_when_the_source_changes(home_model):
+    from air_ray.models import ModelRef, weights_dir
+
+    ref = home_model
+    cast = weights_dir(ref, "bfloat16")
+    changed = ModelRef(name=ref.name, path=ref.path, fingerprint="0" * 16)
+    assert weights_dir(changed, "bfloat16") == cast
+    assert json.loads((cast / ".complete").read_text())["fingerprint"] == "0" * 16
+    assert not [p for p in cast.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_own_checkpoint_loaded_as_is(tmp_path, monkeypatch, smol_ref, smol_tok):
+    from air_ray.models import prepare_model, weights_dir
+
+    monkeypatch.setenv("AIR_RAY_HOME", str(tmp_path / "home"))
+    d = tmp_path / "mine"
+    d.mkdir()
+    tiny_checkpoint(d, smol_ref, smol_tok)
+    ref = prepare_model(str(d))
+    assert weights_dir(ref, "bfloat16") == ref.path
+    assert not (tmp_path / "home" / "models").exists()
