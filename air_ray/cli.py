@@ -49,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="chat", choices=["chat", "raw"])
     s.add_argument("--steps", default="lines", help="lines | paragraphs | regex:PATTERN")
     s.add_argument("--step-temperature", type=float, default=1.0)
-    s.add_argument("--backend", default="hf", choices=["hf"])
+    s.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")
     s.add_argument("--actors", type=int, default=1)
-    s.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    s.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default: 1 if the cluster has GPUs; > 1: tensor parallel (vllm) or sharded (hf)")
+    s.add_argument("--vllm-gpu-memory", type=float, default=0.85, help="vllm: device fraction both engines share")
+    s.add_argument("--vllm-cpu-kv-cache-gib", type=float, default=1.0, help="vllm on CPU: KV cache per engine")
     s.add_argument("--cpus-per-actor", type=float, default=1.0)
     s.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one model batch")
     s.add_argument("--max-tokens", type=int, default=8192, help="longer rows are rejected (or --truncate)")

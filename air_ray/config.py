@@ -43,7 +43,9 @@ class ScoreConfig(ModelOptions):
     format: str = "chat"
     steps: str = "lines"
     step_temperature: float = 1.0
-    backend: str = "hf"
+    backend: str = "hf"  # hf | vllm (air_ray/vllm_backend.py)
+    vllm_gpu_memory: float = 0.85  # vllm on GPU: the fraction of the device both engines share
+    vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV cache of each engine
     actors: int = 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
@@ -64,8 +66,10 @@ class ScoreConfig(ModelOptions):
         if self.format not in FORMATS:
             raise AirRayError(f"unknown --format {self.format!r}: expected chat or raw")
         check_rule(self.steps)
-        if self.backend != "hf":
-            raise AirRayError(f"unknown --backend {self.backend!r}: this build supports hf")
+        if self.backend not in ("hf", "vllm"):
+            raise AirRayError(f"unknown --backend {self.backend!r}: expected hf or vllm")
+        if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
+            raise AirRayError("--vllm-gpu-memory must be in (0, 1] and --vllm-cpu-kv-cache-gib > 0")
         if self.actors < 1 or self.batch_tokens < 1 or self.rows_per_partition < 1:
             raise AirRayError("--actors, --batch-tokens and --rows-per-partition must be >= 1")
         if self.step_temperature <= 0:

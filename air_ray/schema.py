@@ -29,8 +29,8 @@ SCORES = pa.schema([
     # appended after the columns of issue #3 (readers select by name): the response was cut to --max-tokens
     pa.field("truncated", pa.bool_(), nullable=False),
     # appended (issue #8): mean entropy (nats) of the base model's next-token distribution over the response
-    # tokens, a heuristic baseline to rank by (select --by entropy_base)
-    pa.field("entropy_base", pa.float64(), nullable=False),
+    # tokens, a heuristic baseline to rank by (select --by entropy_base); null under --backend vllm
+    pa.field("entropy_base", pa.float64(), nullable=True),
 ])
 
 REJECTED = pa.schema([

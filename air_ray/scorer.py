@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from air_ray.ablation import QueryAblation
+from air_ray.ablation import QueryAblation, check_heads
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, influence
 from air_ray.lm import batch_by_tokens, token_nll_pair
@@ -21,6 +21,9 @@ SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
     "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base",
 )
+
+
+BACKENDS = ("hf", "vllm")
 
 
 class Scorer:
@@ -43,21 +46,36 @@ class Scorer:
         allow_model_mismatch: bool = False,
         shard: bool = False,
         share_prefix: bool = True,
+        backend: str = "hf",
+        gpus: float = 0,
+        vllm_gpu_memory: float = 0.85,
+        vllm_cpu_kv_cache_gib: float = 1.0,
     ):
         from air_ray.heads import load_heads
-        from air_ray.models import resolve_device
+        from air_ray.models import load_config, resolve_device
 
         if step_temperature <= 0:
             raise AirRayError("step_temperature must be > 0")
+        if backend not in BACKENDS:
+            raise AirRayError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.backend = backend
         self.ref = prepare_model(model, allow_pickle=allow_pickle)
         self.tokenizer = load_tokenizer(self.ref, trust_remote_code=trust_remote_code)
-        self.preparer = RowPreparer(self.tokenizer, format=format, steps=steps, max_tokens=max_tokens,
-                                    truncate=truncate)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(self.ref, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code, shard=shard)
-        shape = model_shape(self.model)
+        if backend == "vllm":
+            config = load_config(self.ref, trust_remote_code=trust_remote_code)
+            shape = model_shape(config)
+            # a row longer than the engines' context is rejected as too_long, never sent
+            max_model_len = max_tokens or int(getattr(config, "max_position_embeddings", 0) or 8192)
+            max_tokens = max_model_len
+            self.model = None
+        else:
+            self.model = load_model(self.ref, dtype=self.dtype, device=self.device, allow_pickle=allow_pickle,
+                                    trust_remote_code=trust_remote_code, shard=shard)
+            shape = model_shape(self.model)
+        self.preparer = RowPreparer(self.tokenizer, format=format, steps=steps, max_tokens=max_tokens,
+                                    truncate=truncate)
         if isinstance(heads, (str,)) or hasattr(heads, "__fspath__"):
             self.heads_doc = load_heads(str(heads), fingerprint=self.ref.fingerprint, shape=shape,
                                         allow_mismatch=allow_model_mismatch)
@@ -65,7 +83,16 @@ class Scorer:
             self.heads_doc = heads
         else:
             self.heads_doc = {"heads": [tuple(h) for h in heads]}
-        self.ablation = QueryAblation(self.model, self.heads_doc["heads"])
+        self.heads = check_heads(self.heads_doc["heads"], shape)
+        self.ablation = self.vllm = None
+        if backend == "vllm":
+            from air_ray.vllm_backend import VllmLosses
+
+            self.vllm = VllmLosses(self.ref, self.heads, dtype=self.dtype, device=self.device,
+                                   max_model_len=max_model_len, gpus=gpus, gpu_memory=vllm_gpu_memory,
+                                   cpu_kv_cache_gib=vllm_cpu_kv_cache_gib, trust_remote_code=trust_remote_code)
+        else:
+            self.ablation = QueryAblation(self.model, self.heads)
         self.step_temperature = float(step_temperature)
         self.batch_tokens = int(batch_tokens)
         # run the layers below the first ablated one once for both passes (False: two full passes)
@@ -75,12 +102,17 @@ class Scorer:
 
     # -- the two passes --------------------------------------------------------------------------
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Per response token: (loss under the base model, loss under the reference model, entropy of the base
-        model's next-token distribution), in nats.
+        model's next-token distribution), in nats; the entropy is None under the vLLM backend.
 
-        Batches by token budget (rows sorted by length); per batch the layers below the first ablated layer
-        run once for both passes unless ``share_prefix=False`` (see ``air_ray.lm.token_nll_pair``)."""
+        HF: batches by token budget (rows sorted by length); per batch the layers below the first ablated layer
+        run once for both passes unless ``share_prefix=False`` (see ``air_ray.lm.token_nll_pair``). vLLM: all
+        rows go to each engine at once; it schedules them itself."""
+        if self.vllm is not None:
+            base, ref = self.vllm.token_losses([p.input_ids for p in prepared],
+                                               [p.n_prompt_tokens for p in prepared])
+            return [(b, r, None) for b, r in zip(base, ref)]
         out: list = [None] * len(prepared)
         for batch in batch_by_tokens([len(p.input_ids) for p in prepared], self.batch_tokens):
             seqs = [prepared[i].input_ids for i in batch]
@@ -96,7 +128,7 @@ class Scorer:
         """Scores of prepared rows; a row whose losses are not finite comes back as a RowError."""
         results: list[dict | RowError] = []
         for p, (base, ref, ent) in zip(prepared, self.token_losses(prepared)):
-            if not all_finite(base, ref, ent):
+            if not all_finite(base, ref, *([] if ent is None else [ent])):
                 results.append(RowError("non_finite_loss", f"id {p.id}: a loss is NaN or infinite"))
                 continue
             row = {
@@ -107,7 +139,8 @@ class Scorer:
             }
             row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
             row["truncated"] = p.truncated
-            row["entropy_base"] = float(np.mean(ent))  # a heuristic baseline (select --by entropy_base)
+            # a heuristic baseline (select --by entropy_base); vLLM gives no full distribution: null
+            row["entropy_base"] = None if ent is None else float(np.mean(ent))
             results.append(row)
         return results
 
@@ -132,10 +165,11 @@ class Scorer:
         return {
             "model": self.ref.name,
             "model_fingerprint": self.ref.fingerprint,
-            "heads": [list(h) for h in self.ablation.heads],
+            "heads": [list(h) for h in self.heads],
             "format": self.preparer.format,
             "steps": self.preparer.steps,
             "dtype": self.dtype,
+            "backend": self.backend,
             "step_temperature": self.step_temperature,
             "version": air_ray.__version__,
         }

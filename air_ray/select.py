@@ -167,6 +167,9 @@ def select(cfg: SelectConfig) -> dict:
             n_flat += m
     if totals.total() != footer_rows:
         raise _changed(cfg.scores, footer_rows, totals.total())
+    if cfg.by == "entropy_base" and footer_rows and nans.total() == footer_rows:
+        raise AirRayError("select --by entropy_base: no row has an entropy_base value (scores made with "
+                          "--backend vllm have none: vLLM returns no full next-token distribution)")
     pa.default_memory_pool().release_unused()  # the allocator keeps freed batch memory otherwise
 
     n_groups = len(domains) if cfg.per_domain else 1

@@ -163,6 +163,8 @@ class ScoreStage:
             truncate=c.truncate,
             allow_pickle=c.allow_pickle, trust_remote_code=c.trust_remote_code,
             shard=(c.gpus_per_actor or 0) > 1,
+            backend=c.backend, gpus=c.gpus_per_actor or 0, vllm_gpu_memory=c.vllm_gpu_memory,
+            vllm_cpu_kv_cache_gib=c.vllm_cpu_kv_cache_gib,
         )
         self.fs, self.root = fsspec.core.url_to_fs(c.output)
         self.metadata = dict(self.scorer.describe(), heads_file=c.heads)

