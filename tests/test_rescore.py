@@ -132,6 +132,30 @@ def _last_json(log: str) -> dict:
     return json.loads(log.strip().splitlines()[-1])
 
 
+def test_heads_detect_once_per_model(ray_local, tiny_model, gsm8k_rows, tmp_path):
+    """heads: detect runs head detection on the first pass only, keeps the result under <output>/heads/ and
+    scores with it; the next pass reuses it (same version, nothing redone)."""
+    from air_ray.heads import load_heads
+    from air_ray.models import prepare_model
+
+    model, _ = tiny_model
+    dumps, out = tmp_path / "dumps", tmp_path / "air"
+    _write(dumps / "d1" / "part.jsonl", [dict(r) for r in gsm8k_rows[:4]])
+    cfg = _config(tmp_path, model, "detect", [f"{dumps}/*/*.jsonl"], out,
+                  detect={"num_probes": 2, "probe_tokens": 128, "top_frac": 0.25})
+    s1 = _rescore(cfg)
+    fp = prepare_model(str(model)).fingerprint
+    kept = out / "heads" / f"{fp}.json"
+    doc = load_heads(str(kept), fingerprint=fp)
+    assert len(doc["heads"]) == 2 and doc["top_frac"] == 0.25  # 25 % of 2 layers x 4 heads
+    v = _version_dir(out, s1)
+    assert json.loads((v / "heads.json").read_text())["heads"] == [list(h) for h in doc["heads"]]
+    assert s1["rows_scored"] == 4 and s1["status"] == "done"
+    stamp = kept.stat().st_mtime_ns
+    s2 = _rescore(cfg)
+    assert kept.stat().st_mtime_ns == stamp and s2["version"] == s1["version"] and s2["rows_scored"] == 0
+
+
 def test_concurrent_runs_one_backs_off(tiny_model, gsm8k_rows, tmp_path):
     model, heads = tiny_model
     dumps, out = tmp_path / "dumps", tmp_path / "air"
