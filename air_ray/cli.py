@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import fields
 
+from air_ray.config import BACKENDS
 from air_ray.errors import AirRayError
 
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="chat", choices=["chat", "raw"])
     s.add_argument("--steps", default="lines", help="lines | paragraphs | regex:PATTERN")
     s.add_argument("--step-temperature", type=float, default=1.0)
-    s.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+    s.add_argument("--backend", default="hf", choices=list(BACKENDS),
                    help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")
     s.add_argument("--actors", type=int, default=1)
     s.add_argument("--gpus-per-actor", type=float, default=None,

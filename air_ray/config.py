@@ -8,6 +8,9 @@ from air_ray.errors import AirRayError
 from air_ray.models import DEFAULT_MODEL
 
 
+BACKENDS = ("hf", "vllm")  # air_ray/scorer.py (hf), air_ray/vllm_backend.py (vllm)
+
+
 @dataclass
 class ModelOptions:
     model: str = DEFAULT_MODEL
@@ -43,7 +46,7 @@ class ScoreConfig(ModelOptions):
     format: str = "chat"
     steps: str = "lines"
     step_temperature: float = 1.0
-    backend: str = "hf"  # hf | vllm (air_ray/vllm_backend.py)
+    backend: str = "hf"  # one of BACKENDS
     vllm_gpu_memory: float = 0.85  # vllm on GPU: the fraction of the device both engines share
     vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV cache of each engine
     actors: int = 1
@@ -66,8 +69,8 @@ class ScoreConfig(ModelOptions):
         if self.format not in FORMATS:
             raise AirRayError(f"unknown --format {self.format!r}: expected chat or raw")
         check_rule(self.steps)
-        if self.backend not in ("hf", "vllm"):
-            raise AirRayError(f"unknown --backend {self.backend!r}: expected hf or vllm")
+        if self.backend not in BACKENDS:
+            raise AirRayError(f"unknown --backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
             raise AirRayError("--vllm-gpu-memory must be in (0, 1] and --vllm-cpu-kv-cache-gib > 0")
         if self.actors < 1 or self.batch_tokens < 1 or self.rows_per_partition < 1:

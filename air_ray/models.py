@@ -107,6 +107,38 @@ def _is_complete(path: Path) -> bool:
     return (path / "config.json").exists() and any(path.glob("*.safetensors")) and (path / ".complete").exists()
 
 
+def cached_checkpoint(target: Path, marker: dict, build) -> Path:
+    """``target``, a checkpoint directory made once: reused when complete and its ``.complete`` marker equals
+    ``marker``; otherwise ``build(tmp)`` writes it into a temporary sibling, the marker goes in last and the
+    directory is renamed into place (a stale one is moved aside and removed). Readers never see a half-written
+    checkpoint; when another process finishes first, its directory is kept."""
+    import shutil
+    import tempfile
+
+    try:
+        if _is_complete(target) and json.loads((target / ".complete").read_text()) == marker:
+            return target
+    except (OSError, ValueError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text(json.dumps(marker))
+        if target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process made it first (a non-empty directory is not replaced)
+            pass
+    finally:
+        for d in (tmp, old):
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+    return target
+
+
 def _download_hub(repo_id: str, *, allow_pickle: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -140,15 +172,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     transformers dequantises GGUF on load but refuses to ``save_pretrained`` such a model, so the state dict
     is moved into a fresh model built from the same config without its ``quantization_config``.
     """
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         kw = dict(gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -164,13 +191,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             fresh.tie_weights()
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(json.dumps({"source": str(gguf)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    cached_checkpoint(target, {"source": str(gguf)}, build)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,35 +328,14 @@ def weights_dir(ref: ModelRef, dtype: str) -> Path:
     home = air_ray_home() / "models"
     if dtype == "float32" or ref.path.parent != home or not _is_complete(ref.path):
         return ref.path
-    cast = home / f"{ref.path.name}@{dtype}"
-    marker = {"source": str(ref.path), "fingerprint": ref.fingerprint, "dtype": dtype}
-    try:
-        if _is_complete(cast) and json.loads((cast / ".complete").read_text()) == marker:
-            return cast
-    except (OSError, ValueError):
-        pass
-    import shutil
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cast.name}.", dir=home))
-    try:
+    def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype(dtype), use_safetensors=True)
         model.save_pretrained(tmp, safe_serialization=True)
-        del model
-        (tmp / ".complete").write_text(json.dumps(marker))
-        old = home / f".{cast.name}.old-{os.getpid()}"
-        if cast.exists():
-            os.replace(cast, old)  # a stale copy: moved aside, then removed
-        try:
-            os.replace(tmp, cast)
-        except OSError:  # another process made it first (a non-empty directory is not replaced)
-            pass
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    marker = {"source": str(ref.path), "fingerprint": ref.fingerprint, "dtype": dtype}
+    cast = cached_checkpoint(home / f"{ref.path.name}@{dtype}", marker, build)
     return cast if _is_complete(cast) else ref.path
 
 

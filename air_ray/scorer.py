@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from air_ray.ablation import QueryAblation, check_heads
+from air_ray.config import BACKENDS
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, influence
 from air_ray.lm import batch_by_tokens, token_nll_pair
@@ -21,9 +22,6 @@ SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
     "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base",
 )
-
-
-BACKENDS = ("hf", "vllm")
 
 
 class Scorer:
@@ -128,7 +126,7 @@ class Scorer:
         """Scores of prepared rows; a row whose losses are not finite comes back as a RowError."""
         results: list[dict | RowError] = []
         for p, (base, ref, ent) in zip(prepared, self.token_losses(prepared)):
-            if not all_finite(base, ref, *([] if ent is None else [ent])):
+            if not (all_finite(base, ref) and (ent is None or all_finite(ent))):
                 results.append(RowError("non_finite_loss", f"id {p.id}: a loss is NaN or infinite"))
                 continue
             row = {

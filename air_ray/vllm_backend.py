@@ -20,14 +20,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from air_ray.errors import AirRayError
-from air_ray.models import ModelRef, air_ray_home, weights_dir
+from air_ray.models import ModelRef, air_ray_home, cached_checkpoint, weights_dir
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
@@ -43,44 +42,24 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
     """A checkpoint of ``ref`` with ``heads`` disabled (query rows and biases zeroed), stored in ``dtype``;
     made once at ``$AIR_RAY_HOME/ablated/<fingerprint>-<heads hash>-<dtype>`` (written under a temporary
     name and renamed, so concurrent actors never read a half-written export)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from air_ray.ablation import QueryAblation
     from air_ray.models import torch_dtype
 
-    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads_hash(heads)}-{dtype}"
-    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": sorted([int(l), int(h)] for l, h in heads),
-              "dtype": dtype}
-    try:
-        if json.loads((target / ".complete").read_text()) == marker:
-            return target
-    except (OSError, ValueError):
-        pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), dtype=torch_dtype(dtype),
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
-        ablation = QueryAblation(model, [tuple(h) for h in heads])
-        with torch.no_grad():
-            ablation.enable()  # in place, for good: this copy is the reference model
+        QueryAblation(model, heads).enable()  # in place, for good: this copy is the reference model
         model.save_pretrained(tmp, safe_serialization=True)
-        del model
         for name in _TOKENIZER_FILES:
             if (ref.path / name).exists():
                 shutil.copy(ref.path / name, tmp / name)
-        (tmp / ".complete").write_text(json.dumps(marker))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)  # a stale or unfinished export
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another actor finished it first
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads_hash(heads)}-{dtype}"
+    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": sorted([int(l), int(h)] for l, h in heads),
+              "dtype": dtype}
+    return cached_checkpoint(target, marker, build)
 
 
 def _cpu_env(threads: int | None) -> None:
