@@ -35,18 +35,16 @@ def spearman(a, b) -> float:
 
 
 def run(backend: str, rows: list[dict], dtype: str, heads) -> dict:
-    from air_ray.scorer import Scorer
+    from air_ray.engine.scorer import Scorer
 
     t = time.perf_counter()
-    scorer = Scorer(heads=heads, dtype=dtype, device="cpu", backend=backend, max_tokens=2048)
-    startup = time.perf_counter() - t
-    scorer.score(rows[:1])  # warm-up
-    tokens = sum(len(scorer.preparer.prepare(r).input_ids) for r in rows)
-    t = time.perf_counter()
-    scores = scorer.score(rows)
-    wall = time.perf_counter() - t
-    if scorer.vllm is not None:
-        scorer.vllm.close()
+    with Scorer(heads=heads, dtype=dtype, device="cpu", backend=backend, max_tokens=2048) as scorer:
+        startup = time.perf_counter() - t
+        scorer.score(rows[:1])  # warm-up
+        tokens = sum(len(scorer.preparer.prepare(r).input_ids) for r in rows)
+        t = time.perf_counter()
+        scores = scorer.score(rows)
+        wall = time.perf_counter() - t
     return {"backend": backend, "startup_s": startup, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "scores": [s["score"] for s in scores]}
 
@@ -59,7 +57,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     import torch
 
-    from throughput import DEFAULT_HEADS, load_rows
+    from common import DEFAULT_HEADS, load_rows
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (air_ray)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/
+from common import DEFAULT_HEADS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,7 +83,6 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", help="heads.json (default: the bench's fixed list of the default model's heads)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data/gsm8k_sample/train_sample.jsonl"))
     a = ap.parse_args(argv)
-    from throughput import DEFAULT_HEADS  # noqa: E402 (bench/ is on sys.path when run as a script)
 
     heads = json.load(open(a.heads))["heads"] if a.heads else DEFAULT_HEADS
     rows = [json.loads(l) for l in open(a.data) if l.strip()][: a.rows]

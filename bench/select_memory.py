@@ -7,7 +7,7 @@ domains, 2-6 steps per row in the list columns) as ``--partitions`` Parquet file
 then runs, each in a fresh subprocess whose VmHWM is that run's own peak (not ``ru_maxrss``, which Linux
 carries over from the parent across fork + exec):
 
-* ``select``: ``air_ray.select.select(SelectConfig(top_frac=...))``;
+* ``select``: ``air_ray.outputs.select.select(SelectConfig(top_frac=...))``;
 * ``naive``:  ``pandas.read_parquet`` of every column of every partition, ``sort_values(score desc, id asc)``,
   ``head(ceil(F * n))``.
 
@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from air_ray.schema import SCORES  # noqa: E402
+from air_ray.outputs.layout import SCORES  # noqa: E402
 
 DOMAINS = np.array(["math", "code", "science", "chat"])
 
@@ -43,7 +43,8 @@ SELECT_CHILD = """
 import json, sys, time
 import numpy, pyarrow, pyarrow.dataset, pyarrow.compute, pyarrow.parquet, fsspec
 import matplotlib.figure, matplotlib.backends.backend_agg
-from air_ray.select import SelectConfig, select
+from air_ray.config import SelectConfig
+from air_ray.outputs.select import select
 peak = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 before = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 t = time.perf_counter()

@@ -11,7 +11,7 @@ which Linux carries across fork + exec) is its own:
 
 * ``ceiling``: the machine's matmul rate, float32 and bfloat16, on the model's projection shapes (1024 tokens x
   q/k/v/o/gate/up/down, ``torch.matmul`` with the weight in nn.Linear layout), with the parts' thread count;
-* ``engine``:  ``air_ray.scorer.Scorer`` (one weight copy, token-budget batches of length-sorted rows, the
+* ``engine``:  ``air_ray.engine.scorer.Scorer`` (one weight copy, token-budget batches of length-sorted rows, the
   shared prefix below the first ablated layer, LM head at response positions only, in chunks);
 * ``naive``:   ``bench/naive.py``: two model copies, one sample at a time, full-vocabulary logits at every
   position;
@@ -57,67 +57,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
-MODEL = "smollm2-135m"
-# the default model's critical heads (air-ray heads, default settings), best first
-DEFAULT_HEADS = [[18, 6], [17, 3], [17, 4], [23, 2], [18, 7], [20, 6], [21, 8], [23, 7], [22, 7], [17, 5], [23, 8],
-                 [24, 4], [26, 1], [24, 0]]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (when imported rather than run)
+from common import DATA, DEFAULT_HEADS, MODEL, REPO, count_flops, dims, load_rows, reset_peak, status_kb  # noqa: E402
+
 IDEAS = ("plain", "fullhead", "unbucketed", "single", "eager")
-
-
-# ----------------------------------------------------------------------------------------------
-# shared helpers (parent and children)
-
-
-def status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def load_rows(n: int) -> list[dict]:
-    base = [json.loads(line) for line in open(DATA, encoding="utf-8") if line.strip()]
-    out = []
-    for i in range(n):
-        r = dict(base[i % len(base)])
-        if i >= len(base):
-            r["id"] = f"{r['id']}-rep{i // len(base)}"
-        out.append(r)
-    return out
-
-
-def dims(config) -> dict:
-    H = config.num_attention_heads
-    return dict(d=config.hidden_size, L=config.num_hidden_layers, H=H,
-                KV=getattr(config, "num_key_value_heads", None) or H,
-                dh=getattr(config, "head_dim", None) or config.hidden_size // H,
-                ff=config.intermediate_size, V=config.vocab_size)
-
-
-def count_flops(m: dict, seqs: list[tuple[int, int]], layer_passes: float, head_positions: str,
-                head_passes: int = 2) -> float:
-    """Model FLOPs of scoring ``seqs`` = [(tokens, prompt tokens)] (see the module docstring).
-
-    layer_passes: decoder layers run per token (both passes together); head_positions: "response" or "all".
-    """
-    per_token = 2 * (m["d"] * m["H"] * m["dh"] + 2 * m["d"] * m["KV"] * m["dh"] + m["H"] * m["dh"] * m["d"]
-                     + 3 * m["d"] * m["ff"])
-    total = 0.0
-    for n, p in seqs:
-        attn = 4 * m["H"] * m["dh"] * n * (n + 1) / 2
-        head = 2 * m["d"] * m["V"] * ((n - p) if head_positions == "response" else n)
-        total += layer_passes * (n * per_token + attn) + head_passes * head
-    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +100,8 @@ def matmul_rate(dtype: str, seconds: float) -> float:
 def _engine(spec: dict, variant: str | None = None):
     import torch
 
-    from air_ray import lm
-    from air_ray.scorer import Scorer
+    from air_ray.engine import losses
+    from air_ray.engine.scorer import Scorer
 
     _setup_threads(spec)
     scorer = Scorer(model=MODEL, heads=spec["heads"], dtype=spec["dtype"], device="cpu",
@@ -175,16 +118,14 @@ def _engine(spec: dict, variant: str | None = None):
                 return nll, torch.distributions.Categorical(logits=picked).entropy().double().numpy()
             return nll
 
-        lm._head_nll = full_head
+        losses._head_nll = full_head
     if variant in ("unbucketed", "single"):
-        import air_ray.scorer as scorer_mod
-
         per = 1 if variant == "single" else 8
 
         def in_order(lengths, batch_tokens):
             return [list(range(i, min(i + per, len(lengths)))) for i in range(0, len(lengths), per)]
 
-        scorer_mod.batch_by_tokens = in_order
+        scorer.backend.batcher = in_order
     return scorer
 
 
@@ -231,17 +172,14 @@ class Worker:
 
 
 class EngineWorker(Worker):
-    """``air_ray.scorer.Scorer``, or with one idea taken away (``spec["variant"]``)."""
+    """``air_ray.engine.scorer.Scorer``, or with one idea taken away (``spec["variant"]``)."""
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        import air_ray.scorer as scorer_mod
-
         self.variant = spec.get("variant")
         self.scorer = _engine(spec, self.variant)
-        self.batcher = scorer_mod  # its batch_by_tokens is what token_losses uses (a variant may replace it)
         m = dims(self.scorer.model.config)
-        k = self.scorer.ablation.first_layer
+        k = self.scorer.backend.ablation.first_layer
         shared = self.variant != "plain" and k is not None and k > 0
         self.layer_passes = m["L"] + (m["L"] - k if shared else m["L"]) if k is not None else m["L"]
         self.m = m
@@ -252,7 +190,8 @@ class EngineWorker(Worker):
         results = self.scorer.score_prepared(prepared)
         seqs = [(len(p.input_ids), p.n_prompt_tokens) for p in prepared]
         lens = [n for n, _ in seqs]
-        batches = self.batcher.batch_by_tokens(lens, self.scorer.batch_tokens)  # as token_losses made them
+        backend = self.scorer.backend
+        batches = backend.batcher(lens, backend.batch_tokens)  # as token_losses made them
         return {"tokens": sum(lens), "response_tokens": sum(n - p for n, p in seqs),
                 "flops": count_flops(self.m, seqs, self.layer_passes,
                                      "all" if self.variant == "fullhead" else "response"),
@@ -265,7 +204,6 @@ class NaiveWorker(Worker):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import naive
         from transformers import AutoTokenizer
 
@@ -559,7 +497,7 @@ def main(argv=None) -> int:
     ref = prepare_model(MODEL)
     shape = model_shape(load_config(ref))
     if a.heads:
-        from air_ray.heads import load_heads
+        from air_ray.heads.artifact import load_heads
 
         heads = [list(h) for h in load_heads(a.heads, fingerprint=ref.fingerprint, shape=shape)["heads"]]
     else:

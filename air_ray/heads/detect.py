@@ -1,4 +1,4 @@
-"""Finding reasoning-critical heads by retrieval score, and the heads.json artifact.
+"""Finding reasoning-critical heads by retrieval score.
 
 Rule (teacher-forced): answer token k sits at position P+k. The query at position P+k-1 predicts it. A head
 *copies* token k when the argmax of its attention row at P+k-1 (over positions 0..P+k-1, ties to the lowest
@@ -9,19 +9,16 @@ ceil(top_frac * layers * heads) by score, ties by (layer, head) ascending.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from air_ray.errors import AirRayError
-from air_ray.probes import ProbeTokens
+from air_ray.heads.probes import ProbeTokens
 
-FORMAT_VERSION = 1
 CAPTURE_ATTN = "air_ray_capture"
 
 
@@ -61,7 +58,7 @@ class _Capture:
 
     def __init__(self):
         self.rows: slice | None = None
-        self.argmax: dict[int, "torch.Tensor"] = {}  # layer -> [head, rows]
+        self.argmax: dict = {}  # layer -> [head, rows] (torch)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         import torch
@@ -99,9 +96,9 @@ class Detection:
 def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int = 0, progress: bool = True
            ) -> Detection:
     """Retrieval scores of every head, the critical heads, and the ablation check."""
-    from air_ray.ablation import QueryAblation
-    from air_ray.lm import token_nll
-    from air_ray.models import model_shape
+    from air_ray.engine.ablation import QueryAblation
+    from air_ray.engine.losses import token_nll
+    from air_ray.models.load import model_shape
 
     if not probes:
         raise AirRayError("no probes")
@@ -142,85 +139,3 @@ def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int =
         "random_heads": [list(h) for h in rand],
     }
     return Detection(scores=scores, heads=heads, ablation_check=check)
-
-
-# ----------------------------------------------------------------------------------------------
-# heads.json
-
-
-def write_heads(path: str | Path, *, model: str, fingerprint: str, shape: tuple[int, int, int, int],
-                top_frac: float, detection: Detection, probes: dict) -> dict:
-    L, H, KV, _ = shape
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "model": model,
-        "model_fingerprint": fingerprint,
-        "num_layers": L,
-        "num_heads": H,
-        "num_kv_heads": KV,
-        "top_frac": top_frac,
-        "heads": [[int(l), int(h)] for l, h in detection.heads],
-        "scores": [[round(float(x), 6) for x in row] for row in detection.scores],
-        "probes": probes,
-        "ablation_check": detection.ablation_check,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    plot_heads(doc, path.with_suffix(".png"))
-    return doc
-
-
-def plot_heads(doc: dict, out: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = np.asarray(doc["scores"])
-    L, H = scores.shape
-    fig, ax = plt.subplots(figsize=(max(4, H * 0.5 + 2), max(4, L * 0.22 + 1.5)))
-    im = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
-    for l, h in doc["heads"]:
-        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"retrieval score — {doc['model']} (red: critical, top {doc['top_frac']:.0%})", fontsize=9)
-    fig.colorbar(im, ax=ax, label="retrieval score")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def load_heads(path: str, *, fingerprint: str | None = None, shape: tuple | None = None,
-               allow_mismatch: bool = False) -> dict:
-    """Read heads.json and check that it fits the model (fingerprint and shape)."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise AirRayError(f"heads file {path} does not exist (run `air-ray heads` first)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise AirRayError(f"heads file {path} cannot be read: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or "heads" not in doc:
-        raise AirRayError(f"heads file {path} is not an air_ray heads.json (format_version {FORMAT_VERSION})")
-    if shape is not None:
-        L, H, KV = shape[:3]
-        if (doc.get("num_layers"), doc.get("num_heads")) != (L, H) or any(
-            not (0 <= l < L and 0 <= h < H) for l, h in doc["heads"]
-        ):
-            raise AirRayError(
-                f"heads file {path} is for a model of {doc.get('num_layers')}x{doc.get('num_heads')} heads, "
-                f"this model has {L}x{H}"
-            )
-    if fingerprint is not None and doc.get("model_fingerprint") != fingerprint and not allow_mismatch:
-        raise AirRayError(
-            f"heads file {path} was made for model {doc.get('model')!r} (fingerprint "
-            f"{doc.get('model_fingerprint')}), not this one ({fingerprint}); pass --allow-model-mismatch to use it"
-        )
-    doc["heads"] = [(int(l), int(h)) for l, h in doc["heads"]]
-    return doc

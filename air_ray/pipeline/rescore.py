@@ -5,7 +5,7 @@
         ledger.parquet                   one row per input file: uri, size, etag/mtime, sha256, rows, status
         selection/                       recomputed over every partition of the version after each run
         heads.json                       the heads this version was scored with
-        _lease.json                      held while a run writes (``air_ray.lease``)
+        _lease.json                      held while a run writes (``air_ray.pipeline.lease``)
 
 A file is *new* when its uri is not in the ledger, *changed* when its content hash differs, *unchanged*
 otherwise (the hash is recomputed only when size and etag/mtime differ from the ledger's). New and changed
@@ -19,57 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import time
-from dataclasses import dataclass, field, fields
 
-from air_ray.config import ScoreConfig
+from air_ray.config.commands import RescoreConfig, ScoreConfig
 from air_ray.errors import AirRayError
+from air_ray.outputs.layout import HEADS_FILE, LEASE_FILE, SELECTION_DIR, RunLayout
 
 BUSY = "busy"
-SELECT_KEYS = {"top_k", "top_frac", "per_domain", "min_score"}
-
-
-@dataclass
-class RescoreConfig(ScoreConfig):
-    inputs: list[str] = field(default_factory=list)
-    output: str = ""
-    heads: str = "detect"  # a heads.json, or "detect": detect once per model and keep it under <output>/heads/
-    select: dict = field(default_factory=lambda: {"top_frac": 0.1})  # top_frac | top_k, per_domain, min_score
-    detect: dict = field(default_factory=dict)  # HeadsConfig options for heads: detect (num_probes, ...)
-    lease_ttl_s: float = 600.0
-    wait: bool = False  # wait for a concurrent run instead of backing off
-
-    def check(self) -> "RescoreConfig":
-        if not self.inputs or not self.output:
-            raise AirRayError("rescore needs inputs and output")
-        if isinstance(self.inputs, str):
-            self.inputs = [self.inputs]
-        if not isinstance(self.select, dict) or not set(self.select) <= SELECT_KEYS:
-            raise AirRayError(f"rescore: select must be a mapping of {', '.join(sorted(SELECT_KEYS))}")
-        self.input = list(self.inputs)
-        return ScoreConfig.check(self)
-
-    @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "RescoreConfig":
-        import yaml
-
-        try:
-            with open(path) as f:
-                doc = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise AirRayError(f"config {path}: {e}") from None
-        if not isinstance(doc, dict):
-            raise AirRayError(f"config {path}: expected a mapping of option: value")
-        names = {f.name for f in fields(cls)} - {"input"}
-        values = {}
-        for k, v in doc.items():
-            key = str(k).replace("-", "_")
-            if key not in names:
-                raise AirRayError(f"config {path}: unknown option {k!r}")
-            values[key] = v
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 def _stat(fs, path: str) -> dict:
@@ -88,22 +44,7 @@ def _sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
-def read_ledger(fs, path: str) -> dict[str, dict]:
-    import pyarrow.parquet as pq
-
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "rb") as f:
-        return {r["uri"]: r for r in pq.read_table(f).to_pylist()}
-
-
-def write_ledger(fs, path: str, ledger: dict[str, dict]) -> None:
-    from air_ray import schema
-
-    schema.write_atomic(schema.to_table([ledger[k] for k in sorted(ledger)], schema.LEDGER), fs, path)
-
-
-def classify(fs, files: list[str], ledger: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+def classify(files: list[str], ledger: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Stat (and hash where needed) every input file -> (ledger rows as they are now, {kind: [uris]})."""
     import fsspec
 
@@ -129,71 +70,56 @@ def classify(fs, files: list[str], ledger: dict[str, dict]) -> tuple[dict[str, d
     return now, kinds
 
 
-def prior_id_hashes(fs, vroot: str, exclude_sources: set[str]):
+def prior_id_hashes(version: RunLayout, exclude_sources: set[str]):
     """Hashes of the ids already scored in the version by files other than ``exclude_sources``."""
     import numpy as np
-    import pyarrow.dataset as ds
 
-    from air_ray.corpus import with_protocol
-    from air_ray.dedupe import id_hash
-    from air_ray.select import find_partitions
+    from air_ray.data.ids import id_hash
+    from air_ray.outputs.layout import SCORES_DIR, open_scores
 
-    if not fs.exists(posixpath.join(vroot, "scores")):
+    if not version.fs.exists(version.path(SCORES_DIR)):
         return np.empty(0, dtype=np.int64)
     try:
-        fs, files = find_partitions(with_protocol(fs, vroot))  # the one listing rule (hidden names skipped)
+        scores = open_scores(version.uri, "rescore", columns=("id", "source"))
     except AirRayError:  # a scores/ folder with no partition in it yet
         return np.empty(0, dtype=np.int64)
     out = []
-    for batch in ds.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["id", "source"]):
+    for batch in scores.batches(["id", "source"]):
         for rid, src in zip(batch.column("id").to_pylist(), batch.column("source").to_pylist()):
             if src not in exclude_sources:
                 out.append(id_hash(rid))
     return np.asarray(out, dtype=np.int64)
 
 
-def remove_stale_partitions(fs, vroot: str, sources: list[str], keep: set[str]) -> int:
+def remove_stale_partitions(version: RunLayout, sources: list[str], keep: set[str]) -> int:
     """Partitions of ``sources`` that this run did not produce (a changed file that now has fewer chunks)."""
-    from air_ray.corpus import unit_name
-    from air_ray.stages import COMMITS
+    from air_ray.data.corpus import unit_name
 
-    removed = 0
-    for src in sources:
-        prefix = unit_name(src, 0)[: -len("00000")]
-        for kind, ext in (("scores", ".parquet"), ("rejected", ".parquet"), (COMMITS, ".json")):
-            for p in fs.glob(posixpath.join(vroot, kind, f"{prefix}*{ext}")):
-                unit = posixpath.basename(p)[: -len(ext)]
-                if unit not in keep:
-                    fs.rm(p)
-                    removed += 1
-    return removed
+    return sum(version.remove_units(unit_name(src, 0)[: -len("00000")], keep) for src in sources)
 
 
-def resolve_heads(cfg: RescoreConfig, fs, root: str, ref) -> tuple[dict, bytes]:
+def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]:
     """heads.json as given, or detected once per model and kept under <output>/heads/<fingerprint>.json."""
+    import os
     import tempfile
 
-    from air_ray.heads import load_heads
+    from air_ray.heads.artifact import load_heads
     from air_ray.models import load_config, model_shape
 
     shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
     path = cfg.heads
     if cfg.heads == "detect":
-        from air_ray.config import HeadsConfig
-        from air_ray.corpus import with_protocol
-        from air_ray.detect import run_heads
-        from air_ray.schema import write_bytes_atomic
+        from air_ray.fsio import with_protocol, write_bytes_atomic
+        from air_ray.heads.run import run_heads
 
-        kept = posixpath.join(root, "heads", f"{ref.fingerprint}.json")
-        if not fs.exists(kept):
+        kept = out.detected_heads(ref.fingerprint)
+        if not out.fs.exists(kept):
             with tempfile.TemporaryDirectory() as tmp:
-                local = posixpath.join(tmp, "heads.json")
-                hc = HeadsConfig(model=cfg.model, out=local, device=cfg.device, allow_pickle=cfg.allow_pickle,
-                                 trust_remote_code=cfg.trust_remote_code, **cfg.detect)
-                run_heads(hc.check())
+                local = os.path.join(tmp, HEADS_FILE)
+                run_heads(cfg.heads_config(local))
                 with open(local, "rb") as f:
-                    write_bytes_atomic(fs, kept, f.read())
-        path = with_protocol(fs, kept)
+                    write_bytes_atomic(out.fs, kept, f.read())
+        path = with_protocol(out.fs, kept)
     doc = load_heads(path, fingerprint=ref.fingerprint, shape=shape, allow_mismatch=cfg.allow_model_mismatch)
     raw = json.dumps(dict(doc, heads=[list(h) for h in doc["heads"]]), indent=1).encode()
     return doc, raw
@@ -201,26 +127,24 @@ def resolve_heads(cfg: RescoreConfig, fs, root: str, ref) -> tuple[dict, bytes]:
 
 def run_rescore(cfg: RescoreConfig) -> dict:
     """One scheduled pass; returns (and the CLI prints as its last line) the run summary."""
-    import fsspec
-
-    from air_ray.corpus import expand_inputs, with_protocol
-    from air_ray.lease import Lease
+    from air_ray.data.corpus import expand_inputs
+    from air_ray.fsio import write_bytes_atomic
     from air_ray.models import prepare_model
-    from air_ray.pipeline import run_score
-    from air_ray.schema import write_bytes_atomic
-    from air_ray.select import SelectConfig, select
+    from air_ray.outputs.select import select
+    from air_ray.pipeline.lease import Lease
+    from air_ray.pipeline.runner import run_score
 
-    cfg.check()
-    fs, root = fsspec.core.url_to_fs(cfg.output)
+    cfg = cfg.validate()
+    out = RunLayout(cfg.output)
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    heads_doc, heads_raw = resolve_heads(cfg, fs, root, ref)
+    heads_doc, heads_raw = resolve_heads(cfg, out, ref)
     version = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
-    vroot = posixpath.join(root, f"v={version}")
-    vuri = with_protocol(fs, vroot)
+    vrun = out.version(version)
+    fs, vuri = vrun.fs, vrun.uri
     summary = {"version": version, "files_new": 0, "files_changed": 0, "files_unchanged": 0, "rows_scored": 0,
                "rows_total": 0, "selected": 0}
 
-    lease = Lease(fs, posixpath.join(vroot, "_lease.json"), ttl_s=cfg.lease_ttl_s)
+    lease = Lease(fs, vrun.path(LEASE_FILE), ttl_s=cfg.lease_ttl_s)
     while not lease.acquire():
         holder = lease.holder() or {}
         msg = (f"[air-ray rescore] another run holds {vuri}/_lease.json (host {holder.get('host')}, pid "
@@ -232,27 +156,25 @@ def run_rescore(cfg: RescoreConfig) -> dict:
         print(msg + "; waiting", flush=True)
         time.sleep(min(30.0, max(1.0, cfg.lease_ttl_s / 10)))
     try:
-        files = expand_inputs(cfg.inputs)
-        ledger_path = posixpath.join(vroot, "ledger.parquet")
-        ledger = read_ledger(fs, ledger_path)
-        current, kinds = classify(fs, files, ledger)
+        files = expand_inputs(cfg.input)
+        ledger = vrun.read_ledger()
+        current, kinds = classify(files, ledger)
         todo = kinds["new"] + kinds["changed"]
         summary.update(files_new=len(kinds["new"]), files_changed=len(kinds["changed"]),
                        files_unchanged=len(kinds["unchanged"]))
         print(f"[air-ray rescore] version {version}: {len(kinds['new'])} new, {len(kinds['changed'])} changed, "
               f"{len(kinds['unchanged'])} unchanged input files", flush=True)
-        write_bytes_atomic(fs, posixpath.join(vroot, "heads.json"), heads_raw)
+        write_bytes_atomic(fs, vrun.path(HEADS_FILE), heads_raw)
         if todo:
             stamp = _now()
             for uri in todo:  # mark them: a run that dies now leaves them "scoring", so the next run redoes them
                 ledger[uri] = dict(current[uri], status="scoring", time=stamp)  # keeps any earlier rows/partitions
-            write_ledger(fs, ledger_path, ledger)
-            prior = prior_id_hashes(fs, vroot, set(todo))
-            score_cfg = ScoreConfig(**{f.name: getattr(cfg, f.name) for f in fields(ScoreConfig)})
-            score_cfg.input, score_cfg.output = todo, vuri
-            score_cfg.heads = with_protocol(fs, posixpath.join(vroot, "heads.json"))
+            vrun.write_ledger(ledger)
+            prior = prior_id_hashes(vrun, set(todo))
+            score_cfg = ScoreConfig.build({f.name: getattr(cfg, f.name) for f in ScoreConfig.option_fields()})
+            score_cfg = score_cfg.replace(input=todo, output=vuri, heads=vrun.uri_of(HEADS_FILE))
             manifest = run_score(score_cfg, prior_ids=prior)
-            remove_stale_partitions(fs, vroot, kinds["changed"], set(manifest["partitions"]))
+            remove_stale_partitions(vrun, kinds["changed"], set(manifest["partitions"]))
             summary["rows_scored"] = manifest["this_run"]["rows_scored"]
             stamp = _now()
             for uri in todo:
@@ -261,10 +183,9 @@ def run_rescore(cfg: RescoreConfig) -> dict:
                                    status="done", time=stamp)
         for uri in kinds["unchanged"]:
             ledger[uri] = dict(ledger[uri], **{k: current[uri][k] for k in ("size", "etag", "mtime")})
-        write_ledger(fs, ledger_path, ledger)
-        sel_cfg = SelectConfig(scores=vuri, output=posixpath.join(vuri, "selection"), **cfg.select)
+        vrun.write_ledger(ledger)
         try:
-            sel = select(sel_cfg)
+            sel = select(cfg.selection_config(vuri, vrun.uri_of(SELECTION_DIR)))
             summary["rows_total"] = sel["counts"]["rows_total"]
             summary["selected"] = sel["counts"]["rows_selected"]
         except AirRayError as e:

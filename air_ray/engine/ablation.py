@@ -42,7 +42,7 @@ class QueryAblation:
     """Switches a loaded model between base and "critical heads disabled", in place."""
 
     def __init__(self, model, heads: list[Head]):
-        from air_ray.models import model_shape
+        from air_ray.models.load import model_shape
 
         self.model = model
         shape = model_shape(model)

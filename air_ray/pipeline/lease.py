@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 
+from air_ray.fsio import is_local
+
 
 class Lease:
     def __init__(self, fs, path: str, ttl_s: float = 600.0, settle_s: float = 1.0):
@@ -54,7 +56,7 @@ class Lease:
         if self.holder() is not None:
             return False
         self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        if _is_local(self.fs):
+        if is_local(self.fs):
             if not self._create_local():
                 return False
         else:
@@ -93,7 +95,7 @@ class Lease:
                 current = json.loads(self.fs.cat_file(self.path))
                 if current.get("owner") != self.owner:
                     return  # lost (it lapsed and another run took it): stop renewing
-                if _is_local(self.fs):
+                if is_local(self.fs):
                     tmp = f"{self.path}.{self.owner}.tmp"
                     with open(tmp, "wb") as f:
                         f.write(self._doc())
@@ -119,11 +121,6 @@ class Lease:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
 
 
 def _alive(pid) -> bool:

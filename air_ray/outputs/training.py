@@ -18,9 +18,9 @@ tokenizer reports it, whatever that character is (also for an empty span, ``a ==
 * several tokens sharing one character (byte-fallback pieces of one multi-byte character) share its step.
 
 This is the rule the scorer uses to compute step scores (``air_ray.influence.token_step_index`` over the
-offset starts, ``air_ray.rows``), and the weights are computed with that same function, so with the same
+offset starts, ``air_ray.data.rows``), and the weights are computed with that same function, so with the same
 tokenizer the training weights and the step scores describe the same tokens. Step spans must be sorted and
-disjoint (as ``air_ray.steps.split_steps`` makes them).
+disjoint (as ``air_ray.data.steps.split_steps`` makes them).
 
 Loss (``weighted_causal_lm_loss``)
 ----------------------------------
@@ -39,7 +39,7 @@ Ids missing from the scores or the corpus raise ``AirRayError`` (or, with ``allo
 in the returned report); they are never dropped silently. Memory: the selected rows only, whatever the size of
 the scores and the corpus (both are streamed).
 
-The collator tokenizes a row as the scorer does (``air_ray.rows``: format ``chat`` or ``raw`` prompt ids, then
+The collator tokenizes a row as the scorer does (``air_ray.data.rows``: format ``chat`` or ``raw`` prompt ids, then
 ``tokenizer(response, add_special_tokens=False)``), optionally appends EOS (weight 1.0: it is in no step),
 truncates on the right to ``max_length``, and pads on the right. Prompt and padding positions get label -100
 and weight 0; response tokens get their step weights.
@@ -50,11 +50,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
+from air_ray.config.commands import TrainConfig
 from air_ray.errors import AirRayError
+from air_ray.outputs.layout import open_scores, read_selection_ids
 
 IGNORE_INDEX = -100
 
@@ -169,44 +170,16 @@ class TrainingRows:
         return d
 
 
-def read_selection_ids(uri: str) -> list[str]:
-    """Selected ids in rank order, from ``selection.parquet`` or a directory holding it."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    try:
-        if fs.isdir(path):
-            path = posixpath.join(path.rstrip("/"), "selection.parquet")
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "rank"])
-    except FileNotFoundError:
-        raise AirRayError(f"no selection at {uri} (expected selection.parquet)") from None
-    except (KeyError, ValueError) as e:
-        raise AirRayError(f"{uri} is not a selection (needs columns id, rank): {e}") from None
-    table = table.sort_by("rank")
-    ids = table.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise AirRayError(f"selection {uri} lists an id more than once")
-    return ids
-
-
 def read_step_weights(scores_uri: str, ids: Iterable[str]) -> dict[str, tuple[list, list]]:
     """``{id: (step_spans, step_weights)}`` for the given ids, scanning the scores partitions with a filter."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from air_ray.select import find_partitions
-
+    columns = ("id", "step_spans", "step_weights")
     wanted = pa.array(sorted(set(ids)), pa.string())
-    fs, files = find_partitions(scores_uri)
-    dataset = ds.dataset(files, filesystem=fs, format="parquet")
-    missing_cols = {"id", "step_spans", "step_weights"} - set(dataset.schema.names)
-    if missing_cols:
-        raise AirRayError(f"scores at {scores_uri} lack columns {sorted(missing_cols)}")
+    scores = open_scores(scores_uri, "train", columns=columns, require=columns)
     out: dict[str, tuple[list, list]] = {}
-    scanner = dataset.scanner(columns=["id", "step_spans", "step_weights"], filter=ds.field("id").isin(wanted))
-    for batch in scanner.to_batches():
+    for batch in scores.table(columns, filter=ds.field("id").isin(wanted)).to_batches():
         for rid, spans, weights in zip(*(batch.column(c).to_pylist() for c in ("id", "step_spans", "step_weights"))):
             item = (spans or [], weights or [])
             if rid in out and out[rid] != item:
@@ -217,7 +190,7 @@ def read_step_weights(scores_uri: str, ids: Iterable[str]) -> dict[str, tuple[li
 
 def _corpus_rows(corpus) -> Iterable[tuple[bool, object]]:
     """``(parsed, row)`` for every corpus record: a list of dicts, or URIs (files, directories, globs)."""
-    from air_ray.corpus import expand_inputs, read_chunks
+    from air_ray.data.corpus import expand_inputs, read_chunks
 
     if isinstance(corpus, (str, os.PathLike)):
         corpus = [corpus]
@@ -241,12 +214,12 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
     """Join selection (ids) + scores (step_spans, step_weights) + corpus (prompt/response text) by id.
 
     ``corpus``: a URI or list of URIs (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet``; files, directories or
-    globs, any fsspec filesystem) or a list of row dicts, in the row forms of ``air_ray.rows``. Ids are those
+    globs, any fsspec filesystem) or a list of row dicts, in the row forms of ``air_ray.data.rows``. Ids are those
     the scorer used (the row's ``id``, else the canonical hash of its content). Ids of the selection missing
     from the scores or the corpus raise ``AirRayError``, unless ``allow_missing`` (then they are listed in the
     result and those rows are left out).
     """
-    from air_ray.rows import RowError, split_row
+    from air_ray.data.rows import RowError, split_row
 
     ids = read_selection_ids(selection)
     steps = read_step_weights(scores, ids)
@@ -303,14 +276,14 @@ class StepWeightedCollator:
     """Rows -> padded batches ``{input_ids, attention_mask, labels, weights}`` (torch tensors, [batch, pos]).
 
     A row is ``{prompt, response, step_spans, step_weights}`` (as ``load_training_rows`` makes) or an already
-    encoded ``{input_ids, labels, weights}`` (``encode``'s output). Prompt ids follow ``air_ray.rows`` (format
+    encoded ``{input_ids, labels, weights}`` (``encode``'s output). Prompt ids follow ``air_ray.data.rows`` (format
     ``chat``: the chat template with the generation prompt; ``raw``: ``tokenizer(prompt)``); then the response
     tokens with their step weights; then EOS with weight 1.0 if ``add_eos`` and the tokenizer has one.
     Sequences longer than ``max_length`` are cut on the right. Padding is on the right: label -100, weight 0.
     """
 
     def __init__(self, tokenizer, format: str = "chat", max_length: int | None = None, add_eos: bool = True):
-        from air_ray.rows import RowPreparer
+        from air_ray.data.rows import RowPreparer
 
         _require_fast(tokenizer)
         if max_length is not None and max_length < 2:
@@ -397,45 +370,11 @@ def weighted_trainer_class():
     return StepWeightedTrainer
 
 
-@dataclass
-class TrainConfig:
-    selection: str
-    scores: str
-    corpus: list[str]
-    output: str
-    model: str | None = None
-    max_steps: int = 100
-    lr: float = 1e-5
-    batch_size: int = 4
-    max_length: int = 1024
-    format: str = "chat"
-    grad_accum: int = 1
-    device: str = "auto"
-    dtype: str = "float32"
-    bf16: bool = False
-    seed: int = 0
-    allow_missing: bool = False
-    add_eos: bool = True
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    save: bool = True
-
-    def check(self) -> "TrainConfig":
-        if "://" in self.output and not self.output.startswith("file://"):
-            raise AirRayError("--output must be a local directory (the checkpoint is written with save_pretrained)")
-        for name in ("max_steps", "batch_size", "max_length", "grad_accum"):
-            if int(getattr(self, name)) < 1:
-                raise AirRayError(f"{name} must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise AirRayError("lr must be > 0")
-        return self
-
-
 def build_trainer(cfg: TrainConfig, model, tokenizer, features: list[dict]):
     """A ``StepWeightedTrainer`` over encoded ``features`` (see ``encode_examples``)."""
     from transformers import TrainingArguments
 
-    from air_ray.models import resolve_device
+    from air_ray.models.load import resolve_device
 
     device = resolve_device(cfg.device)
     args = TrainingArguments(
@@ -474,8 +413,8 @@ def load_trainable(cfg: TrainConfig):
 def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     """Join, encode, fine-tune with step weights, save the model and ``training_summary.json`` into
     ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple."""
-    cfg.check()
-    rows = load_training_rows(cfg.selection, cfg.scores, cfg.corpus, allow_missing=cfg.allow_missing)
+    cfg = cfg.validate()
+    rows = load_training_rows(cfg.selection, cfg.scores, cfg.input, allow_missing=cfg.allow_missing)
     report = rows.report()
     log(f"train: {report['n_examples']} of {rows.n_selected} selected rows joined"
         + (f"; left out {report['n_missing_in_scores']} not in the scores, {report['n_missing_in_corpus']} "

@@ -16,9 +16,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from air_ray.steps import Span, check_rule, split_steps
-
-FORMATS = ("chat", "raw")
+from air_ray.config.commands import FORMATS
+from air_ray.data.steps import Span, check_rule, split_steps
 
 
 class RowError(ValueError):
@@ -111,7 +110,7 @@ class RowPreparer:
         from air_ray.errors import AirRayError
 
         if format not in FORMATS:
-            raise AirRayError(f"unknown format {format!r}: expected chat or raw")
+            raise AirRayError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
         if format == "chat" and not getattr(tokenizer, "chat_template", None):
             raise AirRayError("format 'chat' needs a tokenizer with a chat template; use --format raw")
         self.tokenizer = tokenizer

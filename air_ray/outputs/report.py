@@ -12,7 +12,7 @@ Memory and reads
   ``pyarrow.compute.select_k_unstable`` (score, then id ascending): no full sort, no Python object per row.
 * Pass 2 reads the remaining columns of those ``2K`` rows only (a pushed-down ``id`` filter).
 * The scores do not hold the text: each shown row's ``source`` file is streamed with
-  ``air_ray.corpus.read_chunks`` and its records parsed with ``air_ray.rows.split_row`` (which gives the id a
+  ``air_ray.data.corpus.read_chunks`` and its records parsed with ``air_ray.data.rows.split_row`` (which gives the id a
   row was scored under, explicit or canonical) until every wanted id of that file is found. Only the sources
   of the shown rows are read. A row whose text is not found is shown with its steps and no text, saying why.
 
@@ -26,7 +26,6 @@ import html
 import json
 import math
 import os
-import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from air_ray.errors import AirRayError
-from air_ray.schema import SCORES
+from air_ray.outputs.columns import DomainCodes, float_column, top_k
+from air_ray.outputs.layout import ScoreFiles, find_selection, open_scores, selected_among
 
 K = 20                      # rows shown at each end
 MAX_TEXT_CHARS = 20_000     # a longer response is cut for display (the steps after the cut are listed, not shown)
@@ -74,88 +74,49 @@ class Scan:
         return len(self.scores)
 
 
-def _open(scores: str):
-    import pyarrow.dataset as ds
-
-    from air_ray.select import find_partitions
-
-    try:
-        fs, files = find_partitions(scores)
-    except AirRayError as e:
-        raise AirRayError("report: " + str(e).removeprefix("select: ")) from None
-    try:
-        # the full schema: a partition written before a column was appended (truncated) reads it as null
-        return fs, files, ds.dataset(files, filesystem=fs, format="parquet", schema=SCORES)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise AirRayError(f"report: cannot read the score partitions: {str(e).splitlines()[0]}") from None
-
-
-def _keep_k(current: pa.Table | None, new: pa.Table, k: int, keys) -> pa.Table:
-    t = new if current is None else pa.concat_tables([current, new])
-    if t.num_rows > k:
-        t = t.combine_chunks()
-        t = t.take(pc.select_k_unstable(t, k=k, sort_keys=keys))
-    return t
-
-
-def scan(scores: str, k: int = K) -> Scan:
+def scan(scores: ScoreFiles, k: int = K) -> Scan:
     """Pass 1 over every partition of ``scores`` (see the module doc)."""
-    from air_ray.schema import read_metadata
-    from air_ray.select import _Keys
-
-    fs, files, dataset = _open(scores)
-    keys = _Keys()
+    keys = DomainCodes()
     s_parts, l_parts, d_parts = [], [], []
     top = bottom = None
-    try:
-        for batch in dataset.to_batches(columns=_PASS1, batch_size=_BATCH_ROWS, use_threads=True):
-            col = batch.column("score")
-            s = (pc.fill_null(col, np.nan) if col.null_count else col).to_numpy(zero_copy_only=False)
-            s_parts.append(np.asarray(s, np.float64))
-            ln = batch.column("n_response_tokens")
-            l_parts.append(np.asarray((pc.fill_null(ln, 0) if ln.null_count else ln)
-                                      .to_numpy(zero_copy_only=False), np.int32))
-            d_parts.append(keys.encode(batch.column("domain")).astype(np.int32))
-            ok = ~np.isnan(s)
-            if batch.column("id").null_count:
-                ok &= batch.column("id").is_valid().to_numpy(zero_copy_only=False)
-            if not ok.any():
-                continue
-            t = pa.Table.from_batches([batch.select(["id", "score"])])
-            if not ok.all():
-                t = t.filter(pa.array(ok))
-            top = _keep_k(top, t, k, TOP_KEYS)
-            bottom = _keep_k(bottom, t, k, BOTTOM_KEYS)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise AirRayError(f"report: cannot read the score partitions: {str(e).splitlines()[0]}") from None
+    for batch in scores.batches(_PASS1, batch_size=_BATCH_ROWS, use_threads=True):
+        s = float_column(batch)
+        s_parts.append(s)
+        ln = batch.column("n_response_tokens")
+        l_parts.append(np.asarray((pc.fill_null(ln, 0) if ln.null_count else ln)
+                                  .to_numpy(zero_copy_only=False), np.int32))
+        d_parts.append(keys.encode(batch.column("domain")).astype(np.int32))
+        ok = ~np.isnan(s)
+        if batch.column("id").null_count:
+            ok &= batch.column("id").is_valid().to_numpy(zero_copy_only=False)
+        if not ok.any():
+            continue
+        t = pa.Table.from_batches([batch.select(["id", "score"])])
+        if not ok.all():
+            t = t.filter(pa.array(ok))
+        top = top_k(t if top is None else [top, t], k, TOP_KEYS)
+        bottom = top_k(t if bottom is None else [bottom, t], k, BOTTOM_KEYS)
     empty = pa.table({"id": pa.array([], pa.string()), "score": pa.array([], pa.float64())})
     top = empty if top is None else top.take(pc.sort_indices(top, sort_keys=TOP_KEYS))
     bottom = empty if bottom is None else bottom.take(pc.sort_indices(bottom, sort_keys=BOTTOM_KEYS))
-    try:
-        meta = read_metadata(fs, files[0])
-    except Exception:
-        meta = None
+    meta = scores.metadata()
 
     def cat(parts, dtype):
         return np.concatenate(parts) if parts else np.empty(0, dtype)
 
     return Scan(scores=cat(s_parts, np.float64), lengths=cat(l_parts, np.int32),
                 domain_codes=cat(d_parts, np.int32), domains=list(keys.keys), top=top, bottom=bottom,
-                files=files, metadata=meta)
+                files=scores.files, metadata=meta)
 
 
-def _details(scores: str, wanted: list[tuple[str, float]]) -> dict[tuple[str, float], dict]:
+def _details(scores: ScoreFiles, wanted: list[tuple[str, float]]) -> dict[tuple[str, float], dict]:
     """Pass 2: every column of the wanted (id, score) rows."""
     if not wanted:
         return {}
-    _, _, dataset = _open(scores)
     ids = sorted({i for i, _ in wanted})
     want = set(wanted)
     out: dict = {}
-    try:
-        table = dataset.to_table(columns=_DETAIL, filter=pc.field("id").isin(ids))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise AirRayError(f"report: cannot read the score partitions: {str(e).splitlines()[0]}") from None
+    table = scores.table(_DETAIL, filter=pc.field("id").isin(ids))
     for row in table.to_pylist():
         key = (row["id"], row["score"])
         if key in want and key not in out:  # the same id and score twice: the first one
@@ -171,8 +132,8 @@ def find_texts(wanted: dict[str, set[str]]) -> tuple[dict[tuple[str, str], dict]
     """``{source: {ids}}`` -> ``({(source, id): {"prompt", "response"}}, {source: why not all were found})``.
 
     Each source is streamed once and read only until all its wanted ids are found."""
-    from air_ray.corpus import read_chunks
-    from air_ray.rows import RowError, split_row
+    from air_ray.data.corpus import read_chunks
+    from air_ray.data.rows import RowError, split_row
 
     found: dict = {}
     problems: dict = {}
@@ -296,50 +257,6 @@ def plot_scatter(sc: Scan, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # selection
-
-
-def find_selection(scores: str, selection: str | None) -> tuple[dict | None, str | None]:
-    """(selection.json, its directory URI) from --selection (a directory or the selection.json itself), else
-    ``<scores>/selection`` or ``<scores>/../selection`` when there; (None, None) otherwise."""
-    import fsspec
-
-    if selection:
-        cands, required = [selection], True
-    else:
-        fs, root = fsspec.core.url_to_fs(scores)
-        root = root.rstrip("/")
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        pre = "" if proto in ("file", "local") else f"{proto}://"
-        cands = [pre + posixpath.join(root, "selection"), pre + posixpath.join(posixpath.dirname(root), "selection")]
-        required = False
-    for c in cands:
-        path = c if c.endswith(".json") else c.rstrip("/") + "/selection.json"
-        try:
-            with fsspec.open(path, "rt") as f:
-                return json.load(f), posixpath.dirname(path)
-        except FileNotFoundError:
-            continue
-        except (OSError, json.JSONDecodeError) as e:
-            if required:
-                raise AirRayError(f"report: selection {path} cannot be read: {e}") from None
-    if required:
-        raise AirRayError(f"report: no selection.json at {selection} (run `air-ray select` first)")
-    return None, None
-
-
-def _selected_ids(sel_dir: str | None, ids: list[str]) -> set[str] | None:
-    """Which of ``ids`` are in ``<sel_dir>/selection.parquet`` (None when it cannot be read)."""
-    if not sel_dir or not ids:
-        return None
-    import fsspec
-    import pyarrow.parquet as pq
-
-    try:
-        fs, path = fsspec.core.url_to_fs(sel_dir.rstrip("/") + "/selection.parquet")
-        t = pq.read_table(path, filesystem=fs, columns=["id"], filters=pc.field("id").isin(ids))
-        return set(t.column("id").to_pylist())
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -589,13 +506,15 @@ def _run_html(scores: str, sc: Scan) -> str:
 def write_report(scores: str, heads: str | None, output: str | os.PathLike, selection: str | None = None,
                  k: int = K) -> str:
     """Write ``output/index.html`` (and its images) for the scores at ``scores``; returns the page's path."""
-    from air_ray.heads import load_heads, plot_heads
+    from air_ray.fsio import local_fs, write_bytes_atomic
+    from air_ray.heads.artifact import load_heads, plot_heads
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise AirRayError(f"report: output {output} is not a directory")
     heads_doc = load_heads(str(heads)) if heads else None
-    sc = scan(scores, k)
+    files = open_scores(scores, "report")
+    sc = scan(files, k)
     sel, sel_dir = find_selection(scores, selection)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -613,12 +532,12 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     # the extreme rows, their details and texts
     ends = {"top": list(zip(sc.top.column("id").to_pylist(), sc.top.column("score").to_pylist())),
             "bottom": list(zip(sc.bottom.column("id").to_pylist(), sc.bottom.column("score").to_pylist()))}
-    details = _details(scores, ends["top"] + ends["bottom"])
+    details = _details(files, ends["top"] + ends["bottom"])
     by_source: dict[str, set[str]] = {}
     for row in details.values():
         by_source.setdefault(row["source"], set()).add(row["id"])
     texts, problems = find_texts(by_source)
-    selected = _selected_ids(sel_dir, sorted({r["id"] for r in details.values()}))
+    selected = selected_among(sel_dir, sorted({r["id"] for r in details.values()}))
     colors = StepColors([v for r in details.values() for v in (r.get("step_scores") or [])])
 
     def rows_html(which: str) -> str:
@@ -673,7 +592,5 @@ span) is coloured by its step score; hover a step for its score, weight and toke
 </body></html>
 """
     index = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)
+    write_bytes_atomic(local_fs(), str(index.resolve()), page.encode("utf-8"))
     return str(index)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import time
 
-from air_ray.config import HeadsConfig
+from air_ray.config.commands import HeadsConfig
 
 
 def run_heads(cfg: HeadsConfig) -> dict:
-    from air_ray.heads import detect, write_heads
-    from air_ray.models import load_model, load_tokenizer, model_shape, prepare_model, resolve_device
-    from air_ray.probes import read_probes, synthetic_probes, tokenize_probe
+    from air_ray.heads.artifact import write_heads
+    from air_ray.heads.detect import detect
+    from air_ray.heads.probes import read_probes, synthetic_probes, tokenize_probe
+    from air_ray.models.load import load_model, load_tokenizer, model_shape, resolve_device
+    from air_ray.models.resolve import prepare_model
 
     t0 = time.time()
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -29,7 +31,7 @@ def run_heads(cfg: HeadsConfig) -> dict:
           f"{sum(len(t.input_ids) for t in tokens):,} tokens", file=sys.stderr, flush=True)
     det = detect(model, tokens, top_frac=cfg.top_frac, seed=cfg.seed)
     doc = write_heads(
-        cfg.out, model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.top_frac,
+        cfg.output, model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.top_frac,
         detection=det,
         probes={"source": source, "count": len(tokens), "seed": cfg.seed,
                 "tokens": round(sum(len(t.input_ids) for t in tokens) / len(tokens), 1)},
@@ -38,5 +40,5 @@ def run_heads(cfg: HeadsConfig) -> dict:
     print(f"[air-ray heads] {len(det.heads)} critical heads in {time.time() - t0:.1f}s; mean answer-token loss: "
           f"base {c['answer_loss_base']:.3f}, critical ablated {c['answer_loss_ablated']:.3f}, "
           f"{len(det.heads)} random heads ablated {c['answer_loss_random_heads']:.3f}", file=sys.stderr, flush=True)
-    print(f"[air-ray heads] wrote {cfg.out} and {cfg.out.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
+    print(f"[air-ray heads] wrote {cfg.output} and {cfg.output.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
     return doc

@@ -56,22 +56,25 @@ import io
 import json
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
-from numbers import Integral, Real
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from air_ray.config.commands import SELECT_BY, SelectConfig
 from air_ray.errors import AirRayError
-from air_ray.corpus import with_protocol
-from air_ray.schema import METADATA_KEY, SCORES, SELECTION, write_atomic, write_bytes_atomic
+from air_ray.fsio import with_protocol, write_bytes_atomic
+from air_ray.outputs.columns import DomainCodes, float_column, top_k
+from air_ray.outputs.layout import SCORES, SELECTION, SELECTION_FILES, ScoreFiles, open_scores, \
+    with_metadata, write_table_atomic
 
 QUANTILES = (("p0", 0.0), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90),
              ("p99", 0.99), ("p100", 1.0))
 HIST_BINS = 100
 SORT_KEYS = [("score", "descending"), ("id", "ascending")]
+BY = SELECT_BY
 
 # Streaming knobs (module level so tests can shrink them to exercise many batches and compactions).
 _BATCH_ROWS = 65_536
@@ -82,72 +85,50 @@ _BATCH_READAHEAD = 4
 # The columns read, with the types of the SCORES schema (the scanner casts compatible physical types).
 _READ_SCHEMA = pa.schema([SCORES.field("id"), SCORES.field("domain"), SCORES.field("score")])
 
-# --by: the AIR score, or one of the heuristics the paper compares against (from the same scoring run).
-# Every one ranks descending: highest loss, highest entropy, longest response first; random = a seeded hash.
-BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
+
+def select(cfg: SelectConfig) -> dict:
+    """Rank every scores partition globally, write the selection and return its summary (see module doc):
+    pass 1 (counts and candidate scores) -> thresholds per group -> pass 2 (rows at or above them) -> rank ->
+    summary -> files."""
+    cfg = cfg.validate()
+    by = (cfg.by, int(cfg.seed))
+    columns = _READ_SCHEMA.names + ([] if cfg.by in ("score", "random") else [cfg.by])
+    scores = open_scores(cfg.scores, "select", columns=columns, require=columns)
+    counted = _count(scores, cfg, by)
+    groups = _thresholds(counted, cfg)
+    kept = _keep(scores, cfg, by, counted.domains, groups) if groups.active.any() else {}
+    selection = _rank(kept, groups.k)
+    summary = _summary(cfg, scores, counted, groups, selection)
+    _write(cfg.output, selection, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------
+# pass 1: counts per domain and the candidate scores of each selection group
 
 
 @dataclass
-class SelectConfig:
-    """Options of ``air-ray select``; exactly one of ``top_k`` / ``top_frac`` must be set."""
-
-    scores: str
-    output: str
-    top_k: int | None = None
-    top_frac: float | None = None
-    per_domain: bool = False
-    min_score: float | None = None
-    by: str = "score"  # the value ranked: score | loss_base | entropy_base | n_response_tokens | random
-    seed: int = 0  # for by=random
-
-    def check(self) -> "SelectConfig":
-        if self.by not in BY:
-            raise AirRayError(f"select: --by {self.by!r}: expected one of {', '.join(BY)}")
-        if not self.scores or not isinstance(self.scores, str):
-            raise AirRayError("select: scores must be a URI")
-        if not self.output or not isinstance(self.output, str):
-            raise AirRayError("select: output must be a URI")
-        if (self.top_k is None) == (self.top_frac is None):
-            raise AirRayError("select: set exactly one of top_k / top_frac")
-        if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
-                raise AirRayError(f"select: top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.top_frac is not None:
-            f = self.top_frac
-            if isinstance(f, bool) or not isinstance(f, Real) or not (0.0 < float(f) <= 1.0):
-                raise AirRayError(f"select: top_frac must be in (0, 1], got {f!r}")
-        if self.min_score is not None:
-            m = self.min_score
-            if isinstance(m, bool) or not isinstance(m, Real) or not math.isfinite(float(m)):
-                raise AirRayError(f"select: min_score must be a finite number, got {m!r}")
-        if not isinstance(self.per_domain, bool):
-            raise AirRayError(f"select: per_domain must be true or false, got {self.per_domain!r}")
-        return self
+class _Counted:
+    domains: DomainCodes
+    totals: "_Counter"
+    nans: "_Counter"
+    belows: "_Counter"
+    group_n: np.ndarray  # [groups] candidates per selection group (one group unless per_domain)
+    scores: np.ndarray  # every candidate score, one contiguous slice per group (in group order)
 
 
-def select(cfg: SelectConfig) -> dict:
-    """Rank every scores partition globally, write the selection and return its summary (see module doc)."""
-    import fsspec
-
-    cfg.check()
-    top_k = None if cfg.top_k is None else int(cfg.top_k)
-    frac = None if cfg.top_frac is None else Fraction(str(float(cfg.top_frac)))
-    min_score = None if cfg.min_score is None else float(cfg.min_score)
-
-    fs, files = find_partitions(cfg.scores)
-    dataset, footer_rows = _open_dataset(fs, files, cfg.by)
-    by = (cfg.by, int(cfg.seed))
-
-    # ---- pass 1: counts per domain + candidate scores per selection group ----------------------------
-    # Global: the candidate scores go straight into one preallocated float64 array (rows from the footers).
-    # Per domain: numpy chunks per domain, then copied group by group into one array (chunks freed as copied).
-    domains = _Keys()                       # domain value (None for null) -> dense id
+def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
+    """Global: the candidate scores go straight into one preallocated float64 array (rows from the footers).
+    Per domain: numpy chunks per domain, then copied group by group into one array (chunks freed as copied)."""
+    footer_rows = scores.rows
+    min_score = cfg.min_score
+    domains = DomainCodes()  # domain value (None for null) -> dense id
     totals, nans, belows = _Counter(), _Counter(), _Counter()
     flat = None if cfg.per_domain else np.empty(footer_rows, np.float64)
     n_flat = 0
     chunks: dict[int, list[np.ndarray]] = {}  # domain id -> candidate scores (per_domain only)
-    for batch in _batches(dataset, ["score", "domain"], by):
-        s = _scores(batch)
+    for batch in _batches(scores, ["score", "domain"], by):
+        s = float_column(batch)
         gid = domains.encode(batch.column("domain"))
         valid = ~np.isnan(s)
         cand = valid if min_score is None else valid & (s >= min_score)
@@ -172,167 +153,170 @@ def select(cfg: SelectConfig) -> dict:
                           "--backend vllm have none: vLLM returns no full next-token distribution)")
     pa.default_memory_pool().release_unused()  # the allocator keeps freed batch memory otherwise
 
-    n_groups = len(domains) if cfg.per_domain else 1
-    group_n = np.zeros(n_groups, np.int64)
-    if cfg.per_domain:
-        for g, parts in chunks.items():
-            group_n[g] = sum(len(p) for p in parts)
-    else:
-        group_n[0] = n_flat
-    n_cand = int(group_n.sum())
+    if not cfg.per_domain:
+        return _Counted(domains, totals, nans, belows, np.array([n_flat], np.int64), flat[:n_flat])
+    group_n = np.zeros(len(domains), np.int64)
+    for g, parts in chunks.items():
+        group_n[g] = sum(len(p) for p in parts)
+    allscores = np.empty(int(group_n.sum()), np.float64)
+    off = 0
+    for g in range(len(domains)):
+        parts = chunks.pop(g, [])
+        while parts:
+            p = parts.pop(0)
+            allscores[off:off + len(p)] = p
+            off += len(p)
+    return _Counted(domains, totals, nans, belows, group_n, allscores)
+
+
+# ------------------------------------------------------------------------------------------------------
+# thresholds: k per group and the k-th largest score
+
+
+@dataclass
+class _Groups:
+    k: np.ndarray  # [groups] rows to select
+    thresh: np.ndarray  # [groups] a row of group g is kept in pass 2 iff active[g] and score >= thresh[g]
+    active: np.ndarray  # [groups] k > 0
+    histogram: dict = field(default_factory=dict)
+    quantiles: dict = field(default_factory=dict)
+
+
+def _thresholds(c: _Counted, cfg: SelectConfig) -> _Groups:
+    """The exact k-th largest score per group (``numpy.partition`` in place), then the histogram and the
+    quantiles from the same array, which is dropped after."""
+    frac = None if cfg.top_frac is None else Fraction(str(float(cfg.top_frac)))
 
     def k_of(n: int) -> int:
-        return min(top_k, n) if top_k is not None else min(n, math.ceil(frac * n))
+        return min(cfg.top_k, n) if cfg.top_k is not None else min(n, math.ceil(frac * n))
 
-    group_k = np.array([k_of(int(n)) for n in group_n], np.int64)
-    # A row of group g is kept in pass 2 iff active[g] and score >= thresh[g] (NaN compares False).
-    thresh = np.full(n_groups, -np.inf if min_score is None else min_score)
-    active = group_k > 0
-
-    # All candidate scores in one float64 array, one contiguous slice per group.
-    if cfg.per_domain:
-        allscores = np.empty(n_cand, np.float64)
-        off = 0
-        for g in range(n_groups):
-            parts = chunks.pop(g, [])
-            while parts:
-                p = parts.pop(0)
-                allscores[off:off + len(p)] = p
-                off += len(p)
-        del chunks
-    else:
-        allscores = flat[:n_flat]
-        del flat
+    k = np.array([k_of(int(n)) for n in c.group_n], np.int64)
+    thresh = np.full(len(k), -np.inf if cfg.min_score is None else cfg.min_score)  # NaN compares False
     off = 0
-    for g in range(n_groups):
-        n, k = int(group_n[g]), int(group_k[g])
-        if 0 < k < n:
-            view = allscores[off:off + n]
-            view.partition(n - k)  # in place: view[n - k] is the k-th largest score
-            thresh[g] = view[n - k]
+    for g, n in enumerate(c.group_n.tolist()):
+        if 0 < k[g] < n:
+            view = c.scores[off:off + n]
+            view.partition(n - int(k[g]))  # in place: view[n - k] is the k-th largest score
+            thresh[g] = view[n - int(k[g])]
         off += n
-    hist = _histogram(allscores)
-    quantiles = _quantiles(allscores)
-    del allscores
+    groups = _Groups(k=k, thresh=thresh, active=k > 0, histogram=_histogram(c.scores),
+                     quantiles=_quantiles(c.scores))
+    c.scores = np.empty(0, np.float64)
+    return groups
 
-    # ---- pass 2: keep only rows at or above their group's threshold, compact ties --------------------
+
+# ------------------------------------------------------------------------------------------------------
+# pass 2: keep only rows at or above their group's threshold, compact ties
+
+
+def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, groups: _Groups) -> dict[int, list]:
+    """``{group: [tables]}`` holding that group's best ``k`` rows (and ties, cut back to ``k`` whenever a
+    group's buffer exceeds ``max(2k, _COMPACT_MIN)`` rows)."""
     buffers: dict[int, list[pa.Table]] = {}
-    buffered = np.zeros(n_groups, np.int64)
+    buffered = np.zeros(len(groups.k), np.int64)
     seen = 0
-    if active.any():
-        for batch in _batches(dataset, ["id", "score", "domain"], by):
-            seen += batch.num_rows
-            s = _scores(batch)
-            if cfg.per_domain:
-                gid = domains.encode(batch.column("domain"), grow=False)
-                keep = active[gid] & (s >= thresh[gid])
-            else:
-                keep = s >= thresh[0]
-            if not keep.any():
-                continue
-            kept = pa.Table.from_batches([batch.filter(pa.array(keep))])
-            parts = _split(gid[keep], np.arange(kept.num_rows)) if cfg.per_domain else [(0, None)]
-            for g, rows in parts:
-                t = kept if rows is None else kept.take(pa.array(rows))
-                buffers.setdefault(g, []).append(t)
-                buffered[g] += t.num_rows
-                if buffered[g] > max(2 * int(group_k[g]), _COMPACT_MIN):
-                    buffers[g] = [_top(buffers[g], int(group_k[g]))]
-                    buffered[g] = buffers[g][0].num_rows
-        if seen != footer_rows:
-            raise _changed(cfg.scores, footer_rows, seen)
-
+    for batch in _batches(scores, ["id", "score", "domain"], by):
+        seen += batch.num_rows
+        s = float_column(batch)
+        if cfg.per_domain:
+            gid = domains.encode(batch.column("domain"), grow=False)
+            keep = groups.active[gid] & (s >= groups.thresh[gid])
+        else:
+            keep = s >= groups.thresh[0]
+        if not keep.any():
+            continue
+        kept = pa.Table.from_batches([batch.filter(pa.array(keep))])
+        parts = _split(gid[keep], np.arange(kept.num_rows)) if cfg.per_domain else [(0, None)]
+        for g, rows in parts:
+            t = kept if rows is None else kept.take(pa.array(rows))
+            buffers.setdefault(g, []).append(t)
+            buffered[g] += t.num_rows
+            if buffered[g] > max(2 * int(groups.k[g]), _COMPACT_MIN):
+                buffers[g] = [top_k(buffers[g], int(groups.k[g]), SORT_KEYS)]
+                buffered[g] = buffers[g][0].num_rows
+    if seen != scores.rows:
+        raise _changed(cfg.scores, scores.rows, seen)
     pa.default_memory_pool().release_unused()
-    picked = [_top(buffers.pop(g), int(group_k[g])) for g in sorted(buffers)]
+    return buffers
+
+
+def _rank(buffers: dict[int, list], k: np.ndarray) -> pa.Table:
+    """The kept rows, best ``k`` per group, sorted by (score desc, id asc) and numbered 1..N: SELECTION."""
+    picked = [top_k(buffers.pop(g), int(k[g]), SORT_KEYS) for g in sorted(buffers)]
     # one chunk: Arrow's multi-key sort is several times slower over many chunks
     table = pa.concat_tables(picked).combine_chunks() if picked else _READ_SCHEMA.empty_table()
     del picked
     table = table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
     if table.column("id").null_count:
         raise AirRayError("select: a selected row has a null id")
-    n_sel = table.num_rows
-    selection = pa.Table.from_arrays(
+    n = table.num_rows
+    return pa.Table.from_arrays(
         [table.column("id").combine_chunks(), table.column("score").combine_chunks(),
-         pa.array(np.arange(1, n_sel + 1, dtype=np.int64)), table.column("domain").combine_chunks()],
+         pa.array(np.arange(1, n + 1, dtype=np.int64)), table.column("domain").combine_chunks()],
         schema=SELECTION)
-    del table, buffers
 
-    # ---- summary --------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------------
+# summary and files
+
+
+def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table) -> dict:
+    import fsspec
+
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
     sel_by_domain = _selected_by_domain(selection)
     dom_rows = []
-    for d, key in enumerate(domains.keys):
-        total, nan, below = totals.get(d), nans.get(d), belows.get(d)
+    for d, key in enumerate(c.domains.keys):
+        total, nan, below = c.totals.get(d), c.nans.get(d), c.belows.get(d)
         n_sel_d, thr_d = sel_by_domain.get(key, (0, None))
         dom_rows.append({
             "domain": key, "rows_total": total, "rows_nan": nan, "rows_below_min_score": below,
-            "rows_candidates": total - nan - below, "k": int(group_k[d]) if cfg.per_domain else None,
+            "rows_candidates": total - nan - below, "k": int(groups.k[d]) if cfg.per_domain else None,
             "rows_selected": n_sel_d, "threshold_score": _num(thr_d),
         })
     dom_rows.sort(key=lambda r: (r["domain"] is not None, r["domain"] or ""))
+    n_sel = selection.num_rows
     threshold = float(pc.min(selection.column("score")).as_py()) if n_sel else None
-    summary = {
+    return {
         "counts": {
-            "rows_total": int(totals.total()), "rows_nan": int(nans.total()),
-            "rows_below_min_score": int(belows.total()), "rows_candidates": n_cand, "rows_selected": n_sel,
+            "rows_total": int(c.totals.total()), "rows_nan": int(c.nans.total()),
+            "rows_below_min_score": int(c.belows.total()), "rows_candidates": int(c.group_n.sum()),
+            "rows_selected": n_sel,
         },
-        "k": int(group_k.sum()),
+        "k": int(groups.k.sum()),
         "threshold_score": _num(threshold),
-        "quantiles": quantiles,
+        "quantiles": groups.quantiles,
         "domains": dom_rows,
-        "histogram": hist,
-        "config": {"scores": cfg.scores, "output": cfg.output, "top_k": top_k,
+        "histogram": groups.histogram,
+        "config": {"scores": cfg.scores, "output": cfg.output, "top_k": cfg.top_k,
                    "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
-                   "per_domain": cfg.per_domain, "min_score": min_score, "by": cfg.by,
+                   "per_domain": cfg.per_domain, "min_score": cfg.min_score, "by": cfg.by,
                    "seed": int(cfg.seed) if cfg.by == "random" else None},
-        "inputs": [with_protocol(fs, f) for f in files],
-        "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name))
-                    for name in ("selection.parquet", "selection.json", "score_hist.png")},
+        "inputs": [with_protocol(scores.fs, f) for f in scores.files],
+        "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name)) for name in SELECTION_FILES},
         "ranking": {"order": "score desc, id asc", "rank": "global over the whole selection",
                     "score": f"the value ranked: {cfg.by}" + (f" (seeded hash of the id, seed {cfg.seed})"
                                                                if cfg.by == "random" else ""),
                     "top_frac_count": "ceil(F * n), F as written in decimal, n = candidates (per domain)"},
     }
 
-    # ---- outputs: parquet, then the plot, then the summary (the completion marker) --------------------
+
+def _write(output: str, selection: pa.Table, summary: dict) -> None:
+    """selection.parquet (the summary as its metadata), then the plot, then selection.json (the completion
+    marker)."""
+    import fsspec
+
+    out_fs, out_root = fsspec.core.url_to_fs(output)
     out_fs.makedirs(out_root, exist_ok=True)
-    meta = json.dumps(summary, sort_keys=True, allow_nan=False).encode()
-    write_atomic(selection.replace_schema_metadata({METADATA_KEY: meta}), out_fs,
-                 posixpath.join(out_root, "selection.parquet"))
-    write_bytes_atomic(out_fs, posixpath.join(out_root, "score_hist.png"), _plot(hist, threshold, summary))
-    write_bytes_atomic(out_fs, posixpath.join(out_root, "selection.json"),
-                 (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-    return summary
+    parquet, summary_json, plot = (posixpath.join(out_root, name) for name in SELECTION_FILES)
+    json.dumps(summary, allow_nan=False)  # every number in the summary is finite (non-finite ones are null)
+    write_table_atomic(with_metadata(selection, summary), out_fs, parquet)
+    write_bytes_atomic(out_fs, plot, _plot(summary["histogram"], summary["threshold_score"], summary))
+    write_bytes_atomic(out_fs, summary_json, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def find_partitions(uri: str) -> tuple[object, list[str]]:
-    """``(fs, sorted partition paths)`` of a scores URI: ``<uri>/scores/*.parquet`` if that folder exists,
-    else ``<uri>/*.parquet``; hidden names (``.x``, ``_x``) are skipped. AirRayError when there are none."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    root = root.rstrip("/") or root
-    try:
-        sub = posixpath.join(root, "scores")
-        if fs.isdir(sub):
-            root = sub
-        elif not fs.isdir(root):
-            raise AirRayError(f"select: no scores at {uri} (not a directory)")
-        entries = fs.ls(root, detail=True)
-    except FileNotFoundError:
-        raise AirRayError(f"select: no scores at {uri} (not found)") from None
-    files = sorted(
-        e["name"] for e in entries
-        if e.get("type") == "file" and e["name"].endswith(".parquet")
-        and not posixpath.basename(e["name"]).startswith((".", "_"))
-    )
-    if not files:
-        raise AirRayError(f"select: no score partitions (*.parquet) under {with_protocol(fs, root)}")
-    return fs, files
+# reading
 
 
 def _changed(uri: str, before: int, now: int) -> AirRayError:
@@ -340,46 +324,20 @@ def _changed(uri: str, before: int, now: int) -> AirRayError:
                        f"footers, {now} read); run it again")
 
 
-def _open_dataset(fs, files: list[str], by: str = "score"):
-    """``(dataset of the needed columns, number of rows per the Parquet footers)``; checks every partition."""
-    import pyarrow.dataset as ds
-
-    schema = _READ_SCHEMA
-    if by not in ("score", "random"):
-        schema = schema.append(SCORES.field(by))
-    rows = 0
-    try:
-        dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=schema)
-        for frag in dataset.get_fragments():
-            rows += frag.metadata.num_rows
-            names = set(frag.physical_schema.names)
-            missing = [c for c in schema.names if c not in names]
-            if missing:
-                raise AirRayError(f"select: {with_protocol(fs, frag.path)} is not a scores partition "
-                                  f"(no column {', '.join(missing)})")
-    except (pa.ArrowInvalid, OSError) as e:
-        raise AirRayError(f"select: cannot read the score partitions: {str(e).splitlines()[0]}") from None
-    return dataset, rows
-
-
-def _batches(dataset, columns: list[str], by: tuple[str, int] = ("score", 0)):
+def _batches(scores: ScoreFiles, columns: list[str], by: tuple[str, int] = ("score", 0)):
     """Record batches of ``columns``, where "score" is the value ranked (``--by``) as float64."""
     key, seed = by
     read = list(columns)
     if key != "score" and "score" in read:
         read[read.index("score")] = "id" if key == "random" else key
         read = list(dict.fromkeys(read))  # by=random with id already asked for
-    try:
-        for b in dataset.to_batches(columns=read, batch_size=_BATCH_ROWS, use_threads=True,
-                                    fragment_readahead=_FRAGMENT_READAHEAD, batch_readahead=_BATCH_READAHEAD):
-            if key == "score" or "score" not in columns:
-                yield b
-                continue
-            value = _random_keys(b.column("id"), seed) if key == "random" else pc.cast(b.column(key), pa.float64())
-            yield pa.RecordBatch.from_arrays([value if c == "score" else b.column(c) for c in columns],
-                                             names=columns)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise AirRayError(f"select: cannot read the score partitions: {str(e).splitlines()[0]}") from None
+    for b in scores.batches(read, batch_size=_BATCH_ROWS, use_threads=True,
+                            fragment_readahead=_FRAGMENT_READAHEAD, batch_readahead=_BATCH_READAHEAD):
+        if key == "score" or "score" not in columns:
+            yield b
+            continue
+        value = _random_keys(b.column("id"), seed) if key == "random" else pc.cast(b.column(key), pa.float64())
+        yield pa.RecordBatch.from_arrays([value if c == "score" else b.column(c) for c in columns], names=columns)
 
 
 def _random_keys(ids: pa.Array, seed: int) -> pa.Array:
@@ -396,40 +354,6 @@ def _random_keys(ids: pa.Array, seed: int) -> pa.Array:
         h = hashlib.blake2b(salt + rid.encode("utf-8"), digest_size=8).digest()
         out[i] = int.from_bytes(h, "little") / 2.0**64
     return pa.array(out)
-
-
-def _scores(batch: pa.RecordBatch) -> np.ndarray:
-    """The score column as float64 numpy, nulls as NaN (zero-copy when there are no nulls)."""
-    col = batch.column("score")
-    if col.null_count:
-        col = pc.fill_null(col, np.nan)
-    return col.to_numpy(zero_copy_only=False)
-
-
-class _Keys:
-    """Dense ids for domain values (``None`` = null domain), assigned in order of first appearance."""
-
-    def __init__(self):
-        self.ids: dict = {}
-        self.keys: list = []
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def encode(self, arr: pa.Array, grow: bool = True) -> np.ndarray:
-        enc = pc.dictionary_encode(arr, null_encoding="encode")
-        local = enc.dictionary.to_pylist()  # the distinct values of this batch only
-        lut = np.empty(len(local), np.int64)
-        for i, v in enumerate(local):
-            g = self.ids.get(v)
-            if g is None:
-                if not grow:
-                    raise AirRayError("select: the scores changed while selecting (a new domain appeared); "
-                                      "run it again")
-                g = self.ids[v] = len(self.keys)
-                self.keys.append(v)
-            lut[i] = g
-        return lut[enc.indices.to_numpy(zero_copy_only=False)]
 
 
 class _Counter:
@@ -458,15 +382,6 @@ def _split(ids: np.ndarray, values: np.ndarray):
     cuts = np.flatnonzero(np.diff(ids)) + 1
     starts = np.concatenate(([0], cuts))
     return [(int(ids[a]), v) for a, v in zip(starts, np.split(values, cuts))]
-
-
-def _top(tables: list[pa.Table], k: int) -> pa.Table:
-    """The best ``k`` rows (score desc, id asc) of ``tables``, in no particular order."""
-    t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if t.num_rows <= k:
-        return t
-    t = t.combine_chunks()
-    return t.take(pc.select_k_unstable(t, k=k, sort_keys=SORT_KEYS))
 
 
 # ------------------------------------------------------------------------------------------------------

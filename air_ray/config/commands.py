@@ -1,0 +1,289 @@
+"""Every option of every command, declared once; one typed config object per command.
+
+Shared options are ``Opt`` declarations (``MODEL``, ``DTYPE``, ``INPUT``, ``OUTPUT`` ...) placed in each
+command's dataclass; the choice lists (``DTYPES``, ``FORMATS``, ``BACKENDS``, ``SELECT_BY``) live here and every
+part that checks a value uses them. ``air_ray.cli`` builds the flags from these classes, ``Options.load`` reads
+the YAML files, and the Python API takes the objects themselves (``Scorer(EngineOptions(...))``,
+``run_score(ScoreConfig(...))``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from air_ray.config.options import Opt, Options
+from air_ray.errors import AirRayError
+from air_ray.models.resolve import DEFAULT_MODEL
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("chat", "raw")  # air_ray.data.rows: how a row's prompt becomes token ids
+BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
+# select --by: the AIR score, or a heuristic from the same scoring run (each ranked descending; random = a
+# seeded hash of the id)
+SELECT_BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
+
+# ----------------------------------------------------------------------------------------------
+# declarations shared by several commands
+
+MODEL = Opt(DEFAULT_MODEL, help="alias, local Hugging Face model directory, .gguf file or hub id org/name")
+DTYPE = Opt("auto", choices=DTYPES, help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+DEVICE = Opt("auto", help="auto | cpu | cuda[:N]")
+ALLOW_PICKLE = Opt(False, help="allow pickle (.bin) weights (they can run arbitrary code)")
+TRUST_REMOTE_CODE = Opt(False, help="allow model code from the model repository")
+INPUT = Opt(factory=list, metavar="URI", help="the corpus: files, directories or globs (any fsspec URI)")
+OUTPUT = Opt(None, help="where this command writes")
+SCORES = Opt(None, metavar="URI", help="output of `air-ray score` (or a directory of score partitions)")
+HEADS = Opt("heads.json", help="heads.json of `air-ray heads`")
+FORMAT = Opt("chat", choices=FORMATS,
+             help="chat: the prompt through the tokenizer's chat template; raw: plain text")
+SEED = Opt(0, help="random seed")
+TOP_FRAC = Opt(None, help="fraction to select, in (0, 1]")
+NUM_PROBES = Opt(64, help="synthetic retrieval probes")
+PROBE_TOKENS = Opt(512, help="tokens per synthetic probe")
+
+
+@dataclass
+class ModelOptions(Options):
+    """Which model, and how to load it."""
+
+    model: str = MODEL()
+    dtype: str = DTYPE()
+    device: str = DEVICE()
+    allow_pickle: bool = ALLOW_PICKLE()
+    trust_remote_code: bool = TRUST_REMOTE_CODE()
+
+
+@dataclass
+class EngineOptions(ModelOptions):
+    """What the scoring engine (``air_ray.engine.Scorer``) computes: model, heads, row and step rules,
+    numerics, backend. Placement (actors, GPUs per actor) belongs to the pipeline (``ScoreConfig``)."""
+
+    heads: str = HEADS()
+    format: str = FORMAT()
+    steps: str = Opt("lines", help="lines | paragraphs | regex:PATTERN")()
+    step_temperature: float = Opt(1.0, help="temperature of the step weights' softmax")()
+    backend: str = Opt("hf", choices=BACKENDS,
+                       help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
+    batch_tokens: int = Opt(8192, help="token budget of one model batch")()
+    max_tokens: int | None = Opt(8192, help="longer rows are rejected (or cut with --truncate)")()
+    truncate: bool = Opt(False, help="cut a response that does not fit --max-tokens (column truncated=true) "
+                                     "instead of rejecting the row")()
+    vllm_gpu_memory: float = Opt(0.85, help="vllm on GPU: the fraction of the device both engines share")()
+    vllm_cpu_kv_cache_gib: float = Opt(1.0, help="vllm on CPU: KV cache of each engine, GiB")()
+    allow_model_mismatch: bool = Opt(False, help="use a heads.json made for another model fingerprint")()
+
+    def check(self) -> None:
+        from air_ray.data.steps import check_rule
+
+        check_rule(self.steps)
+        if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
+            raise AirRayError("--vllm-gpu-memory must be in (0, 1] and --vllm-cpu-kv-cache-gib > 0")
+        if self.batch_tokens < 1:
+            raise AirRayError("--batch-tokens must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise AirRayError("--max-tokens must be >= 2")
+        if not self.step_temperature > 0:
+            raise AirRayError("--step-temperature must be > 0")
+
+    def scoring_key(self, model_fingerprint: str, heads) -> str:
+        """A short hash of everything that changes a partition's contents for the same input: the model,
+        the heads, the row and step rules, the numerics and the scoring code's version. Placement options
+        (actors, batch size, addresses) are not part of it."""
+        import hashlib
+        import json
+
+        import air_ray
+
+        doc = {
+            "model_fingerprint": model_fingerprint,
+            "heads": sorted([int(l), int(h)] for l, h in heads),
+            "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
+            "dtype": self.dtype, "max_tokens": self.max_tokens, "truncate": self.truncate,
+            "backend": self.backend, "air_ray": air_ray.__version__,
+        }
+        return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# the commands
+
+
+@dataclass
+class FetchConfig(Options):
+    command = "model fetch"
+    model: str = MODEL(positional=True)
+    allow_pickle: bool = ALLOW_PICKLE()
+
+
+@dataclass
+class HeadsConfig(ModelOptions):
+    command = "heads"
+    dtype: str = DTYPE(default="float32")
+    output: str = OUTPUT(default="heads.json", aliases=("out",), help="heads.json to write (heads.png beside it)")
+    probes: str | None = Opt(None, help="JSONL of {prompt, answer}; default: built-in synthetic probes")()
+    num_probes: int = NUM_PROBES()
+    probe_tokens: int = PROBE_TOKENS()
+    seed: int = SEED(help="seed of the synthetic probes and of the random-heads check")
+    top_frac: float = TOP_FRAC(default=0.05, help="fraction of all (layer, head) pairs that are critical")
+
+    def check(self) -> None:
+        if not 0 < self.top_frac <= 1:
+            raise AirRayError("--top-frac must be in (0, 1]")
+        if self.num_probes < 1 or self.probe_tokens < 32:
+            raise AirRayError("--num-probes must be >= 1 and --probe-tokens >= 32")
+
+
+@dataclass
+class ScoreConfig(EngineOptions):
+    command = "score"
+    input: list[str] = INPUT()
+    output: str = OUTPUT(default="out/scores", metavar="URI",
+                         help="run directory: scores/, rejected/, _manifest.json (any fsspec URI)")
+    actors: int = Opt(1, help="scoring actors")()
+    gpus_per_actor: float | None = Opt(None, help="default: 1 if the cluster has GPUs, else 0; > 1: tensor "
+                                                  "parallel (vllm) or sharded (hf)")()
+    cpus_per_actor: float = Opt(1.0, help="CPUs of each scoring actor")()
+    rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
+    strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
+    address: str | None = Opt(None, help="auto (join) | local (embedded) | ray://...; default: join a running "
+                                         "cluster, else start one")()
+
+    def check(self) -> None:
+        if not self.input:
+            raise AirRayError("no --input given")
+        super().check()
+        if self.actors < 1 or self.rows_per_partition < 1:
+            raise AirRayError("--actors and --rows-per-partition must be >= 1")
+        if self.cpus_per_actor <= 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+            raise AirRayError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
+
+
+@dataclass
+class SelectConfig(Options):
+    """Options of ``air-ray select``; exactly one of ``top_k`` / ``top_frac``."""
+
+    command = "select"
+    scores: str = SCORES(required=True)
+    output: str = OUTPUT(required=True, metavar="URI",
+                         help="selection directory: selection.parquet, selection.json, score_hist.png")
+    top_k: int | None = Opt(None, help="rows to select")()
+    top_frac: float | None = TOP_FRAC(help="fraction of the candidate rows to select, in (0, 1]")
+    per_domain: bool = Opt(False, help="apply --top-k / --top-frac within each domain (ranks stay global)")()
+    min_score: float | None = Opt(None, help="rows scoring below this are never selected")()
+    by: str = Opt("score", choices=SELECT_BY,
+                  help="the value ranked (descending): the AIR score, or a heuristic baseline from the same run")()
+    seed: int = SEED(help="seed of --by random")
+
+    def check(self) -> None:
+        if (self.top_k is None) == (self.top_frac is None):
+            raise AirRayError("select: set exactly one of --top-k / --top-frac")
+        if self.top_k is not None and self.top_k < 0:
+            raise AirRayError(f"select: top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.top_frac is not None and not 0.0 < self.top_frac <= 1.0:
+            raise AirRayError(f"select: top_frac must be in (0, 1], got {self.top_frac!r}")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise AirRayError(f"select: min_score must be a finite number, got {self.min_score!r}")
+
+
+# the keys of rescore's nested `select:` and `detect:` mappings
+RESCORE_SELECT_KEYS = tuple(f.name for f in SelectConfig.option_fields() if f.name not in ("scores", "output"))
+RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "top_frac", "dtype")
+
+
+@dataclass
+class RescoreConfig(ScoreConfig):
+    """``air-ray rescore``: the options of ``score`` (same keys) plus its own."""
+
+    command = "rescore"
+    input: list[str] = INPUT(aliases=("inputs",))
+    output: str = OUTPUT(required=True, metavar="URI", help="root of the versioned output (v=<version>/...)")
+    heads: str = HEADS(default="detect", help="a heads.json, or detect: detect once per model and keep it under "
+                                              "<output>/heads/<fingerprint>.json")
+    select: dict = Opt(factory=lambda: {"top_frac": 0.1}, metavar="KEY=VALUE",
+                       help="the selection refreshed after each pass (" + ", ".join(RESCORE_SELECT_KEYS) + ")")()
+    detect: dict = Opt(factory=dict, metavar="KEY=VALUE",
+                       help="options of `air-ray heads` for heads: detect (" + ", ".join(RESCORE_DETECT_KEYS) + ")")()
+    lease_ttl_s: float = Opt(600.0, help="lifetime of the output's lease, renewed while the run lives")()
+    wait: bool = Opt(False, help="wait for a concurrent run instead of backing off")()
+
+    def check(self) -> None:
+        super().check()
+        self.selection_config("-", "-")
+        self.heads_config("-")
+        if self.lease_ttl_s <= 0:
+            raise AirRayError("--lease-ttl-s must be > 0")
+
+    def selection_config(self, scores: str, output: str) -> SelectConfig:
+        bad = sorted(set(self.select) - set(RESCORE_SELECT_KEYS))
+        if bad:
+            raise AirRayError(f"rescore: select: unknown key {bad[0]!r} (expected {', '.join(RESCORE_SELECT_KEYS)})")
+        return SelectConfig.build(dict(self.select, scores=scores, output=output), "rescore: select")
+
+    def heads_config(self, output: str) -> HeadsConfig:
+        bad = sorted(set(self.detect) - set(RESCORE_DETECT_KEYS))
+        if bad:
+            raise AirRayError(f"rescore: detect: unknown key {bad[0]!r} (expected {', '.join(RESCORE_DETECT_KEYS)})")
+        return HeadsConfig.build(dict(self.detect, model=self.model, output=output, device=self.device,
+                                      allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code),
+                                 "rescore: detect")
+
+
+@dataclass
+class ReportConfig(Options):
+    command = "report"
+    scores: str = SCORES(required=True)
+    heads: str | None = HEADS(default=None, help="heads.json (heatmap and critical heads)")
+    output: str = OUTPUT(required=True, help="local directory for index.html and its images")
+    selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection or "
+                                           "<scores>/../selection when there)")()
+
+
+@dataclass
+class TrainConfig(ModelOptions):
+    """Step-weighted fine-tuning on a selection (``air_ray.outputs.training``)."""
+
+    command = "train"
+    dtype: str = DTYPE(default="float32", help="weights dtype (float32; --bf16 for mixed precision on GPUs)")
+    selection: str = Opt(None, required=True, help="selection.parquet, or the select output directory")()
+    scores: str = SCORES(required=True)
+    input: list[str] = INPUT(required=True, aliases=("corpus",), help="the corpus that was scored")
+    output: str = OUTPUT(required=True, help="local directory for the fine-tuned model")
+    format: str = FORMAT(help="as used for scoring")
+    max_steps: int = Opt(100, help="optimiser steps")()
+    lr: float = Opt(1e-5, help="learning rate")()
+    batch_size: int = Opt(4, help="rows per step")()
+    max_length: int = Opt(1024, help="tokens per row (longer rows are cut on the right)")()
+    grad_accum: int = Opt(1, help="gradient accumulation steps")()
+    bf16: bool = Opt(False, help="bf16 mixed precision (GPU)")()
+    seed: int = SEED(help="training seed")
+    allow_missing: bool = Opt(False, help="train on the rows found when some selected ids are missing from the "
+                                          "scores or the corpus")()
+    add_eos: bool = Opt(True, aliases=("eos",), help="append EOS to each response")()
+    save: bool = Opt(True, help="save the model and tokenizer into --output")()
+
+    def check(self) -> None:
+        if "://" in self.output and not self.output.startswith("file://"):
+            raise AirRayError("--output must be a local directory (the checkpoint is written with save_pretrained)")
+        for name in ("max_steps", "batch_size", "max_length", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise AirRayError("--lr must be > 0")
+
+
+@dataclass
+class DemoConfig(Options):
+    command = "demo"
+    output: str = OUTPUT(default="out/demo", help="directory for every output of the demo")
+    input: str = Opt("data/gsm8k_sample/train_sample.jsonl", help="the bundled GSM8K sample (one JSONL file)")()
+    limit: int | None = Opt(None, help="score only the first N rows")()
+    num_probes: int = NUM_PROBES(default=12)
+    probe_tokens: int = PROBE_TOKENS()
+
+
+# subcommand -> its config class (``air-ray model fetch`` is "model fetch")
+COMMANDS: dict[str, type[Options]] = {
+    "model fetch": FetchConfig, "heads": HeadsConfig, "score": ScoreConfig, "select": SelectConfig,
+    "rescore": RescoreConfig, "report": ReportConfig, "train": TrainConfig, "demo": DemoConfig,
+}

@@ -1,0 +1,57 @@
+"""The ``hf`` backend: transformers, one copy of the weights.
+
+The reference pass is the same model with the critical heads' query rows zeroed for the duration of the pass
+(``air_ray.engine.ablation.QueryAblation``). Rows are batched by token budget (sorted by length); per batch the
+layers below the first ablated layer run once for both passes unless ``share_prefix=False``
+(``air_ray.engine.losses.token_nll_pair``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from air_ray.data.rows import PreparedRow
+from air_ray.engine.ablation import QueryAblation
+from air_ray.engine.backends import BackendSpec, TokenLosses
+from air_ray.engine.losses import batch_by_tokens, token_nll_pair
+from air_ray.models.load import load_model
+
+
+class HFBackend:
+    def __init__(self, spec: BackendSpec):
+        opts = spec.options
+        self.model = load_model(spec.ref, dtype=spec.dtype, device=spec.device, allow_pickle=opts.allow_pickle,
+                                trust_remote_code=opts.trust_remote_code, shard=spec.shard)
+        self.ablation = QueryAblation(self.model, spec.heads)
+        self.batch_tokens = int(opts.batch_tokens)
+        self.max_tokens = opts.max_tokens
+        self.pad_id = spec.pad_id
+        self.share_prefix = bool(spec.share_prefix)
+        self.batcher = batch_by_tokens  # (lengths, budget) -> [[row index]]; the bench swaps it to measure
+
+    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
+        out: list = [None] * len(prepared)
+        for batch in self.batcher([len(p.input_ids) for p in prepared], self.batch_tokens):
+            seqs = [prepared[i].input_ids for i in batch]
+            starts = [prepared[i].n_prompt_tokens for i in batch]
+            base, ref, ent = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
+                                            first_layer=self.ablation.first_layer, pad_id=self.pad_id,
+                                            share_prefix=self.share_prefix)
+            for i, b, r, e in zip(batch, base, ref, ent):
+                out[i] = TokenLosses(b, r, e)
+        return out
+
+    def close(self) -> None:
+        """Drop the model (its memory goes back when nothing else holds it)."""
+        if self.model is None:
+            return
+        cuda = any(p.is_cuda for p in self.model.parameters())
+        self.ablation.disable()
+        self.model = self.ablation = None
+        import gc
+
+        gc.collect()
+        if cuda:
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,0 +1,154 @@
+"""The scoring engine: rows -> token ids -> per-token losses (base and reference) -> influence scores.
+
+``Scorer(EngineOptions(...))`` (or the same options as keyword arguments) prepares the model, reads the heads,
+opens a backend from ``air_ray.engine.backends.TABLE`` and scores rows; ``close()`` (or ``with Scorer(...) as
+s:``) releases the backend's model or engines. No Ray here; the pipeline's scoring stage wraps a ``Scorer``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from air_ray.config.commands import EngineOptions
+from air_ray.data.rows import PreparedRow, RowError, RowPreparer
+from air_ray.engine.ablation import check_heads
+from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
+from air_ray.errors import AirRayError
+from air_ray.influence import all_finite, influence
+from air_ray.models.load import load_config, load_tokenizer, model_shape, resolve_device, resolve_dtype
+from air_ray.models.resolve import prepare_model
+
+SCORE_COLUMNS = (
+    "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
+    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base",
+)
+
+
+class Scorer:
+    """``Scorer(options).score(rows) -> list[dict]`` — see the README for the row and output forms.
+
+    ``options``: an ``EngineOptions`` (a ``ScoreConfig`` is one), or the model spec as a string; keyword
+    arguments set options by name (``Scorer(model=..., heads=..., dtype="float32")``). ``heads`` may also be a
+    loaded heads document or a list of (layer, head). Placement, not options: ``gpus`` (GPUs this process
+    holds), ``shard`` (hf: spread over every visible GPU), ``share_prefix`` (hf: False = two full passes).
+    """
+
+    def __init__(self, options: EngineOptions | str | None = None, heads=None, *, gpus: float = 0,
+                 shard: bool = False, share_prefix: bool = True, **overrides):
+        from air_ray.heads.artifact import load_heads
+
+        if isinstance(options, str):
+            overrides["model"] = options
+            options = None
+        if isinstance(heads, str) or hasattr(heads, "__fspath__"):
+            overrides["heads"], heads = str(heads), None
+        if options is None:
+            names = {f.name for f in EngineOptions.option_fields()}
+            options = EngineOptions.build({k: v for k, v in overrides.items() if k in names}, "Scorer")
+            overrides = {k: v for k, v in overrides.items() if k not in names}
+        if overrides:
+            options = options.replace(**overrides)
+        self.options = opts = options.validate()
+        self.ref = prepare_model(opts.model, allow_pickle=opts.allow_pickle)
+        self.tokenizer = load_tokenizer(self.ref, trust_remote_code=opts.trust_remote_code)
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
+        config = load_config(self.ref, trust_remote_code=opts.trust_remote_code)
+        shape = model_shape(config)
+        if heads is None:
+            self.heads_doc = load_heads(opts.heads, fingerprint=self.ref.fingerprint, shape=shape,
+                                        allow_mismatch=opts.allow_model_mismatch)
+        elif isinstance(heads, dict):
+            self.heads_doc = heads
+        else:
+            self.heads_doc = {"heads": [tuple(h) for h in heads]}
+        self.heads = check_heads(self.heads_doc["heads"], shape)
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.backend: Backend | None = open_backend(opts.backend, BackendSpec(
+            ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
+            pad_id=pad_id, gpus=gpus, shard=shard, share_prefix=share_prefix))
+        self.preparer = RowPreparer(self.tokenizer, format=opts.format, steps=opts.steps,
+                                    max_tokens=self.backend.max_tokens, truncate=opts.truncate)
+        self.step_temperature = float(opts.step_temperature)
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the backend's model or engines now (idempotent)."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def model(self):
+        """The loaded model of the ``hf`` backend (None for other backends)."""
+        return getattr(self.backend, "model", None)
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
+        """Per response token: (loss under the base model, loss under the reference model, entropy of the base
+        model's next-token distribution), in nats; the entropy is None where the backend has no distribution."""
+        if self.backend is None:
+            raise AirRayError("this Scorer is closed")
+        return self.backend.token_losses(prepared)
+
+    def score_prepared(self, prepared: Sequence[PreparedRow]) -> list[dict | RowError]:
+        """Scores of prepared rows; a row whose losses are not finite comes back as a RowError."""
+        results: list[dict | RowError] = []
+        for p, (base, ref, ent) in zip(prepared, self.token_losses(prepared)):
+            if not (all_finite(base, ref) and (ent is None or all_finite(ent))):
+                results.append(RowError("non_finite_loss", f"id {p.id}: a loss is NaN or infinite"))
+                continue
+            row = {
+                "id": p.id,
+                "domain": p.domain,
+                "n_prompt_tokens": p.n_prompt_tokens,
+                "n_response_tokens": p.n_response_tokens,
+            }
+            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
+            row["truncated"] = p.truncated
+            # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
+            row["entropy_base"] = None if ent is None else float(np.mean(ent))
+            results.append(row)
+        return results
+
+    def score(self, rows: Iterable[dict]) -> list[dict]:
+        """Score rows; a row that cannot be scored raises RowError naming its index."""
+        prepared = []
+        for i, row in enumerate(rows):
+            try:
+                prepared.append(self.preparer.prepare(row))
+            except RowError as e:
+                raise RowError(e.reason, f"row {i}: {e.detail}") from None
+        results = self.score_prepared(prepared)
+        for r in results:
+            if isinstance(r, RowError):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        """What produced these scores: recorded in every artifact."""
+        import air_ray
+
+        o = self.options
+        return {
+            "model": self.ref.name,
+            "model_fingerprint": self.ref.fingerprint,
+            "heads": [list(h) for h in self.heads],
+            "format": o.format,
+            "steps": o.steps,
+            "dtype": self.dtype,
+            "backend": o.backend,
+            "step_temperature": self.step_temperature,
+            "version": air_ray.__version__,
+        }

@@ -1,0 +1,93 @@
+"""heads.json: the critical heads of one model (and every head's retrieval score), written by ``air-ray heads``
+and read by every command that scores; ``heads.png`` is its heatmap. Plain JSON, numpy and matplotlib: no
+model needed to read it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from air_ray.errors import AirRayError
+
+FORMAT_VERSION = 1
+
+
+def write_heads(path: str | Path, *, model: str, fingerprint: str, shape: tuple[int, int, int, int],
+                top_frac: float, detection, probes: dict) -> dict:
+    """Write heads.json (atomically) and heads.png beside it; ``detection``: a ``detect.Detection``."""
+    L, H, KV, _ = shape
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "model_fingerprint": fingerprint,
+        "num_layers": L,
+        "num_heads": H,
+        "num_kv_heads": KV,
+        "top_frac": top_frac,
+        "heads": [[int(l), int(h)] for l, h in detection.heads],
+        "scores": [[round(float(x), 6) for x in row] for row in detection.scores],
+        "probes": probes,
+        "ablation_check": detection.ablation_check,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    plot_heads(doc, path.with_suffix(".png"))
+    return doc
+
+
+def plot_heads(doc: dict, out: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.asarray(doc["scores"])
+    L, H = scores.shape
+    fig, ax = plt.subplots(figsize=(max(4, H * 0.5 + 2), max(4, L * 0.22 + 1.5)))
+    im = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
+    for l, h in doc["heads"]:
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"retrieval score — {doc['model']} (red: critical, top {doc['top_frac']:.0%})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="retrieval score")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def load_heads(path: str, *, fingerprint: str | None = None, shape: tuple | None = None,
+               allow_mismatch: bool = False) -> dict:
+    """Read heads.json and check that it fits the model (fingerprint and shape)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise AirRayError(f"heads file {path} does not exist (run `air-ray heads` first)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise AirRayError(f"heads file {path} cannot be read: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or "heads" not in doc:
+        raise AirRayError(f"heads file {path} is not an air_ray heads.json (format_version {FORMAT_VERSION})")
+    if shape is not None:
+        L, H, KV = shape[:3]
+        if (doc.get("num_layers"), doc.get("num_heads")) != (L, H) or any(
+            not (0 <= l < L and 0 <= h < H) for l, h in doc["heads"]
+        ):
+            raise AirRayError(
+                f"heads file {path} is for a model of {doc.get('num_layers')}x{doc.get('num_heads')} heads, "
+                f"this model has {L}x{H}"
+            )
+    if fingerprint is not None and doc.get("model_fingerprint") != fingerprint and not allow_mismatch:
+        raise AirRayError(
+            f"heads file {path} was made for model {doc.get('model')!r} (fingerprint "
+            f"{doc.get('model_fingerprint')}), not this one ({fingerprint}); pass --allow-model-mismatch to use it"
+        )
+    doc["heads"] = [(int(l), int(h)) for l, h in doc["heads"]]
+    return doc

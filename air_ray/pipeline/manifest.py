@@ -1,0 +1,103 @@
+"""The run's manifest (``_manifest.json``: config, model, heads, versions, counts per reason, per source and
+per actor, timings) and its progress lines. Plain Python: the driver feeds it the stage summaries."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter
+
+
+def versions() -> dict:
+    """Versions of what produced the scores (read from the installed distributions: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import air_ray
+
+    out = {"air_ray": air_ray.__version__}
+    for name in ("ray", "torch", "transformers", "pyarrow", "vllm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return dict(out, python=platform.python_version())
+
+
+class Progress:
+    """Plain progress lines (readable in a terminal and in `ray job logs`)."""
+
+    def __init__(self, total_bytes: int, every_s: float = 5.0):
+        self.total_bytes, self.every_s = max(total_bytes, 1), every_s
+        self.t0 = self.last = time.time()
+        self.rows = self.tokens = self.nbytes = self.parts = 0
+
+    def update(self, s: dict, final: bool = False) -> None:
+        self.rows += s["rows_read"]
+        self.tokens += 0 if s["skipped"] else s["tokens"]
+        self.nbytes += s["nbytes"]
+        self.parts += 1
+        now = time.time()
+        if final or now - self.last >= self.every_s:
+            self.last = now
+            el = now - self.t0
+            frac = min(self.nbytes / self.total_bytes, 1.0)
+            eta = el * (1 - frac) / frac if frac > 0 else float("nan")
+            print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
+                  f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
+
+
+def input_size(uri: str) -> int:
+    """File size for the ETA; 0 when the store cannot say."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return int(fs.size(path) or 0)
+    except Exception:
+        return 0
+
+
+def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
+    from dataclasses import asdict
+
+    reasons: Counter = Counter()
+    per_actor: Counter = Counter()
+    per_source: dict[str, Counter] = {}
+    for s in summaries:
+        reasons.update(json.loads(s["reasons"]))
+        per_actor[s["actor"]] += s["rows_scored"]
+        src = per_source.setdefault(s["source"], Counter())
+        src.update(rows_read=s["rows_read"], rows_scored=s["rows_scored"], rows_rejected=s["rows_rejected"],
+                   partitions=1)
+    fresh = [s for s in summaries if not s.get("skipped")]
+    tokens = sum(s["tokens"] for s in fresh)
+    counts = {
+        "rows_read": sum(s["rows_read"] for s in summaries),
+        "rows_scored": sum(s["rows_scored"] for s in summaries),
+        "rows_rejected": sum(s["rows_rejected"] for s in summaries),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
+    return {
+        "format_version": 1,
+        "config": asdict(cfg),
+        "model": ref.name,
+        "model_fingerprint": ref.fingerprint,
+        "heads": [list(h) for h in heads_doc["heads"]],
+        "versions": versions(),
+        "inputs": files,
+        "partitions": sorted(s["unit"] for s in summaries),
+        "counts": counts,
+        "this_run": {  # what this run did; a resumed run skips units committed earlier
+            "units": len(summaries),
+            "units_skipped": len(summaries) - len(fresh),
+            "rows_read": sum(s["rows_read"] for s in fresh),
+            "rows_scored": sum(s["rows_scored"] for s in fresh),
+            "rows_rejected": sum(s["rows_rejected"] for s in fresh),
+        },
+        "per_actor_rows": dict(sorted(per_actor.items())),
+        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+    }
