@@ -121,10 +121,10 @@ def uniform_attention():
 def heads_file(tmp_path_factory, smol_ref):
     """A real heads.json for the default model from a small detection run (4 probes)."""
     from air_ray.config import HeadsConfig
-    from air_ray.detect import run_heads
+    from air_ray.heads.run import run_heads
 
     out = tmp_path_factory.mktemp("heads") / "heads.json"
-    run_heads(HeadsConfig(out=str(out), num_probes=4, probe_tokens=512, device="cpu"))
+    run_heads(HeadsConfig(output=str(out), num_probes=4, probe_tokens=512, device="cpu"))
     return out
 
 

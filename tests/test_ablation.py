@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from air_ray.ablation import QueryAblation, attention_modules
+from air_ray.engine.ablation import QueryAblation, attention_modules
 from air_ray.errors import AirRayError
 
 TOL = 1e-4

@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from air_ray import cli
-from air_ray.config import HeadsConfig, ScoreConfig
-from air_ray.rescore import RescoreConfig
-from air_ray.select import SelectConfig
+from air_ray.config import COMMANDS
+from air_ray.errors import AirRayError
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -32,8 +31,8 @@ RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
-JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore"}
-SUBCOMMAND_CONFIG = {"score": ScoreConfig, "heads": HeadsConfig, "select": SelectConfig}
+JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore",
+                  "train_weighted_sft": "train"}
 
 YAML_FILES = sorted([*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml"), *CONFIGS.glob("*.yaml")])
 TEXT_FILES = sorted(p for p in [*CLUSTER.rglob("*"), *JOBS.rglob("*")]
@@ -41,7 +40,7 @@ TEXT_FILES = sorted(p for p in [*CLUSTER.rglob("*"), *JOBS.rglob("*")]
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
-    """A fresh subparser of `air-ray` (fresh: `_apply_yaml` changes the defaults of the one it is given)."""
+    """The argument parser of `air-ray <name>`."""
     ap = cli.build_parser()
     for action in ap._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -51,10 +50,6 @@ def subparser(name: str) -> argparse.ArgumentParser:
 
 def option_strings(p: argparse.ArgumentParser) -> set[str]:
     return {s for a in p._actions for s in a.option_strings}
-
-
-def option_dests(p: argparse.ArgumentParser) -> set[str]:
-    return {a.dest for a in p._actions} - {"help", "config"}
 
 
 def load(path: Path):
@@ -114,9 +109,10 @@ def collected_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def check_job_command(script: str, args: list[str], where: str) -> argparse.Namespace:
-    """The job exists, every --flag is an option of its subcommand, --config files exist, and the whole command
-    (config file + flags) parses into a valid typed config. Paths are relative to the repository root."""
+def check_job_command(script: str, args: list[str], where: str):
+    """The job exists, every --flag is an option of its subcommand, --config files exist, and the command parses;
+    a complete one (with --config) gives a valid typed config, which is returned. Paths are relative to the
+    repository root."""
     path = REPO / script
     assert path.is_file(), f"{where}: {script} does not exist"
     job = path.stem
@@ -135,20 +131,12 @@ def check_job_command(script: str, args: list[str], where: str) -> argparse.Name
             value = tok.split("=", 1)[1] if "=" in tok else args[i + 1]
             assert (REPO / value).is_file(), f"{where}: --config {value} does not exist"
 
-    if sub == "rescore":  # its YAML holds a RescoreConfig (nested `select:`), not the command's flags
-        try:
-            ns = p.parse_args(args)
-        except SystemExit:
-            pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse as `air-ray rescore` options")
-        RescoreConfig.from_yaml(ns.config).check()
-        return ns
-    cli._apply_yaml(p, args)
     try:
-        ns = p.parse_args(args)
-    except SystemExit:
-        pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse as `air-ray {sub}` options")
+        ns = cli.build_parser().parse_args([sub, *args])
+    except AirRayError as e:
+        pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse as `air-ray {sub}` options: {e}")
     if "--config" in {a.split("=", 1)[0] for a in args}:  # a complete command: its typed config is valid
-        cli._to_config(SUBCOMMAND_CONFIG[sub], ns).check()
+        return cli.parse([sub, *args])[1]
     return ns
 
 
@@ -159,15 +147,15 @@ def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
     script, args = commands[0]
     assert script == "jobs/score.py"
     assert "--config" in args and "--address" in args
-    ns = check_job_command(script, args, "rayjob-score.yaml entrypoint")
-    assert ns.address == "auto"
+    cfg = check_job_command(script, args, "rayjob-score.yaml entrypoint")
+    assert cfg.address == "auto"
     # the scoring actors fit the GPU workers: one GPU each, as many actors as GPUs
     workers = load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)
-    assert ns.gpus_per_actor == 1 and ns.actors == gpus
+    assert cfg.gpus_per_actor == 1 and cfg.actors == gpus
     cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
-    assert ns.cpus_per_actor <= cpus
+    assert cfg.cpus_per_actor <= cpus
 
 
 def test_every_documented_job_command_is_real(monkeypatch):
@@ -211,49 +199,37 @@ def test_documented_ray_cli_flags_are_real():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_job_config_keys_are_options_and_parse(path, monkeypatch):
+    """Every key is an option of the job's subcommand (its current name, not an old spelling), and the file
+    comes through `python jobs/<job>.py --config <path>` as written, into a valid typed config."""
     monkeypatch.chdir(REPO)
     assert path.stem in JOB_SUBCOMMAND, f"{path.name}: no job jobs/{path.stem}.py"
     assert (JOBS / f"{path.stem}.py").is_file()
     sub = JOB_SUBCOMMAND[path.stem]
+    names = {f.name for f in COMMANDS[sub].option_fields()}
     doc = load(path)
-    if sub == "rescore":  # keys are RescoreConfig fields; unknown keys are refused by from_yaml itself
-        cfg = RescoreConfig.from_yaml(str(path)).check()
-        assert cfg.inputs == doc["inputs"] and cfg.select == doc["select"] and cfg.heads == doc["heads"]
-        return
-    p = subparser(sub)
-    dests = option_dests(p)
     for key in doc:
-        assert str(key).replace("-", "_") in dests, f"{path.name}: {key!r} is not an option of `air-ray {sub}`"
-
-    # through the CLI machinery, as `python jobs/<job>.py --config <path>` would, without running anything
-    argv = ["--config", str(path.relative_to(REPO))]
-    cli._apply_yaml(p, argv)
-    ns = p.parse_args([])
+        assert str(key).replace("-", "_") in names, f"{path.name}: {key!r} is not an option of `air-ray {sub}`"
+    _, cfg = cli.parse([sub, "--config", str(path.relative_to(REPO))])
     for key, value in doc.items():
-        got = getattr(ns, str(key).replace("-", "_"))
-        want = [str(v) for v in value] if key == "input" and isinstance(value, list) else value
-        if key == "input" and isinstance(value, str):
-            want = [value]
+        got = getattr(cfg, str(key).replace("-", "_"))
+        want = [value] if isinstance(value, str) and isinstance(got, list) else value
         assert got == want, f"{path.name}: {key} came through as {got!r}, not {want!r}"
-    cli._to_config(SUBCOMMAND_CONFIG[sub], ns).check()
 
 
 def test_top_frac_comes_through_from_the_configs(monkeypatch):
     monkeypatch.chdir(REPO)
     for job, sub in (("select", "select"), ("detect_heads", "heads")):
-        path = CONFIGS / f"{job}.yaml"
-        p = subparser(sub)
-        cli._apply_yaml(p, ["--config", str(path)])
-        assert p.parse_args([]).top_frac == load(path)["top_frac"]
+        path = str(CONFIGS / f"{job}.yaml")
+        assert cli.parse([sub, "--config", path])[1].top_frac == load(path)["top_frac"]
         # and a flag still wins over the file
-        assert p.parse_args(["--top-frac", "0.5"]).top_frac == 0.5
+        assert cli.parse([sub, "--config", path, "--top-frac", "0.5"])[1].top_frac == 0.5
 
 
-def test_apply_yaml_rejects_an_unknown_key(tmp_path):
+def test_a_config_with_an_unknown_key_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("top_fraction: 0.1\n")
-    with pytest.raises(cli.AirRayError, match="unknown option"):
-        cli._apply_yaml(subparser("select"), ["--config", str(bad)])
+    with pytest.raises(AirRayError, match="unknown option 'top_fraction'"):
+        cli.parse(["select", "--config", str(bad)])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -369,7 +345,8 @@ def test_runtime_env_ships_code_not_data(tmp_path):
     with zipfile.ZipFile(out) as z:
         names = set(z.namelist())
         size = sum(i.file_size for i in z.infolist())
-    for must in ("jobs/score.py", "jobs/configs/score.yaml", "air_ray/cli.py", "air_ray/data/probe_values.txt",
+    for must in ("jobs/score.py", "jobs/configs/score.yaml", "air_ray/cli/__init__.py", "air_ray/heads/probe_values.txt",
+                 "air_ray/data/rows.py",
                  "pyproject.toml"):
         assert must in names, f"{must} would not be shipped"
     for n in names:

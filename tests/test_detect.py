@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from air_ray.heads import detect
-from air_ray.probes import synthetic_probes, tokenize_probe
+from air_ray.heads.detect import detect
+from air_ray.heads.probes import synthetic_probes, tokenize_probe
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from air_ray.ablation import QueryAblation
-from air_ray.lm import prefix_shareable, token_nll_pair
+from air_ray.engine.ablation import QueryAblation
+from air_ray.engine.losses import prefix_shareable, token_nll_pair
 
 from tests.test_ablation import randomize, tiny_config
 
@@ -148,7 +148,7 @@ SMOL_HEADS = [(17, 3), (18, 6), (23, 2)]
 def smol_batch(smol_tok, gsm8k_rows):
     """The four shortest of the first 20 sample rows (of different lengths, so the batch is padded), chat
     format: (input ids, response starts)."""
-    from air_ray.rows import RowPreparer
+    from air_ray.data.rows import RowPreparer
 
     prep = RowPreparer(smol_tok, format="chat", steps="lines")
     rows = sorted((prep.prepare(r) for r in gsm8k_rows[:20]), key=lambda p: len(p.input_ids))[:4]
@@ -167,7 +167,7 @@ def test_fast_equals_plain_smollm2(smol_fp32, smol_batch):
 
 @pytest.mark.slow
 def test_fast_equals_plain_smollm2_detected_heads(smol_fp32, smol_batch, heads_file):
-    from air_ray.heads import load_heads
+    from air_ray.heads.artifact import load_heads
 
     heads = load_heads(str(heads_file))["heads"]
     seqs, starts = smol_batch
@@ -177,7 +177,7 @@ def test_fast_equals_plain_smollm2_detected_heads(smol_fp32, smol_batch, heads_f
 @pytest.mark.slow
 def test_scorer_share_prefix_switch(gsm8k_rows):
     """``Scorer(share_prefix=False)`` is the plain path; both give the same token losses and scores."""
-    from air_ray.scorer import Scorer
+    from air_ray.engine.scorer import Scorer
 
     scorer = Scorer(model="smollm2-135m", heads=SMOL_HEADS, dtype="float32", device="cpu", share_prefix=False,
                     batch_tokens=1024)
@@ -224,7 +224,7 @@ def test_fast_path_skips_the_shared_layers():
 def test_chunked_head_equals_full_logits(chunk):
     """token_nll (chunked, in-place logsumexp) = cross-entropy of the full [batch, pos, vocab] logits, and the
     entropies token_nll_pair gives = the entropy of softmax(full logits), at the same positions."""
-    from air_ray.lm import token_nll
+    from air_ray.engine.losses import token_nll
 
     model = tiny_model("qwen3")
     seqs = sequences(model.config.vocab_size, LENGTHS)
@@ -245,7 +245,7 @@ def test_chunked_head_equals_full_logits(chunk):
 
 
 def test_head_chunk_size():
-    from air_ray.lm import HEAD_CHUNK_BYTES, head_chunk
+    from air_ray.engine.losses import HEAD_CHUNK_BYTES, head_chunk
 
     assert head_chunk(49152) * 49152 * 4 <= HEAD_CHUNK_BYTES
     assert head_chunk(151936) >= 100
@@ -255,7 +255,7 @@ def test_head_chunk_size():
 
 
 def test_batch_by_tokens():
-    from air_ray.lm import batch_by_tokens
+    from air_ray.engine.losses import batch_by_tokens
 
     lengths = [50, 10, 300, 12, 11, 48, 5000, 52]
     batches = batch_by_tokens(lengths, 200)

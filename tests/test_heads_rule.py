@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.heads import copy_fraction, top_heads
-from air_ray.probes import Probe, ProbeTokens, read_probes, synthetic_probes, tokenize_probe
+from air_ray.heads.detect import copy_fraction, top_heads
+from air_ray.heads.probes import Probe, ProbeTokens, read_probes, synthetic_probes, tokenize_probe
 
 # prompt positions 0..7, answer tokens at 8, 9. The answer (20, 21) occurs in the prompt at 2-3 and, last,
 # at 5-6: only 5-6 is the answer span.

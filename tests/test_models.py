@@ -80,9 +80,9 @@ def test_own_checkpoint_loaded_as_is(tmp_path, monkeypatch, smol_ref, smol_tok):
 def test_export_ablated_zeroes_only_the_heads_query_rows(home_model):
     """The vLLM backend's reference model: the base weights with the heads' q_proj rows zeroed, made once per
     (fingerprint, heads, dtype), with the tokenizer beside it."""
-    from air_ray.ablation import QueryAblation
+    from air_ray.engine.ablation import QueryAblation
     from air_ray.models import load_model
-    from air_ray.vllm_backend import export_ablated
+    from air_ray.engine.backends.vllm import export_ablated
 
     ref, heads = home_model, [(1, 0), (1, 3), (0, 2)]
     out = export_ablated(ref, heads, "float32")

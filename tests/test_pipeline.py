@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from air_ray import schema
+from air_ray.outputs import layout as schema
 from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def _score_cfg(heads_file, inputs, output, **kw):
 
 @pytest.fixture(scope="module")
 def two_actor_run(tmp_path_factory, heads_file, corpus):
-    from air_ray.pipeline import run_score
+    from air_ray.pipeline.runner import run_score
 
     out = tmp_path_factory.mktemp("run2")
     manifest = run_score(_score_cfg(heads_file, [corpus["dir"]], out, actors=2, cpus_per_actor=1))
@@ -132,7 +132,8 @@ def test_pipeline_equals_scorer(two_actor_run, corpus, heads_file):
 
 
 def test_select_on_pipeline_output(two_actor_run, tmp_path):
-    from air_ray.select import SelectConfig, select
+    from air_ray.config import SelectConfig
+    from air_ray.outputs.select import select
 
     out, _ = two_actor_run
     select(SelectConfig(scores=str(out), output=str(tmp_path / "sel"), top_frac=0.5))
@@ -152,7 +153,7 @@ def test_select_on_pipeline_output(two_actor_run, tmp_path):
 
 def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_path):
     """Deterministic partition names: a second run into the same output leaves the same files."""
-    from air_ray.pipeline import run_score
+    from air_ray.pipeline.runner import run_score
 
     out, _ = two_actor_run
     copy = tmp_path / "copy"

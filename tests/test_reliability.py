@@ -31,7 +31,7 @@ def _read_dir(path: Path) -> list[dict]:
 
 
 def test_find_duplicates_matches_brute_force():
-    from air_ray.dedupe import by_source, find_duplicates, id_hash, order_key
+    from air_ray.data.ids import by_source, find_duplicates, id_hash, order_key
 
     rng = random.Random(0)
     files = ["a.jsonl", "b.jsonl", "c.parquet"]
@@ -51,7 +51,7 @@ def test_find_duplicates_matches_brute_force():
 
 
 def test_truncate_cuts_the_response_to_a_token_prefix(smol_tok, gsm8k_rows):
-    from air_ray.rows import RowError, RowPreparer
+    from air_ray.data.rows import RowError, RowPreparer
 
     row = max(gsm8k_rows, key=lambda r: len(r["response"]))
     full = RowPreparer(smol_tok, "chat", "lines").prepare(row)
@@ -318,8 +318,10 @@ def test_half_written_partition_is_never_read(tmp_path):
     import pandas as pd
     import pyarrow.dataset as pads
 
-    from air_ray import schema
-    from air_ray.select import SelectConfig, select
+    from air_ray.fsio import atomic_open
+    from air_ray.outputs import layout as schema
+    from air_ray.config import SelectConfig
+    from air_ray.outputs.select import select
 
     fs = fsspec.filesystem("file")
     d = tmp_path / "scores"
@@ -327,12 +329,12 @@ def test_half_written_partition_is_never_read(tmp_path):
            "loss_base": 1.0, "loss_ref": 2.0, "score": 1.0, "step_spans": [[0, 1]], "step_token_counts": [1],
            "step_scores": [1.0], "step_weights": [1.0], "truncated": False,
            "entropy_base": 1.5}
-    schema.write_atomic(schema.to_table([row], schema.SCORES), fs, str(d / "p-00000.parquet"))
+    schema.write_table_atomic(schema.to_table([row], schema.SCORES), fs, str(d / "p-00000.parquet"))
     # what a SIGKILL mid-write leaves: a hidden, truncated file
     full = (d / "p-00000.parquet").read_bytes()
     (d / ".p-00001.parquet.tmp").write_bytes(full[: len(full) // 2])
     with pytest.raises(RuntimeError):
-        with schema.atomic_open(fs, str(d / "p-00002.parquet")) as f:
+        with atomic_open(fs, str(d / "p-00002.parquet")) as f:
             f.write(full[:100])
             raise RuntimeError("killed")
     assert sorted(p.name for p in d.iterdir()) == [".p-00001.parquet.tmp", "p-00000.parquet"]

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.schema import SCORES, to_table, write_atomic
+from air_ray.outputs.layout import SCORES, to_table, write_table_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
@@ -48,7 +48,7 @@ def air_ray(*args, timeout=300):
 def write_partition(path: Path, rows: list[dict], metadata: dict | None = None) -> None:
     import fsspec
 
-    write_atomic(to_table(rows, SCORES, metadata), fsspec.filesystem("file"), str(path))
+    write_table_atomic(to_table(rows, SCORES, metadata), fsspec.filesystem("file"), str(path))
 
 
 def heads_doc() -> dict:
@@ -83,7 +83,7 @@ def synthetic_rows(n: int, seed: int, source: str) -> list[dict]:
 
 
 def test_scan_top_bottom_are_exact(tmp_path):
-    from air_ray import report
+    from air_ray.outputs import report
 
     rows = []
     for p in range(3):
@@ -105,7 +105,7 @@ def test_scan_top_bottom_are_exact(tmp_path):
 
 
 def test_report_without_texts_or_heads(tmp_path):
-    from air_ray.report import write_report
+    from air_ray.outputs.report import write_report
 
     write_partition(tmp_path / "s" / "a.parquet", synthetic_rows(50, 0, str(tmp_path / "gone.jsonl")))
     index = Path(write_report(str(tmp_path / "s"), None, tmp_path / "rep"))
@@ -119,7 +119,7 @@ def test_report_without_texts_or_heads(tmp_path):
 
 
 def test_report_errors(tmp_path):
-    from air_ray.report import write_report
+    from air_ray.outputs.report import write_report
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(AirRayError, match="report: no score partitions"):
@@ -128,7 +128,7 @@ def test_report_errors(tmp_path):
     with pytest.raises(AirRayError, match="no selection.json"):
         write_report(str(tmp_path / "s"), None, tmp_path / "rep", selection=str(tmp_path / "nosel"))
     p = air_ray("report", "--output", str(tmp_path / "rep"))
-    assert p.returncode == 2 and p.stderr.strip() == "air-ray: error: report needs --scores and --output"
+    assert p.returncode == 2 and p.stderr.strip() == "air-ray: error: report needs --scores"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -139,8 +139,9 @@ def test_report_errors(tmp_path):
 def real_run(tmp_path_factory):
     """A scores partition (two files) of 6 short GSM8K rows + 2 rows with hostile text, scored by the real
     engine; one row's source is missing. A selection of the top 3 beside it and a heads.json."""
-    from air_ray.scorer import Scorer
-    from air_ray.select import SelectConfig, select
+    from air_ray.engine.scorer import Scorer
+    from air_ray.config import SelectConfig
+    from air_ray.outputs.select import select
 
     root = tmp_path_factory.mktemp("report")
     with open(GSM8K, encoding="utf-8") as f:

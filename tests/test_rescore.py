@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from air_ray.corpus import unit_name
+from air_ray.data.corpus import unit_name
 
 from tests.test_reliability import _reap, _read_dir, _wait_for
 
@@ -48,7 +48,8 @@ def _config(tmp: Path, model, heads, inputs, output, **extra) -> Path:
 
 
 def _rescore(cfg_path: Path) -> dict:
-    from air_ray.rescore import RescoreConfig, run_rescore
+    from air_ray.config import RescoreConfig
+    from air_ray.pipeline.rescore import run_rescore
 
     return run_rescore(RescoreConfig.from_yaml(str(cfg_path)))
 
@@ -135,7 +136,7 @@ def _last_json(log: str) -> dict:
 def test_heads_detect_once_per_model(ray_local, tiny_model, gsm8k_rows, tmp_path):
     """heads: detect runs head detection on the first pass only, keeps the result under <output>/heads/ and
     scores with it; the next pass reuses it (same version, nothing redone)."""
-    from air_ray.heads import load_heads
+    from air_ray.heads.artifact import load_heads
     from air_ray.models import prepare_model
 
     model, _ = tiny_model

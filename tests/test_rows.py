@@ -6,8 +6,8 @@ import json
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.rows import RowError, RowPreparer, split_row
-from air_ray.steps import split_steps
+from air_ray.data.rows import RowError, RowPreparer, split_row
+from air_ray.data.steps import split_steps
 
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 RESPONSE = "He starts with 3 apples.\n3 + 4 = 7\n\n#### 7"

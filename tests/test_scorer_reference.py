@@ -21,7 +21,7 @@ HEADS = [(18, 6), (17, 3), (17, 4), (23, 2), (18, 7), (20, 6), (21, 8), (23, 7),
 
 @pytest.fixture(scope="module")
 def scorer_fp32():
-    from air_ray.scorer import Scorer
+    from air_ray.engine.scorer import Scorer
 
     return Scorer(model="smollm2-135m", heads=HEADS, dtype="float32", device="cpu")
 
@@ -163,8 +163,8 @@ def test_spearman_helper():
 def test_bf16_ranks_like_fp32(scorer_fp32, gsm8k_rows):
     """bf16 (what CUDA runs) ranks samples like float32. bf16 matmuls are emulated on this CPU, so keep it
     small: the 8 shortest rows, in raw format (no chat template: ~90 instead of ~120 tokens a row)."""
-    from air_ray.rows import RowPreparer
-    from air_ray.scorer import Scorer
+    from air_ray.data.rows import RowPreparer
+    from air_ray.engine.scorer import Scorer
 
     raw = RowPreparer(scorer_fp32.tokenizer, format="raw")
     prepared = sorted((raw.prepare(r) for r in gsm8k_rows), key=lambda p: (len(p.input_ids), p.id))[:8]

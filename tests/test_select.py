@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import air_ray.select as sel
+import air_ray.outputs.select as sel
 from air_ray.errors import AirRayError
-from air_ray.schema import METADATA_KEY, SCORES, SELECTION
-from air_ray.select import SelectConfig, select
+from air_ray.outputs.layout import METADATA_KEY, SCORES, SELECTION
+from air_ray.config import SelectConfig
+from air_ray.outputs.select import select
 
 DOMAINS = ["math", "code", None, "science", "Zeta", "été"]
 
@@ -413,7 +414,8 @@ def test_corrupt_partition(tmp_path):
 
 MEMORY_CHILD = textwrap.dedent("""
     import json, sys, time
-    from air_ray.select import SelectConfig, select
+    from air_ray.config import SelectConfig
+    from air_ray.outputs.select import select
     import pyarrow, pyarrow.dataset, pyarrow.compute, numpy, matplotlib.figure, matplotlib.backends.backend_agg
     def peak_mb():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
         return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))

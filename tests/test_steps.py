@@ -3,7 +3,7 @@
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.steps import check_rule, split_steps
+from air_ray.data.steps import check_rule, split_steps
 
 
 def pieces(text, spans):

@@ -1,12 +1,13 @@
-"""Step-weighted fine-tuning (air_ray.training, jobs/train_weighted_sft.py): token weights under two tokenizer
+"""Step-weighted fine-tuning (air_ray.outputs.training, jobs/train_weighted_sft.py): token weights under two tokenizer
 families, the weighted loss against Hugging Face's, the selection + scores + corpus join, the collator, and
 (slow) a few real optimiser steps on the default model showing a step weighted 0 gets no gradient."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -14,10 +15,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from air_ray import schema
+from air_ray.outputs import layout as schema
 from air_ray.errors import AirRayError
-from air_ray.rows import RowPreparer, canonical_id
-from air_ray.training import (
+from air_ray.data.rows import RowPreparer, canonical_id
+from air_ray.outputs.training import (
     IGNORE_INDEX,
     StepWeightedCollator,
     TrainConfig,
@@ -121,7 +122,7 @@ def test_step_token_weights_tiny_tokenizer_without_spaces():
 
 
 def test_weights_follow_the_scorers_token_to_step_assignment(smol_tok):
-    """The scorer's token starts (air_ray.rows) mapped to steps by air_ray.influence.token_step_index give the
+    """The scorer's token starts (air_ray.data.rows) mapped to steps by air_ray.influence.token_step_index give the
     same per-token weights: training weights and step scores describe the same tokens."""
     from air_ray.influence import token_step_index
 
@@ -321,9 +322,9 @@ def write_inputs(root: str, selected=("b", "a", C_ID), corpus=CORPUS, extra_line
               score_row(C_ID, [[0, 6], [7, 14]], [0.0, 2.0], 1.0),
               score_row("d", [[0, 5], [6, 9]], [1.0, 1.0], 0.5)]
     for i, part in enumerate((scores[:2], scores[2:])):
-        schema.write_atomic(schema.to_table(part, schema.SCORES), fs, f"{base}/score/scores/part-{i}.parquet")
+        schema.write_table_atomic(schema.to_table(part, schema.SCORES), fs, f"{base}/score/scores/part-{i}.parquet")
     sel = [{"id": rid, "score": 0.0, "rank": r, "domain": None} for r, rid in enumerate(selected, 1)]
-    schema.write_atomic(schema.to_table(sel[::-1], schema.SELECTION), fs, f"{base}/select/selection.parquet")
+    schema.write_table_atomic(schema.to_table(sel[::-1], schema.SELECTION), fs, f"{base}/select/selection.parquet")
     lines = [json.dumps(r) for r in corpus] + list(extra_lines)
     fs.makedirs(f"{base}/corpus", exist_ok=True)
     with fs.open(f"{base}/corpus/rows.jsonl", "w") as f:
@@ -448,32 +449,31 @@ def test_encode_examples_reports_rows_without_response_tokens(smol_tok):
 # the job
 
 
-def load_job(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "jobs"))  # restored afterwards (_jobpath rewrites sys.path)
-    spec = importlib.util.spec_from_file_location("train_weighted_sft_job", REPO / "jobs" / "train_weighted_sft.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_job_arguments(monkeypatch):
-    job = load_job(monkeypatch)
-    cfg = job.parse_args(["--selection", "s", "--scores", "sc", "--corpus", "c1", "c2", "--output", "o",
-                          "--max-steps", "3", "--lr", "2e-5", "--batch-size", "2", "--max-length", "64"])
-    assert (cfg.selection, cfg.scores, cfg.corpus, cfg.output) == ("s", "sc", ["c1", "c2"], "o")
+    """The job is `air-ray train`: the same options (--corpus still accepted for --input), parsed by the CLI."""
+    from air_ray import cli
+
+    _, cfg = cli.parse(["train", "--selection", "s", "--scores", "sc", "--input", "c1", "c2", "--output", "o",
+                        "--max-steps", "3", "--lr", "2e-5", "--batch-size", "2", "--max-length", "64"])
+    assert (cfg.selection, cfg.scores, cfg.input, cfg.output) == ("s", "sc", ["c1", "c2"], "o")
     assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.max_length) == (3, 2e-5, 2, 64)
-    assert cfg.model is None and cfg.format == "chat" and cfg.add_eos
+    assert cfg.model == "smollm2-135m" and cfg.format == "chat" and cfg.add_eos
+    assert cli.parse(["train", "--selection", "s", "--scores", "sc", "--corpus", "c", "--output", "o",
+                      "--no-eos"])[1].input == ["c"]
     src = (REPO / "jobs" / "train_weighted_sft.py").read_text()
-    first_import = next(l for l in src.splitlines() if l.startswith(("import ", "from ")))
-    assert first_import.startswith("import _jobpath")
+    imports = [l for l in src.splitlines() if l.startswith(("import ", "from "))]
+    assert imports.index("import _jobpath  # noqa: F401  (first: fixes sys.path; jobs/select.py would shadow the "
+                         "stdlib select)") < imports.index("from air_ray.cli import main")
+    assert 'main(["train", *sys.argv[1:]])' in src
 
 
-def test_job_reports_missing_rows_as_an_error(tmp_path, monkeypatch, capsys):
-    job = load_job(monkeypatch)
+def test_job_reports_missing_rows_as_an_error(tmp_path):
     sel, scores, corpus = write_inputs(str(tmp_path), corpus=CORPUS[1:])
-    rc = job.main(["--selection", sel, "--scores", scores, "--corpus", corpus, "--output", str(tmp_path / "o")])
-    assert rc == 2
-    assert "1 not in the corpus" in capsys.readouterr().err
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "train_weighted_sft.py"), "--selection", sel,
+                        "--scores", scores, "--input", corpus, "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "1 not in the corpus" in p.stderr and "Traceback" not in p.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_weighted_sft_on_the_default_model(smol_ref, tmp_path):
     """Through the job's Trainer (build_trainer / train_weighted_sft): the logits predicting the tokens of a
     step weighted 0 get exactly zero gradient, so rewriting that (last) step leaves every parameter gradient
     unchanged; then a few real optimiser steps run on Parquet inputs and the model is saved."""
-    from air_ray.training import load_trainable, train_weighted_sft
+    from air_ray.outputs.training import load_trainable, train_weighted_sft
 
     # One thread: on a 2-core machine shared with other processes, two OpenMP threads spin against each other and
     # CPU training gets ~10x slower (measured 42 s vs 4 s for the two optimiser steps below).

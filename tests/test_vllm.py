@@ -34,19 +34,19 @@ def rows64(gsm8k_rows):
 
 @pytest.fixture(scope="module")
 def vllm_scorer(heads):
-    from air_ray.scorer import Scorer
+    from air_ray.engine.scorer import Scorer
 
-    scorer = Scorer(heads=heads, dtype="float32", device="cpu", backend="vllm", max_tokens=1024)
-    yield scorer
-    scorer.vllm.close()
+    with Scorer(heads=heads, dtype="float32", device="cpu", backend="vllm", max_tokens=1024) as scorer:
+        yield scorer
+    assert scorer.backend is None  # `with` closed both engines
 
 
 @pytest.fixture(scope="module")
 def hf_scores(heads, rows64):
-    from air_ray.scorer import Scorer
+    from air_ray.engine.scorer import Scorer
 
-    scorer = Scorer(heads=heads, dtype="float32", device="cpu", max_tokens=1024)
-    return scorer, scorer.score(rows64)
+    with Scorer(heads=heads, dtype="float32", device="cpu", max_tokens=1024) as scorer:
+        yield scorer, scorer.score(rows64)
 
 
 def test_agrees_with_hf_on_64_gsm8k_rows(vllm_scorer, hf_scores, rows64):

@@ -36,7 +36,8 @@ SUBCOMMANDS = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (through main), instead of usage + message
-        raise AirRayError(f"{self.prog}: {message}")
+        where = self.prog.removeprefix("air-ray").strip()
+        raise AirRayError(f"{where}: {message}" if where else message)
 
 
 def _value_parser(tp, name: str):
@@ -110,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _deprecated_flags(argv: list[str], cls: type[Options]) -> None:
+    given = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
     for f in cls.option_fields():
         for a in opt_of(f).aliases:
-            spellings = {flag(a), "--no-" + a.replace("_", "-")}
-            if any(tok.split("=", 1)[0] in spellings for tok in argv):
-                warn(f"{flag(a)} is deprecated; use {flag(f.name)}")
+            for old, new in ((flag(a), flag(f.name)), ("--no-" + flag(a)[2:], "--no-" + flag(f.name)[2:])):
+                if old in given:
+                    warn(f"{old} is deprecated; use {new}")
 
 
 def parse(argv: list[str]) -> tuple[str, Options]:

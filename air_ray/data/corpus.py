@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from air_ray.errors import AirRayError
+from air_ray.fsio import with_protocol
 
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 _GLOB = re.compile(r"[*?\[]")
@@ -39,12 +40,6 @@ class Chunk:
             h.update(b"\x00<invalid utf-8>" if text is None else text.encode("utf-8"))
         h.update(f"\n{self.file_error}".encode())
         return h.hexdigest()[:20]
-
-
-def with_protocol(fs, path: str) -> str:
-    """A path as the user would write it: plain for local files, with the protocol otherwise."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if proto in ("file", "local") else f"{proto}://{path}"
 
 
 def expand_inputs(uris: list[str]) -> list[str]:

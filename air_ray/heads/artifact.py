@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from air_ray.errors import AirRayError
+from air_ray.fsio import local_fs, write_bytes_atomic
 
 FORMAT_VERSION = 1
 
@@ -31,11 +32,8 @@ def write_heads(path: str | Path, *, model: str, fingerprint: str, shape: tuple[
         "probes": probes,
         "ablation_check": detection.ablation_check,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    path = Path(path).resolve()
+    write_bytes_atomic(local_fs(), str(path), json.dumps(doc, indent=1).encode())
     plot_heads(doc, path.with_suffix(".png"))
     return doc
 

@@ -7,9 +7,11 @@ May import: ``air_ray.errors``; torch and transformers lazily. Never Ray, the CL
 from air_ray.models.load import (
     load_config, load_model, load_tokenizer, model_shape, resolve_device, resolve_dtype, torch_dtype,
 )
-from air_ray.models.resolve import DEFAULT_MODEL, ModelRef, air_ray_home, cached_checkpoint, prepare_model, weights_dir
+from air_ray.models.resolve import (
+    DEFAULT_MODEL, ModelRef, air_ray_home, cached_checkpoint, fingerprint, prepare_model, weights_dir,
+)
 
 __all__ = [
-    "DEFAULT_MODEL", "ModelRef", "air_ray_home", "cached_checkpoint", "load_config", "load_model", "load_tokenizer",
+    "DEFAULT_MODEL", "ModelRef", "air_ray_home", "cached_checkpoint", "fingerprint", "load_config", "load_model", "load_tokenizer",
     "model_shape", "prepare_model", "resolve_device", "resolve_dtype", "torch_dtype", "weights_dir",
 ]

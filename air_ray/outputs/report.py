@@ -74,8 +74,10 @@ class Scan:
         return len(self.scores)
 
 
-def scan(scores: ScoreFiles, k: int = K) -> Scan:
-    """Pass 1 over every partition of ``scores`` (see the module doc)."""
+def scan(scores: ScoreFiles | str, k: int = K) -> Scan:
+    """Pass 1 over every partition of ``scores`` (a URI, or the partitions opened; see the module doc)."""
+    if isinstance(scores, str):
+        scores = open_scores(scores, "report")
     keys = DomainCodes()
     s_parts, l_parts, d_parts = [], [], []
     top = bottom = None
