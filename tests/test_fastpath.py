@@ -181,13 +181,13 @@ def test_scorer_share_prefix_switch(gsm8k_rows):
 
     scorer = Scorer(model="smollm2-135m", heads=SMOL_HEADS, dtype="float32", device="cpu", share_prefix=False,
                     batch_tokens=1024)
-    assert scorer.share_prefix is False
+    assert scorer.backend.share_prefix is False
     losses = []
     token_losses = scorer.token_losses
     scorer.token_losses = lambda prepared: losses.append(token_losses(prepared)) or losses[-1]
     rows = sorted(gsm8k_rows[10:20], key=lambda r: len(r["prompt"]) + len(r["response"]))[:3]
     plain = scorer.score(rows)
-    scorer.share_prefix = True
+    scorer.backend.share_prefix = True
     fast = scorer.score(rows)
     for (pb, pr, pe), (fb, fr, fe) in zip(*losses):  # per row: base, ref, entropy
         assert max_diff([pb, pr, pe], [fb, fr, fe]) <= TOL
