@@ -103,6 +103,7 @@ def synthetic_partition(rng, row_ids: np.ndarray) -> pa.Table:
         "step_weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights)),
         "truncated": pa.array(np.zeros(n, bool)),
         "entropy_base": pa.array(rng.random(n) * 3.0),
+        "step_kinds": pa.nulls(n, SCORES.field("step_kinds").type),
     }
     return pa.Table.from_pydict(cols, schema=SCORES)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.data.rows import RowError, RowPreparer, split_row
+from air_ray.data.rows import RowError, RowPreparer, parse_row
 from air_ray.data.steps import split_steps
 
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -152,7 +152,7 @@ def test_row_errors(chat, row, reason):
     assert e.value.reason == reason
     assert str(e.value).startswith(reason)
     with pytest.raises(RowError):
-        split_row(row)
+        parse_row(row)
 
 
 def test_too_long(smol_tok):

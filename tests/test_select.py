@@ -45,7 +45,7 @@ def scores_table(ids, scores, domains) -> pa.Table:
         "truncated": pa.array(np.zeros(n, bool)),
         "entropy_base": pa.array(np.full(n, 2.0)),
     }
-    for name in ("step_spans", "step_token_counts", "step_scores", "step_weights"):
+    for name in ("step_spans", "step_token_counts", "step_scores", "step_weights", "step_kinds"):
         cols[name] = pa.nulls(n, SCORES.field(name).type)
     return pa.Table.from_pydict(cols, schema=SCORES)
 

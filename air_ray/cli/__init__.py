@@ -15,7 +15,8 @@ import json
 import sys
 
 from air_ray.config.commands import (
-    DemoConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig, TrainConfig,
+    DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig,
+    TrainConfig,
 )
 from air_ray.config.options import Options, flag, kind_of, opt_of, optional, warn
 from air_ray.errors import AirRayError
@@ -29,6 +30,8 @@ SUBCOMMANDS = (
     ("rescore", RescoreConfig, "score only new or changed input files into a versioned output; refresh the "
                                "selection (for schedules)"),
     ("report", ReportConfig, "a static HTML report (heads, scores, top/bottom rows, selection) -> DIR/index.html"),
+    ("export", ExportConfig, "the selected rows as a training-ready dataset (Parquet: messages or prompt/completion, "
+                             "step weights)"),
     ("train", TrainConfig, "step-weighted fine-tuning on a selection (step weights -> per-token loss weights)"),
     ("demo", DemoConfig, "the whole pipeline on the bundled GSM8K sample, on a local Ray"),
 )
@@ -196,7 +199,14 @@ def _rescore(cfg: RescoreConfig) -> int:
 def _report(cfg: ReportConfig) -> int:
     from air_ray.outputs.report import write_report
 
-    print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection))
+    print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection, corpus=cfg))
+    return 0
+
+
+def _export(cfg: ExportConfig) -> int:
+    from air_ray.outputs.export import export
+
+    export(cfg)
     return 0
 
 
@@ -215,4 +225,4 @@ def _demo(cfg: DemoConfig) -> int:
 
 
 RUN = {"model fetch": _fetch, "heads": _heads, "score": _score, "select": _select, "rescore": _rescore,
-       "report": _report, "train": _train, "demo": _demo}
+       "report": _report, "export": _export, "train": _train, "demo": _demo}

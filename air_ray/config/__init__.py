@@ -6,13 +6,15 @@ May import: ``air_ray.errors``, ``air_ray.models.resolve`` (the default model's 
 """
 
 from air_ray.config.commands import (
-    BACKENDS, COMMANDS, DTYPES, FORMATS, SELECT_BY, DemoConfig, EngineOptions, FetchConfig, HeadsConfig,
+    BACKENDS, COMMANDS, DTYPES, EXPORT_STYLES, FORMATS, SELECT_BY, CorpusOptions, DemoConfig, EngineOptions,
+    ExportConfig, FetchConfig, HeadsConfig,
     ModelOptions, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig, TrainConfig,
 )
 from air_ray.config.options import Opt, Options
 
 __all__ = [
-    "BACKENDS", "COMMANDS", "DTYPES", "FORMATS", "SELECT_BY", "DemoConfig", "EngineOptions", "FetchConfig",
+    "BACKENDS", "COMMANDS", "DTYPES", "EXPORT_STYLES", "FORMATS", "SELECT_BY", "CorpusOptions", "DemoConfig",
+    "EngineOptions", "ExportConfig", "FetchConfig",
     "HeadsConfig", "ModelOptions", "Opt", "Options", "ReportConfig", "RescoreConfig", "ScoreConfig",
     "SelectConfig", "TrainConfig",
 ]

@@ -22,6 +22,7 @@ BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses
 # select --by: the AIR score, or a heuristic from the same scoring run (each ranked descending; random = a
 # seeded hash of the id)
 SELECT_BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
+EXPORT_STYLES = ("messages", "prompt-completion")
 
 # ----------------------------------------------------------------------------------------------
 # declarations shared by several commands
@@ -55,13 +56,35 @@ class ModelOptions(Options):
 
 
 @dataclass
-class EngineOptions(ModelOptions):
+class CorpusOptions(Options):
+    """How to read a corpus row (``air_ray.data.shapes``): where its parts are when the row is not in a detected
+    shape, and the tags around reasoning. Every command that reads the corpus has these."""
+
+    prompt_field: str | None = Opt(None, help="field holding the prompt (a string or a list of strings)")()
+    response_field: str | None = Opt(None, help="field holding the response (the answer)")()
+    reasoning_field: str | None = Opt(None, help="field holding reasoning given apart from the answer")()
+    messages_field: str | None = Opt(None, help="field holding the conversation (OpenAI messages or ShareGPT turns)")()
+    id_field: str | None = Opt(None, help="field holding the row id (default: id, else a hash of the content)")()
+    domain_field: str | None = Opt(None, help="field holding the row's domain (default: domain)")()
+    think_tags: str = Opt("<think>,</think>", metavar="OPEN,CLOSE",
+                          help="tags around reasoning: how reasoning given apart is rendered, and what the "
+                               "think step rule looks for")()
+
+    def check(self) -> None:
+        super().check()
+        open_tag, sep, close_tag = self.think_tags.partition(",")
+        if not sep or not open_tag or not close_tag or "," in close_tag:
+            raise AirRayError(f"--think-tags {self.think_tags!r}: expected OPEN,CLOSE (e.g. <think>,</think>)")
+
+
+@dataclass
+class EngineOptions(ModelOptions, CorpusOptions):
     """What the scoring engine (``air_ray.engine.Scorer``) computes: model, heads, row and step rules,
     numerics, backend. Placement (actors, GPUs per actor) belongs to the pipeline (``ScoreConfig``)."""
 
     heads: str = HEADS()
     format: str = FORMAT()
-    steps: str = Opt("lines", help="lines | paragraphs | regex:PATTERN")()
+    steps: str = Opt("lines", help="lines | paragraphs | think | regex:PATTERN")()
     step_temperature: float = Opt(1.0, help="temperature of the step weights' softmax")()
     backend: str = Opt("hf", choices=BACKENDS,
                        help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
@@ -76,6 +99,7 @@ class EngineOptions(ModelOptions):
     def check(self) -> None:
         from air_ray.data.steps import check_rule
 
+        super().check()
         check_rule(self.steps)
         if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
             raise AirRayError("--vllm-gpu-memory must be in (0, 1] and --vllm-cpu-kv-cache-gib > 0")
@@ -102,6 +126,10 @@ class EngineOptions(ModelOptions):
             "dtype": self.dtype, "max_tokens": self.max_tokens, "truncate": self.truncate,
             "backend": self.backend, "air_ray": air_ray.__version__,
         }
+        rows = {f.name: getattr(self, f.name) for f in CorpusOptions.option_fields()
+                if getattr(self, f.name) != f.default}
+        if rows:  # only when set: outputs scored before these options existed keep their keys
+            doc["rows"] = rows
         return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -230,7 +258,7 @@ class RescoreConfig(ScoreConfig):
 
 
 @dataclass
-class ReportConfig(Options):
+class ReportConfig(CorpusOptions):
     command = "report"
     scores: str = SCORES(required=True)
     heads: str | None = HEADS(default=None, help="heads.json (heatmap and critical heads)")
@@ -240,14 +268,15 @@ class ReportConfig(Options):
 
 
 @dataclass
-class TrainConfig(ModelOptions):
+class TrainConfig(ModelOptions, CorpusOptions):
     """Step-weighted fine-tuning on a selection (``air_ray.outputs.training``)."""
 
     command = "train"
     dtype: str = DTYPE(default="float32", help="weights dtype (float32; --bf16 for mixed precision on GPUs)")
-    selection: str = Opt(None, required=True, help="selection.parquet, or the select output directory")()
-    scores: str = SCORES(required=True)
-    input: list[str] = INPUT(required=True, aliases=("corpus",), help="the corpus that was scored")
+    selection: str | None = Opt(None, help="selection.parquet, or the select output directory")()
+    scores: str | None = SCORES()
+    input: list[str] = INPUT(aliases=("corpus",), help="the corpus that was scored, or the directory of an "
+                                                      "`air-ray export` (then no --selection / --scores)")
     output: str = OUTPUT(required=True, help="local directory for the fine-tuned model")
     format: str = FORMAT(help="as used for scoring")
     max_steps: int = Opt(100, help="optimiser steps")()
@@ -263,6 +292,11 @@ class TrainConfig(ModelOptions):
     save: bool = Opt(True, help="save the model and tokenizer into --output")()
 
     def check(self) -> None:
+        super().check()
+        if not self.input:
+            raise AirRayError("train needs --input (the corpus, or an export)")
+        if (self.selection is None) != (self.scores is None):
+            raise AirRayError("train: give --selection and --scores together (or neither, with an export as --input)")
         if "://" in self.output and not self.output.startswith("file://"):
             raise AirRayError("--output must be a local directory (the checkpoint is written with save_pretrained)")
         for name in ("max_steps", "batch_size", "max_length", "grad_accum"):
@@ -270,6 +304,25 @@ class TrainConfig(ModelOptions):
                 raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AirRayError("--lr must be > 0")
+
+
+@dataclass
+class ExportConfig(CorpusOptions):
+    """``air-ray export``: the selected rows as a training-ready dataset (``air_ray.outputs.export``)."""
+
+    command = "export"
+    scores: str = SCORES(required=True)
+    selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection)")()
+    input: list[str] = INPUT(required=True, help="the corpus that was scored")
+    output: str = OUTPUT(required=True, metavar="URI", help="directory for the Parquet files (any fsspec URI)")
+    style: str = Opt("messages", choices=EXPORT_STYLES,
+                     help="messages: a list of {role, content}; prompt-completion: prompt and completion columns")()
+    rows_per_file: int = Opt(10_000, help="rows per Parquet file")()
+
+    def check(self) -> None:
+        super().check()
+        if self.rows_per_file < 1:
+            raise AirRayError("--rows-per-file must be >= 1")
 
 
 @dataclass
@@ -285,5 +338,6 @@ class DemoConfig(Options):
 # subcommand -> its config class (``air-ray model fetch`` is "model fetch")
 COMMANDS: dict[str, type[Options]] = {
     "model fetch": FetchConfig, "heads": HeadsConfig, "score": ScoreConfig, "select": SelectConfig,
-    "rescore": RescoreConfig, "report": ReportConfig, "train": TrainConfig, "demo": DemoConfig,
+    "rescore": RescoreConfig, "report": ReportConfig, "export": ExportConfig, "train": TrainConfig,
+    "demo": DemoConfig,
 }

@@ -1,7 +1,11 @@
 """Corpus input: expanding URIs to files, and reading files as chunks of raw records.
 
-Files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON lines, or one JSON array) and ``.parquet`` on any fsspec
-URI. A chunk is the unit of work and of output: ``rows_per_partition`` consecutive records of one file,
+Files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON lines, or one JSON array), ``.parquet`` and ``.arrow`` (Arrow
+IPC stream or file, as ``datasets.save_to_disk`` writes them) on any fsspec URI. A directory is read recursively:
+a Hugging Face ``save_to_disk`` folder (``.arrow`` files beside ``dataset_info.json`` / ``state.json``) is a
+corpus like any other. Dataset metadata and documentation files (``dataset_info.json``, ``state.json``,
+``dataset_dict.json``, ``README*``, ``LICENSE*``, ``*.md``) are skipped; any other file of a kind that cannot be
+read fails the listing with one line naming it, so nothing is parsed as something it is not. A chunk is the unit of work and of output: ``rows_per_partition`` consecutive records of one file,
 named deterministically from the file and its index, so a rerun replaces a partition rather than adding one.
 Records stay raw text here (``None`` for a line that is not valid UTF-8); parsing and validation happen in
 the prepare step, where a bad record becomes a rejected row instead of an exception.
@@ -18,7 +22,10 @@ from typing import Iterator
 from air_ray.errors import AirRayError
 from air_ray.fsio import with_protocol
 
-EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow")
+# files a dataset folder holds beside its rows (Hugging Face metadata, docs): never rows
+_NOT_ROWS = ("dataset_info.json", "state.json", "dataset_dict.json", ".gitattributes")
+_DOCS = ("readme", "license", "licence", "notice", "citation")
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -47,6 +54,7 @@ def expand_inputs(uris: list[str]) -> list[str]:
     import fsspec
 
     out: list[str] = []
+    unreadable: list[str] = []
     for uri in uris:
         try:
             fs, path = fsspec.core.url_to_fs(uri)
@@ -66,11 +74,28 @@ def expand_inputs(uris: list[str]) -> list[str]:
             raise
         except Exception as e:  # unreachable endpoint, permission ...
             raise AirRayError(f"input {uri} cannot be listed: {type(e).__name__}: {e}") from None
-        out += [with_protocol(fs, p) for p in found if p.endswith(EXTENSIONS)]
+        for p in found:
+            kind = file_kind(p)
+            if kind == "rows":
+                out.append(with_protocol(fs, p))
+            elif kind == "unknown":
+                unreadable.append(with_protocol(fs, p))
+    if unreadable:
+        raise AirRayError(f"input {' '.join(uris)} holds files air_ray cannot read: "
+                          f"{', '.join(sorted(unreadable)[:5])}{' ...' if len(unreadable) > 5 else ''} (rows are read "
+                          f"from {', '.join(EXTENSIONS)}; move other files away or name the data files)")
     out = sorted(set(out))
     if not out:
         raise AirRayError(f"no input files ({', '.join(EXTENSIONS)}) found in {' '.join(uris)}")
     return out
+
+
+def file_kind(path: str) -> str:
+    """"rows" (a readable data file), "skip" (dataset metadata or documentation) or "unknown"."""
+    name = path.rstrip("/").split("/")[-1]
+    if name in _NOT_ROWS or name.lower().startswith(_DOCS) or name.lower().endswith((".md", ".txt.license")):
+        return "skip"
+    return "rows" if name.endswith(EXTENSIONS) else "unknown"
 
 
 def posix_hidden(path: str) -> bool:
@@ -95,7 +120,12 @@ def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
     index = 0
     chunk = Chunk(unit_name(source, 0), source)
     try:
-        records = _parquet_records(source) if source.endswith(".parquet") else _text_records(source)
+        if source.endswith(".parquet"):
+            records = _parquet_records(source)
+        elif source.endswith(".arrow"):
+            records = _arrow_records(source)
+        else:
+            records = _text_records(source)
         for line, text, nbytes in records:
             chunk.lines.append(line)
             chunk.texts.append(text)
@@ -143,6 +173,26 @@ def _parquet_records(source: str) -> Iterator[tuple[int, str | None, int]]:
         pf = pq.ParquetFile(f)
         n = 0
         for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                text = json.dumps(row, ensure_ascii=False, default=str)
+                yield n, text, len(text)
+
+
+def _arrow_records(source: str) -> Iterator[tuple[int, str | None, int]]:
+    """An Arrow IPC file: the stream format ``datasets.save_to_disk`` writes, or the random-access file format."""
+    import fsspec
+    import pyarrow as pa
+
+    with fsspec.open(source, "rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            file_reader = pa.ipc.open_file(f)
+            reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+        n = 0
+        for batch in reader:
             for row in batch.to_pylist():
                 n += 1
                 text = json.dumps(row, ensure_ascii=False, default=str)

@@ -1,32 +1,26 @@
-"""Input rows -> token ids, response token offsets and step spans (CPU only: a tokenizer, no model).
+"""Rows -> token ids, response token offsets and step spans (CPU only: a tokenizer, no model).
 
-Row forms: ``{"id"?, "prompt": str, "response": str, "domain"?}`` or
-``{"id"?, "messages": [{"role", "content"}, ...], "domain"?}`` whose last message (role ``assistant``) is the
-response and the ones before it the prompt conversation. A missing id becomes the first 16 hex chars of the
-sha1 of the canonical JSON of ``[prompt or messages, response]``.
+A record is parsed into a ``Conversation`` by ``air_ray.data.shapes`` (every supported row shape). The scored
+response is the answer, or, when the row has reasoning given apart from the answer, the reasoning and the answer
+as the model's chat template renders an assistant turn carrying ``reasoning_content`` (where the template does),
+else ``OPEN + "\\n" + reasoning + "\\n" + CLOSE + "\\n\\n" + answer`` with the think tags (default
+``<think>``, ``</think>``). The same content in any shape gives the same token ids.
 
 Token ids: format ``chat`` = ``apply_chat_template(prompt_messages, add_generation_prompt=True)``; format
-``raw`` = ``tokenizer(prompt)`` (for messages rows, the prompt contents joined by newlines); either followed
+``raw`` = ``tokenizer(prompt)`` (for conversations, the prompt contents joined by newlines); either followed
 by ``tokenizer(response, add_special_tokens=False)``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from air_ray.config.commands import FORMATS
-from air_ray.data.steps import Span, check_rule, split_steps
+from air_ray.data.shapes import Conversation, FieldMap, RowError, canonical_id, parse_row
+from air_ray.data.steps import THINK_TAGS, Span, check_rule, steps_and_kinds
 
-
-class RowError(ValueError):
-    """A row that cannot be scored. ``reason`` is a stable machine-readable code."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+__all__ = ["Conversation", "FieldMap", "PreparedRow", "RowError", "RowPreparer", "canonical_id", "parse_row",
+           "render_response"]
 
 
 @dataclass
@@ -38,75 +32,31 @@ class PreparedRow:
     token_starts: list[int]  # first character of each response token, in the response
     step_spans: list[Span] = field(default_factory=list)
     truncated: bool = False  # the response was cut to fit max_tokens (``truncate=True``)
+    step_kinds: list[str] = field(default_factory=list)  # think | answer | text, one per step
 
     @property
     def n_response_tokens(self) -> int:
         return len(self.input_ids) - self.n_prompt_tokens
 
 
-def canonical_id(prompt_or_messages, response: str) -> str:
-    blob = json.dumps([prompt_or_messages, response], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def _require_str(row: dict, key: str) -> str:
-    if key not in row or row[key] is None:
-        raise RowError("missing_field", f"no {key!r}")
-    if not isinstance(row[key], str):
-        raise RowError("bad_type", f"{key!r} is {type(row[key]).__name__}, not a string")
-    return row[key]
-
-
-def split_row(row) -> tuple[list[dict] | str, str, str, str | None]:
-    """-> (prompt messages or prompt text, response, id, domain). Raises RowError."""
-    if not isinstance(row, dict):
-        raise RowError("not_object", f"row is {type(row).__name__}")
-    domain = row.get("domain")
-    if domain is not None and not isinstance(domain, str):
-        raise RowError("bad_type", f"'domain' is {type(domain).__name__}, not a string")
-    if row.get("messages") is not None:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
-        ):
-            raise RowError("bad_type", "'messages' must be a list of {role: str, content: str}")
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise RowError("no_assistant_turn", "the last message is not an assistant turn")
-        prompt, response, key = msgs[:-1], msgs[-1]["content"], msgs
-    else:
-        if "prompt" not in row and "response" not in row:
-            raise RowError("missing_field", "need 'prompt' and 'response', or 'messages'")
-        prompt, response = _require_str(row, "prompt"), _require_str(row, "response")
-        key = prompt
-    if not response.strip():
-        raise RowError("empty_response", "the response is empty")
-    rid = row.get("id")
-    if rid is None:
-        rid = canonical_id(key, response)
-    elif isinstance(rid, (int,)) and not isinstance(rid, bool):
-        rid = str(rid)
-    elif not isinstance(rid, str) or not rid:
-        raise RowError("bad_type", "'id' must be a non-empty string")
-    return prompt, response, rid, domain
-
-
-def row_id(text: str | None) -> str | None:
-    """The id a raw JSON record will be scored under, or None when the record is not a valid row (it is
-    rejected for that reason later). Cheap: no tokenizer."""
-    if text is None:
-        return None
-    try:
-        return split_row(json.loads(text))[2]
-    except (json.JSONDecodeError, RowError):
-        return None
+def render_response(conv: Conversation, think_tags: tuple[str, str] = THINK_TAGS, template=None) -> str:
+    """The scored response text of ``conv``: the answer, or reasoning + answer (see the module doc).
+    ``template``: a callable rendering through a chat template, None where it does not render reasoning."""
+    if conv.reasoning is None:
+        return conv.answer
+    if template is not None:
+        text = template(conv)
+        if text is not None:
+            return text
+    open_tag, close_tag = think_tags
+    return f"{open_tag}\n{conv.reasoning}\n{close_tag}\n\n{conv.answer}"
 
 
 class RowPreparer:
     """Tokenizes rows and splits their steps; the same ids in every backend."""
 
     def __init__(self, tokenizer, format: str = "chat", steps: str = "lines", max_tokens: int | None = None,
-                 truncate: bool = False):
+                 truncate: bool = False, fields: FieldMap = FieldMap(), think_tags: tuple[str, str] = THINK_TAGS):
         from air_ray.errors import AirRayError
 
         if format not in FORMATS:
@@ -118,6 +68,58 @@ class RowPreparer:
         self.steps = check_rule(steps)
         self.max_tokens = max_tokens
         self.truncate = truncate  # cut an over-long response to fit max_tokens instead of rejecting the row
+        self.fields = fields
+        self.think_tags = tuple(think_tags)
+        self._template_reasoning: bool | None = None  # does the chat template render reasoning_content?
+        self._token_chars: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer, options, max_tokens: int | None = None) -> "RowPreparer":
+        """From an options object (``air_ray.config``: format, steps, truncate, the field map, think tags)."""
+        return cls(tokenizer, format=options.format, steps=getattr(options, "steps", "lines"),
+                   max_tokens=max_tokens, truncate=getattr(options, "truncate", False), fields=FieldMap.of(options),
+                   think_tags=think_tags_of(options))
+
+    # -- the response text ------------------------------------------------------------------------
+
+    def _renders_reasoning(self) -> bool:
+        if self._template_reasoning is None:
+            probe = [{"role": "user", "content": "q"},
+                     {"role": "assistant", "content": "a", "reasoning_content": "air-ray-reasoning-probe"}]
+            try:
+                text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+                self._template_reasoning = "air-ray-reasoning-probe" in text
+            except Exception:  # a template that rejects the extra key
+                self._template_reasoning = False
+        return self._template_reasoning
+
+    def _template_response(self, conv: Conversation) -> str | None:
+        """The assistant turn as the chat template renders it with ``reasoning_content``, between the generation
+        prompt and the end of the answer; None where the template does not render it that way."""
+        if self.format != "chat" or not conv.answer or not self._renders_reasoning():
+            return None
+        msgs = conv.messages()
+        tok = self.tokenizer
+        prefix = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": conv.answer,
+                                                "reasoning_content": conv.reasoning}], tokenize=False)
+        if not full.startswith(prefix):
+            return None
+        rest = full[len(prefix):]
+        end = rest.rfind(conv.answer)
+        if end < 0 or conv.reasoning.strip() not in rest[:end]:
+            return None
+        return rest[: end + len(conv.answer)]
+
+    def response_text(self, conv: Conversation) -> str:
+        return render_response(conv, self.think_tags, self._template_response)
+
+    def _max_chars(self, tokens: int) -> int:
+        """More characters than any ``tokens`` tokens can hold (4x the longest vocabulary entry per token): a
+        longer text is over the limit without tokenizing it."""
+        if self._token_chars is None:
+            self._token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=16)
+        return 4 * max(self._token_chars, 1) * tokens
 
     def prompt_ids(self, prompt) -> list[int]:
         tok = self.tokenizer
@@ -129,8 +131,14 @@ class RowPreparer:
         return list(tok(text)["input_ids"])
 
     def prepare(self, row) -> PreparedRow:
-        prompt, response, rid, domain = split_row(row)
-        p_ids = self.prompt_ids(prompt)
+        conv = parse_row(row, self.fields)
+        response = self.response_text(conv)
+        if self.max_tokens is not None and len(response) > self._max_chars(self.max_tokens + 64):
+            if not self.truncate:  # never tokenize megabytes only to reject them
+                raise RowError("too_long", f"the response has {len(response):,} characters: more than "
+                                           f"max_tokens {self.max_tokens} tokens can hold")
+            response = response[: self._max_chars(self.max_tokens + 64)]  # the kept prefix lies well inside
+        p_ids = self.prompt_ids(conv.prompt)
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         r_ids = list(enc["input_ids"])
         if not r_ids:
@@ -147,12 +155,23 @@ class RowPreparer:
                 raise RowError("too_long", f"{n} tokens > max_tokens {self.max_tokens}{why}")
             # cut before the first token that does not fit; the steps are those of the text that is kept
             response, r_ids, starts, truncated = response[: starts[keep]], r_ids[:keep], starts[:keep], True
+        spans, kinds = steps_and_kinds(response, self.steps, self.think_tags)
         return PreparedRow(
-            id=rid,
-            domain=domain,
+            id=conv.id,
+            domain=conv.domain,
             input_ids=p_ids + r_ids,
             n_prompt_tokens=len(p_ids),
             token_starts=starts,
-            step_spans=split_steps(response, self.steps),
+            step_spans=spans,
             truncated=truncated,
+            step_kinds=kinds,
         )
+
+
+def think_tags_of(options) -> tuple[str, str]:
+    """``--think-tags OPEN,CLOSE`` -> (OPEN, CLOSE); the default tags when unset."""
+    value = getattr(options, "think_tags", None)
+    if not value:
+        return THINK_TAGS
+    open_tag, _, close_tag = value.partition(",")
+    return open_tag, close_tag

@@ -1,10 +1,17 @@
-"""Splitting a reasoning trace into steps: [start, end) character spans of the response.
+"""Splitting a reasoning trace into steps: [start, end) character spans of the response, each with a kind.
 
 Rules:
   * ``lines``      — split on "\\n"; whitespace-only pieces are dropped.
   * ``paragraphs`` — split on blank lines (lines holding only whitespace); whitespace-only pieces dropped.
   * ``regex:P``    — a step starts at each match of P and runs to the next match (or the end); text before
                      the first match belongs to no step.
+  * ``think``      — for ``<think>`` traces: the tags belong to no step; the thinking between them is split into
+                     paragraphs (into lines when it has no blank line), each a ``think`` step; everything after
+                     the closing tag is one ``answer`` step. Steps are trimmed of surrounding whitespace. A
+                     response without the tags is split into paragraphs (``text`` steps); one whose closing tag
+                     is missing (cut off) is all thinking.
+
+Kinds: ``think`` / ``answer`` under the ``think`` rule, ``text`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,17 +43,73 @@ def _compile(pattern: str) -> re.Pattern:
         raise AirRayError(f"bad step rule regex:{pattern}: {e}") from None
 
 
+RULES = ("lines", "paragraphs", "think", "regex:PATTERN")
+THINK_TAGS = ("<think>", "</think>")
+KINDS = ("think", "answer", "text")
+
+
 def check_rule(rule: str) -> str:
     """Validate a step rule early (at configuration time) and return it."""
-    if rule in ("lines", "paragraphs"):
+    if rule in ("lines", "paragraphs", "think"):
         return rule
     if rule.startswith("regex:") and rule[len("regex:"):]:
         _compile(rule[len("regex:"):])
         return rule
-    raise AirRayError(f"unknown step rule {rule!r}: expected lines, paragraphs or regex:PATTERN")
+    raise AirRayError(f"unknown step rule {rule!r}: expected lines, paragraphs, think or regex:PATTERN")
 
 
-def split_steps(text: str, rule: str = "lines") -> list[Span]:
+def split_steps(text: str, rule: str = "lines", think_tags: tuple[str, str] = THINK_TAGS) -> list[Span]:
+    return steps_and_kinds(text, rule, think_tags)[0]
+
+
+def steps_and_kinds(text: str, rule: str = "lines",
+                    think_tags: tuple[str, str] = THINK_TAGS) -> tuple[list[Span], list[str]]:
+    """(step spans, their kinds) of ``text`` under ``rule``."""
+    if rule == "think":
+        return _think(text, think_tags)
+    spans = _split(text, rule)
+    return spans, ["text"] * len(spans)
+
+
+def _trimmed(text: str, spans, offset: int = 0) -> list[Span]:
+    out = []
+    for a, b in spans:
+        piece = text[a:b]
+        lead = len(piece) - len(piece.lstrip())
+        trail = len(piece) - len(piece.rstrip())
+        if b - trail > a + lead:
+            out.append((offset + a + lead, offset + b - trail))
+    return out
+
+
+def _think(text: str, tags: tuple[str, str]) -> tuple[list[Span], list[str]]:
+    open_tag, close_tag = tags
+    a = text.find(open_tag)
+    if a < 0 and close_tag not in text:
+        spans = _trimmed(text, _split(text, "paragraphs"))
+        return spans, ["text"] * len(spans)
+    spans, kinds = [], []
+    start = 0
+    if a >= 0:
+        before = _trimmed(text[:a], _split(text[:a], "paragraphs"))
+        spans += before
+        kinds += ["text"] * len(before)
+        start = a + len(open_tag)
+    b = text.find(close_tag, start)
+    end = b if b >= 0 else len(text)
+    thinking = text[start:end]
+    rule = "paragraphs" if _PARAGRAPH_BREAK.search(thinking.strip()) else "lines"
+    think = _trimmed(thinking, _split(thinking, rule), offset=start)
+    spans += think
+    kinds += ["think"] * len(think)
+    if b >= 0:
+        answer = _trimmed(text, [(b + len(close_tag), len(text))])
+        spans += answer
+        kinds += ["answer"] * len(answer)
+    return spans, kinds
+
+
+def _split(text: str, rule: str) -> list[Span]:
     if rule == "lines":
         return _pieces_between(text, re.finditer("\n", text))
     if rule == "paragraphs":

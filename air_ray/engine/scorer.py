@@ -22,7 +22,7 @@ from air_ray.models.resolve import prepare_model
 
 SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
-    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base",
+    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base", "step_kinds",
 )
 
 
@@ -70,8 +70,7 @@ class Scorer:
         self.backend: Backend | None = open_backend(opts.backend, BackendSpec(
             ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
             pad_id=pad_id, gpus=gpus, shard=shard, share_prefix=share_prefix))
-        self.preparer = RowPreparer(self.tokenizer, format=opts.format, steps=opts.steps,
-                                    max_tokens=self.backend.max_tokens, truncate=opts.truncate)
+        self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
         self.step_temperature = float(opts.step_temperature)
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -119,6 +118,7 @@ class Scorer:
             row["truncated"] = p.truncated
             # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
             row["entropy_base"] = None if ent is None else float(np.mean(ent))
+            row["step_kinds"] = list(p.step_kinds)
             results.append(row)
         return results
 

@@ -62,6 +62,8 @@ SCORES = pa.schema([
     # appended (issue #8): mean entropy (nats) of the base model's next-token distribution over the response
     # tokens, a heuristic baseline to rank by (select --by entropy_base); null under --backend vllm
     pa.field("entropy_base", pa.float64(), nullable=True),
+    # appended (issue #15): the kind of each step: think | answer (step rule think) or text
+    pa.field("step_kinds", pa.list_(pa.string()), nullable=True),
 ])
 
 REJECTED = pa.schema([
@@ -95,6 +97,10 @@ METADATA_KEY = b"air_ray"
 
 
 def to_table(rows: list[dict], schema: pa.Schema, metadata: dict | None = None) -> pa.Table:
+    """Rows (dicts) as a table of ``schema``; a nullable column a row does not have is null (columns appended
+    to a schema stay optional for writers that predate them)."""
+    optional = [f.name for f in schema if f.nullable]
+    rows = [r if all(k in r for k in optional) else {**dict.fromkeys(optional), **r} for r in rows]
     table = pa.Table.from_pylist(rows, schema=schema)
     if metadata is not None:
         table = with_metadata(table, metadata)
@@ -335,8 +341,8 @@ def selection_parquet(uri: str) -> str:
     return uri if uri.endswith(".parquet") else uri.rstrip("/") + "/" + SELECTION_FILES[0]
 
 
-def read_selection_ids(uri: str) -> list[str]:
-    """Selected ids in rank order, from ``selection.parquet`` or a directory holding it."""
+def read_selection(uri: str) -> dict[str, tuple[int, float]]:
+    """``{id: (rank, value ranked)}`` in rank order, from ``selection.parquet`` or a directory holding it."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
@@ -344,15 +350,22 @@ def read_selection_ids(uri: str) -> list[str]:
         if fs.isdir(path):
             path = posixpath.join(path.rstrip("/"), SELECTION_FILES[0])
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "rank"])
+            table = pq.read_table(f, columns=["id", "rank", "score"])
     except FileNotFoundError:
         raise AirRayError(f"no selection at {uri} (expected {SELECTION_FILES[0]})") from None
-    except (KeyError, ValueError) as e:
-        raise AirRayError(f"{uri} is not a selection (needs columns id, rank): {e}") from None
-    ids = table.sort_by("rank").column("id").to_pylist()
-    if len(set(ids)) != len(ids):
+    except (KeyError, ValueError, pa.ArrowInvalid) as e:
+        raise AirRayError(f"{uri} is not a selection (needs columns id, rank, score): {e}") from None
+    table = table.sort_by("rank")
+    ids = table.column("id").to_pylist()
+    out = dict(zip(ids, zip(table.column("rank").to_pylist(), table.column("score").to_pylist())))
+    if len(out) != len(ids):
         raise AirRayError(f"selection {uri} lists an id more than once")
-    return ids
+    return out
+
+
+def read_selection_ids(uri: str) -> list[str]:
+    """Selected ids in rank order, from ``selection.parquet`` or a directory holding it."""
+    return list(read_selection(uri))
 
 
 def find_selection(scores: str, selection: str | None, who: str = "report") -> tuple[dict | None, str | None]:

@@ -130,12 +130,16 @@ def _details(scores: ScoreFiles, wanted: list[tuple[str, float]]) -> dict[tuple[
 # the response texts
 
 
-def find_texts(wanted: dict[str, set[str]]) -> tuple[dict[tuple[str, str], dict], dict[str, str]]:
+def find_texts(wanted: dict[str, set[str]], fields=None, render=None
+               ) -> tuple[dict[tuple[str, str], dict], dict[str, str]]:
     """``{source: {ids}}`` -> ``({(source, id): {"prompt", "response"}}, {source: why not all were found})``.
 
-    Each source is streamed once and read only until all its wanted ids are found."""
+    Each source is streamed once and read only until all its wanted ids are found. ``fields``: the field map
+    used for scoring; ``render``: conversation -> the scored response text (default: the think tags)."""
     from air_ray.data.corpus import read_chunks
-    from air_ray.data.rows import RowError, split_row
+    from air_ray.data.rows import FieldMap, RowError, parse_row, render_response
+
+    fields, render = fields or FieldMap(), render or render_response
 
     found: dict = {}
     problems: dict = {}
@@ -147,12 +151,12 @@ def find_texts(wanted: dict[str, set[str]]) -> tuple[dict[tuple[str, str], dict]
                 if text is None:
                     continue
                 try:
-                    prompt, response, rid, _ = split_row(json.loads(text))
-                except (json.JSONDecodeError, RowError):
+                    conv = parse_row(json.loads(text), fields)
+                except (json.JSONDecodeError, RowError, RecursionError):
                     continue
-                if rid in left:
-                    left.discard(rid)
-                    found[(source, rid)] = {"prompt": prompt, "response": response}
+                if conv.id in left:
+                    left.discard(conv.id)
+                    found[(source, conv.id)] = {"prompt": conv.prompt, "response": render(conv)}
             if chunk.file_error:
                 error = chunk.file_error
             if not left:
@@ -161,6 +165,16 @@ def find_texts(wanted: dict[str, set[str]]) -> tuple[dict[tuple[str, str], dict]
             problems[source] = (f"the source file cannot be read ({error})" if error
                                 else "no row with this id in the source file")
     return found, problems
+
+
+def _row_reading(corpus, meta: dict | None):
+    """(field map, renderer) for showing the scored text (``air_ray.outputs.export.scored_text``)."""
+    from air_ray.data.rows import FieldMap
+    from air_ray.outputs.export import scored_text
+
+    if corpus is None:
+        return FieldMap(), None
+    return FieldMap.of(corpus), scored_text(corpus, meta, need_model=False)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -506,8 +520,9 @@ def _run_html(scores: str, sc: Scan) -> str:
 
 
 def write_report(scores: str, heads: str | None, output: str | os.PathLike, selection: str | None = None,
-                 k: int = K) -> str:
-    """Write ``output/index.html`` (and its images) for the scores at ``scores``; returns the page's path."""
+                 k: int = K, corpus=None) -> str:
+    """Write ``output/index.html`` (and its images) for the scores at ``scores``; returns the page's path.
+    ``corpus``: options with the field map and think tags used for scoring (``ReportConfig``)."""
     from air_ray.fsio import local_fs, write_bytes_atomic
     from air_ray.heads.artifact import load_heads, plot_heads
 
@@ -538,7 +553,7 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     by_source: dict[str, set[str]] = {}
     for row in details.values():
         by_source.setdefault(row["source"], set()).add(row["id"])
-    texts, problems = find_texts(by_source)
+    texts, problems = find_texts(by_source, *_row_reading(corpus, sc.metadata))
     selected = selected_among(sel_dir, sorted({r["id"] for r in details.values()}))
     colors = StepColors([v for r in details.values() for v in (r.get("step_scores") or [])])
 

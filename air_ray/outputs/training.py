@@ -210,16 +210,21 @@ def _corpus_rows(corpus) -> Iterable[tuple[bool, object]]:
             yield True, row
 
 
-def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bool = False) -> TrainingRows:
+def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bool = False, fields=None,
+                       render=None) -> TrainingRows:
     """Join selection (ids) + scores (step_spans, step_weights) + corpus (prompt/response text) by id.
 
     ``corpus``: a URI or list of URIs (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet``; files, directories or
     globs, any fsspec filesystem) or a list of row dicts, in the row forms of ``air_ray.data.rows``. Ids are those
     the scorer used (the row's ``id``, else the canonical hash of its content). Ids of the selection missing
     from the scores or the corpus raise ``AirRayError``, unless ``allow_missing`` (then they are listed in the
-    result and those rows are left out).
+    result and those rows are left out). ``fields``: a ``FieldMap`` (the field flags used for scoring);
+    ``render``: conversation -> the scored response text (default: ``render_response``, the think tags).
     """
-    from air_ray.data.rows import RowError, split_row
+    from air_ray.data.rows import FieldMap, RowError, parse_row, render_response
+
+    fields = fields or FieldMap()
+    render = render or render_response
 
     ids = read_selection_ids(selection)
     steps = read_step_weights(scores, ids)
@@ -235,12 +240,14 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
             unparsable += 1
             continue
         try:
-            prompt, response, rid, _ = split_row(row)
-        except RowError:
+            conv = parse_row(row, fields)
+        except (RowError, RecursionError):
             unparsable += 1  # such rows were rejected by the scorer too: never selected
             continue
+        rid = conv.id
         if rid not in wanted:
             continue
+        prompt, response = conv.prompt, render(conv)
         if rid in found and found[rid] != (prompt, response):
             raise AirRayError(f"the corpus holds id {rid!r} twice with different content")
         found[rid] = (prompt, response)
@@ -397,6 +404,24 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, features: list[dict]):
     return weighted_trainer_class()(model=model, args=args, train_dataset=features, data_collator=collator)
 
 
+def training_rows(cfg: TrainConfig, preparer) -> TrainingRows:
+    """The examples to train on: an export's rows (``--input`` an `air-ray export` directory), or the join of
+    selection + scores + corpus."""
+    from air_ray.data.rows import FieldMap
+    from air_ray.outputs.export import is_export, read_export
+
+    if cfg.selection is None:
+        if len(cfg.input) != 1 or not is_export(cfg.input[0]):
+            raise AirRayError(f"train: --input {' '.join(cfg.input)} is not an `air-ray export` directory; give "
+                              "--selection and --scores to join a corpus")
+        examples = read_export(cfg.input[0])
+        for ex in examples:
+            _check_steps(ex["step_spans"], ex["step_weights"], len(ex["response"]))
+        return TrainingRows(examples, len(examples))
+    return load_training_rows(cfg.selection, cfg.scores, cfg.input, allow_missing=cfg.allow_missing,
+                              fields=FieldMap.of(cfg), render=preparer.response_text)
+
+
 def load_trainable(cfg: TrainConfig):
     """``(ModelRef, tokenizer, model)`` with the model in train mode and every parameter trainable."""
     from air_ray.models import load_model, load_tokenizer, prepare_model
@@ -413,13 +438,22 @@ def load_trainable(cfg: TrainConfig):
 def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     """Join, encode, fine-tune with step weights, save the model and ``training_summary.json`` into
     ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple."""
+    from air_ray.data.rows import RowPreparer
+    from air_ray.models import load_tokenizer, prepare_model
+
     cfg = cfg.validate()
-    rows = load_training_rows(cfg.selection, cfg.scores, cfg.input, allow_missing=cfg.allow_missing)
+    if loaded is not None:
+        ref, tokenizer, model = loaded
+    else:  # the tokenizer first: a join that fails does not wait for the model
+        ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+        tokenizer, model = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code), None
+    rows = training_rows(cfg, RowPreparer.of(tokenizer, cfg))
     report = rows.report()
     log(f"train: {report['n_examples']} of {rows.n_selected} selected rows joined"
         + (f"; left out {report['n_missing_in_scores']} not in the scores, {report['n_missing_in_corpus']} "
            "not in the corpus" if rows.missing_in_scores or rows.missing_in_corpus else ""))
-    ref, tokenizer, model = loaded if loaded is not None else load_trainable(cfg)
+    if model is None:
+        ref, tokenizer, model = load_trainable(cfg)
     collator = StepWeightedCollator(tokenizer, format=cfg.format, max_length=cfg.max_length, add_eos=cfg.add_eos)
     features, enc_report = encode_examples(rows.examples, collator)
     if enc_report["n_left_out_no_response_token"]:

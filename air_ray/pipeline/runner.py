@@ -20,6 +20,7 @@ import sys
 import time
 
 from air_ray.config.commands import ScoreConfig
+from air_ray.data.shapes import FieldMap
 from air_ray.errors import AirRayError
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
 from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
@@ -34,10 +35,10 @@ def _read(row: dict, rows_per_partition: int) -> list[dict]:
     return [{"payload": pickle.dumps(c)} for c in stage.process(row["source"])]
 
 
-def _ids(batch: dict) -> dict:
+def _ids(batch: dict, fields) -> dict:
     import numpy as np
 
-    stage = IdStage()
+    stage = IdStage(fields)
     outs = [stage.process((int(i), str(src))) for i, src in zip(batch["index"], batch["source"])]
     return {k: np.array([x for o in outs for x in o[k]], dtype=np.int64) for k in ("hash", "order")}
 
@@ -141,7 +142,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
 
-        duplicates = find_duplicates(files, prior_ids)
+        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg))
         committed = {u: m["key"] for u, m in markers.items()}
         score_stage = ScoreStage(cfg, heads_doc)
         ds = (
@@ -187,7 +188,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     return manifest
 
 
-def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str]]:
+def find_duplicates(files: list[str], prior_ids=None, fields=None) -> dict[str, dict[int, str]]:
     """Pass 1 (Ray Data tasks): every valid record's (id hash, order) -> later occurrences of an id."""
     import numpy as np
     import ray
@@ -196,7 +197,7 @@ def find_duplicates(files: list[str], prior_ids=None) -> dict[str, dict[int, str
 
     ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
                              override_num_blocks=len(files))
-    ds = ds.map_batches(_ids, batch_size=1, **IdStage.resources)
+    ds = ds.map_batches(_ids, batch_size=1, fn_kwargs={"fields": fields or FieldMap()}, **IdStage.resources)
     hashes, orders = [], []
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         hashes.append(b["hash"])

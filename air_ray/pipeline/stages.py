@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.corpus import Chunk, read_chunks
-from air_ray.data.rows import PreparedRow, RowError
+from air_ray.data.rows import FieldMap, PreparedRow, RowError
 
 
 @dataclass
@@ -68,15 +68,18 @@ class Stage:
 class IdStage(Stage):
     """The ids of one file's valid records, hashed, with their global order (see ``air_ray.data.ids``)."""
 
+    def __init__(self, fields: FieldMap = FieldMap()):
+        self.fields = fields
+
     def process(self, item: tuple[int, str]) -> dict:
         from air_ray.data.ids import id_hash, order_key
-        from air_ray.data.rows import row_id
+        from air_ray.data.shapes import record_id
 
         file_index, source = item
         hashes, orders = [], []
         for chunk in read_chunks(source, 1 << 16):
             for line, text in zip(chunk.lines, chunk.texts):
-                rid = row_id(text)
+                rid = record_id(text, self.fields)
                 if rid is not None:
                     hashes.append(id_hash(rid))
                     orders.append(order_key(file_index, line))
@@ -110,10 +113,10 @@ class PrepareStage(Stage):
 
         ref = prepare_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
         tok = load_tokenizer(ref, trust_remote_code=self.cfg.trust_remote_code)
-        self.preparer = RowPreparer(tok, self.cfg.format, self.cfg.steps, self.cfg.max_tokens, self.cfg.truncate)
+        self.preparer = RowPreparer.of(tok, self.cfg, max_tokens=self.cfg.max_tokens)
 
     def process(self, chunk: Chunk) -> PreparedChunk:
-        from air_ray.data.rows import row_id
+        from air_ray.data.shapes import load_record, record_id
 
         dups = self.duplicates.get(chunk.source, {})
         out = PreparedChunk(chunk.unit, chunk.source, rows_read=len(chunk.lines), nbytes=chunk.nbytes)
@@ -121,23 +124,21 @@ class PrepareStage(Stage):
         if self.committed.get(chunk.unit) == out.key:
             out.skipped = True
             return out
+        fields = self.preparer.fields
         for line, text in zip(chunk.lines, chunk.texts):
-            if text is None:
-                out.rejected.append(rejected_row(chunk.source, line, "invalid_utf8", "the line is not valid UTF-8"))
+            if line in dups and text is not None:
+                rid = record_id(text, fields)
+                out.rejected.append(rejected_row(chunk.source, line, "duplicate_id", dups[line], rid))
                 continue
-            if line in dups:
-                out.rejected.append(rejected_row(chunk.source, line, "duplicate_id", dups[line], row_id(text)))
-                continue
+            rid = None
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                out.rejected.append(rejected_row(chunk.source, line, "invalid_json", str(e)))
-                continue
-            rid = row.get("id") if isinstance(row, dict) and isinstance(row.get("id"), str) else None
-            try:
+                row = load_record(text)
+                rid = _stated_id(row, fields)
                 out.prepared.append((line, self.preparer.prepare(row)))
             except RowError as e:
                 out.rejected.append(rejected_row(chunk.source, line, e.reason, e.detail, rid))
+            except RecursionError:  # a record nested too deep for the parser or the tokenizer's template
+                out.rejected.append(rejected_row(chunk.source, line, "too_deep", "nested too deep to read", rid))
         if chunk.file_error:
             out.rows_read += 1  # the file itself is one rejected entry
             out.rejected.append(rejected_row(chunk.source, None, "unreadable_file", chunk.file_error))
@@ -191,6 +192,14 @@ class ScoreStage(Stage):
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
+
+
+def _stated_id(row, fields: FieldMap) -> str | None:
+    """The id a row states itself (for rejected rows), else None."""
+    from air_ray.data.shapes import get_field
+
+    rid = get_field(row, fields.id or "id") if isinstance(row, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0, rejected: list | None = None,
