@@ -1,8 +1,9 @@
 """The data contract: what a corpus row may look like and what the engine gets from it.
 
-``corpus`` expands URIs and reads files as chunks of raw records; ``rows`` turns a record into token ids,
-response token offsets and step spans (``PreparedRow``) or a ``RowError`` with a stable reason; ``steps`` splits
-a response into steps; ``ids`` finds global duplicate ids.
+``corpus`` expands URIs and reads files as chunks of raw records; ``shapes`` turns a record of any supported
+shape into one ``Conversation`` or a ``RowError`` with a stable reason; ``rows`` renders the scored response and
+turns it into token ids, response token offsets and step spans (``PreparedRow``); ``steps`` splits a response
+into steps; ``ids`` finds global duplicate ids.
 
 May import: ``air_ray.errors``, ``air_ray.config`` (choice lists); a tokenizer is passed in. Never a model,
 torch or Ray.

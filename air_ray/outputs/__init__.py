@@ -1,7 +1,8 @@
 """Outputs: what a scoring run leaves behind and everything made from it.
 
 ``layout`` owns the output directory (paths, Parquet schemas, listing and reading partitions, commit markers,
-manifest, selection, rescore ledger); ``select`` ranks globally; ``report`` writes a static HTML page;
+manifest, selection, rescore ledger); ``select`` ranks globally; ``export`` writes the selected rows as training-ready Parquet; ``report`` writes a
+static HTML page;
 ``training`` turns step weights into per-token loss weights and fine-tunes; ``columns`` holds the Arrow helpers
 select and report share.
 
