@@ -4,7 +4,6 @@ embedded local Ray, select the top 10%, print a summary."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("== 3/4 score (embedded local Ray)", flush=True)
     manifest = run_score(ScoreConfig(
         heads=str(out / "heads.json"), input=[str(src)], output=str(out / "scores"), address="local",
-        cpus_per_actor=float(os.cpu_count() or 1), rows_per_partition=64,
+        rows_per_partition=64,
     ))
 
     print("== 4/4 select top 10%", flush=True)

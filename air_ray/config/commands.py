@@ -168,10 +168,12 @@ class ScoreConfig(EngineOptions):
     input: list[str] = INPUT()
     output: str = OUTPUT(default="out/scores", metavar="URI",
                          help="run directory: scores/, rejected/, _manifest.json (any fsspec URI)")
-    actors: int = Opt(1, help="scoring actors")()
+    actors: int | None = Opt(None, help="scoring actors; default: one per GPU (GPU clusters), else one per node")()
     gpus_per_actor: float | None = Opt(None, help="default: 1 if the cluster has GPUs, else 0; > 1: tensor "
                                                   "parallel (vllm) or sharded (hf)")()
-    cpus_per_actor: float = Opt(1.0, help="CPUs of each scoring actor")()
+    cpus_per_actor: float | None = Opt(None, help="CPUs (and torch threads) of each scoring actor; default: on GPU "
+                                                  "clusters 1, without GPUs the node's CPUs less what the "
+                                                  "read/prepare stages need")()
     rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
     strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
     address: str | None = Opt(None, help="auto (join) | local (embedded) | ray://...; default: join a running "
@@ -181,9 +183,10 @@ class ScoreConfig(EngineOptions):
         if not self.input:
             raise AirRayError("no --input given")
         super().check()
-        if self.actors < 1 or self.rows_per_partition < 1:
+        if (self.actors is not None and self.actors < 1) or self.rows_per_partition < 1:
             raise AirRayError("--actors and --rows-per-partition must be >= 1")
-        if self.cpus_per_actor <= 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+        if (self.cpus_per_actor is not None and self.cpus_per_actor <= 0) or \
+                (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise AirRayError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
 
 

@@ -23,6 +23,7 @@ from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
 from air_ray.errors import AirRayError
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
+from air_ray.pipeline.placement import embedded_cpus, plan
 from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
 
 
@@ -78,8 +79,9 @@ class _ScoreActor(_StageActor):
 # the run
 
 
-def connect(address: str | None, min_cpus: int) -> bool:
-    """Join or start Ray. Returns True when this call started a local cluster (and should stop it)."""
+def connect(address: str | None, embedded_cpus: int) -> bool:
+    """Join or start Ray (an embedded cluster gets ``embedded_cpus`` logical CPUs). Returns True when this call
+    started a local cluster (and should stop it)."""
     import ray
 
     if ray.is_initialized():
@@ -102,8 +104,12 @@ def connect(address: str | None, min_cpus: int) -> bool:
             pass
     # an embedded local cluster (address="local": never a `ray start` cluster found on this machine);
     # logical CPUs cover the actors plus the CPU stages
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, **kw)
+    ray.init(address="local", num_cpus=embedded_cpus, include_dashboard=False, **kw)
     return True
+
+
+# small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
+LOCAL_ID_PASS_BYTES = 16 << 20
 
 
 def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
@@ -121,6 +127,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
 
     cfg = cfg.validate()
     t0 = time.time()
+    phases: dict[str, float] = {}
     files = expand_inputs(cfg.input)
     run = RunLayout(cfg.output)
     run.check_writable()
@@ -130,19 +137,27 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
                            allow_mismatch=cfg.allow_model_mismatch)
     scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
     markers = run.commits()
+    total_bytes = sum(input_size(f) for f in files)
+    phases["prepare_s"] = time.time() - t0
 
-    # the CPU stages (read, repartition, prepare) need ~2 CPUs beside the actors
-    started = connect(cfg.address, min_cpus=int(cfg.actors * cfg.cpus_per_actor) + 2)
+    t = time.time()
+    physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
     try:
-        if cfg.gpus_per_actor is None:
-            cfg.gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        phases["cluster_s"] = time.time() - t
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
+                     embedded=started, physical_cpus=physical)
+        cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
-        total_bytes = sum(input_size(f) for f in files)
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
-              f"({cfg.actors} actors x {cfg.gpus_per_actor} GPU, {cfg.cpus_per_actor} CPU)", flush=True)
+              f"({cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, {cfg.cpus_per_actor:g} CPU = {place.threads} "
+              f"torch threads; {place.why})", flush=True)
 
-        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg))
+        t = time.time()
+        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg), local=total_bytes <= LOCAL_ID_PASS_BYTES)
+        phases["ids_s"] = time.time() - t
         committed = {u: m["key"] for u, m in markers.items()}
         score_stage = ScoreStage(cfg, heads_doc)
         ds = (
@@ -158,21 +173,30 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
                          compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
                          **score_stage.resources)
         )
+        t = time.time()
         progress = Progress(total_bytes)
         summaries = []
         for s in ds.iter_rows():
             s = dict(s)
             if s["skipped"]:  # committed earlier: its counts come from the marker
-                s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)")
+                s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
+                         setup_s=s.get("setup_s", 0.0))
             summaries.append(s)
+            if len(summaries) == 1:
+                phases["first_partition_s"] = time.time() - t
             progress.update(s)
+        phases["scoring_s"] = time.time() - t
     finally:
         if started:
             ray.shutdown()
 
+    phases["actor_setup_s"] = max((s.get("setup_s", 0.0) for s in summaries), default=0.0)
     wall = time.time() - t0
     manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
     manifest["scoring_key"] = scoring_key
+    manifest["placement"] = {"actors": place.actors, "gpus_per_actor": place.gpus_per_actor,
+                             "cpus_per_actor": place.cpus_per_actor, "torch_threads": place.threads, "why": place.why}
+    manifest["phases"] = {k: round(v, 3) for k, v in phases.items()}
     manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
     manifest["foreign_partitions"] = [] if prior_ids is not None else run.foreign_partitions(manifest["partitions"])
     if manifest["foreign_partitions"]:
@@ -182,26 +206,35 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     run.write_manifest(manifest)
     c, r = manifest["counts"], manifest["this_run"]
     resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
+    print("[air-ray score] phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in phases.items()),
+          flush=True)
     print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
           f"{c['rows_rejected']:,} rejected{resumed}; this run scored {r['rows_scored']:,} rows in {wall:,.1f}s "
           f"({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
     return manifest
 
 
-def find_duplicates(files: list[str], prior_ids=None, fields=None) -> dict[str, dict[int, str]]:
-    """Pass 1 (Ray Data tasks): every valid record's (id hash, order) -> later occurrences of an id."""
+def find_duplicates(files: list[str], prior_ids=None, fields=None, local: bool = False) -> dict[str, dict[int, str]]:
+    """Pass 1 (Ray Data tasks; ``local``: in this process): every valid record's (id hash, order) -> later
+    occurrences of an id."""
     import numpy as np
     import ray
 
     from air_ray.data import ids as dedupe
 
-    ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
-                             override_num_blocks=len(files))
-    ds = ds.map_batches(_ids, batch_size=1, fn_kwargs={"fields": fields or FieldMap()}, **IdStage.resources)
+    fields = fields or FieldMap()
     hashes, orders = [], []
-    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-        hashes.append(b["hash"])
-        orders.append(b["order"])
+    if local:
+        for b in (_ids({"index": [i], "source": [f]}, fields) for i, f in enumerate(files)):
+            hashes.append(b["hash"])
+            orders.append(b["order"])
+    else:
+        ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
+                                 override_num_blocks=len(files))
+        ds = ds.map_batches(_ids, batch_size=1, fn_kwargs={"fields": fields}, **IdStage.resources)
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+            hashes.append(b["hash"])
+            orders.append(b["order"])
     if not hashes:
         return {}
     h, o = dedupe.with_prior(np.concatenate(hashes), np.concatenate(orders), prior_ids)

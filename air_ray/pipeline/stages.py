@@ -162,17 +162,25 @@ class ScoreStage(Stage):
         from air_ray.engine.scorer import Scorer
         from air_ray.outputs.layout import RunLayout
 
+        t0 = time.time()
         gpus = self.cfg.gpus_per_actor or 0
+        if self.cfg.cpus_per_actor:  # as many torch threads as the actor has CPUs
+            import torch
+
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
         self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
+        self.setup_s = time.time() - t0  # reported with this actor's first summary
 
     def process(self, chunk: PreparedChunk) -> dict:
         from air_ray.outputs.layout import REJECTED, REJECTED_DIR, SCORES, SCORES_DIR, to_table
 
         t0 = time.time()
         if chunk.skipped:  # the driver takes its counts from the commit marker
-            return summary_row(chunk, skipped=True)
+            summary = summary_row(chunk, skipped=True)
+            summary["setup_s"], self.setup_s = self.setup_s, 0.0
+            return summary
         rows = [p for _, p in chunk.prepared]
         results = self.scorer.score_prepared(rows)
         scored, rejected = [], list(chunk.rejected)
@@ -185,6 +193,7 @@ class ScoreStage(Stage):
         self.run.write_partition(REJECTED_DIR, chunk.unit, to_table(rejected, REJECTED))
         summary = summary_row(chunk, scored=len(scored), rejected=rejected,
                               tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0)
+        summary["setup_s"], self.setup_s = self.setup_s, 0.0
         self.run.write_commit(chunk.unit, chunk.key, summary)  # last: the unit is done
         return summary
 
@@ -217,4 +226,5 @@ def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0,
         "tokens": tokens,
         "nbytes": chunk.nbytes,
         "seconds": seconds,
+        "setup_s": 0.0,
     }

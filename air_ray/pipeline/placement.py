@@ -1,0 +1,70 @@
+"""Where the scoring actors go and what they get, by default filling the machine. Plain Python: the runner hands
+in the cluster's nodes; nothing here imports Ray.
+
+    GPU cluster:    one actor per GPU (``--gpus-per-actor`` 1), 1 CPU each
+    no GPU:         one actor per node, each with the node's CPUs less what the read/prepare stages need;
+                    an embedded cluster gets one logical CPU more than the machine has, for those light stages,
+                    so its one actor gets every core
+    given options:  kept as given; the CPUs split evenly where only ``--actors`` is given
+
+torch runs as many threads as its actor has CPUs (``ScoreStage.setup``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LIGHT_STAGES_CPUS = 1.0  # the read, repartition and prepare stages' logical CPUs (0.25 each, a few at a time)
+
+
+@dataclass(frozen=True)
+class Placement:
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    why: str
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_actor))
+
+
+def embedded_cpus(physical: int, actors: int | None, cpus_per_actor: float | None) -> int:
+    """Logical CPUs of an embedded cluster: the machine's, plus room for the light stages (more when the options
+    ask for more than the machine has)."""
+    asked = (actors or 1) * (cpus_per_actor or physical)
+    return int(math.ceil(max(physical, asked) + LIGHT_STAGES_CPUS))
+
+
+def plan(nodes: list[dict], *, actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float | None,
+         embedded: bool, physical_cpus: int) -> Placement:
+    """``nodes``: the alive nodes' resources (``{"CPU": n, "GPU": m}``)."""
+    cpu_nodes = [n for n in nodes if n.get("CPU", 0) > 0] or [{"CPU": 1}]
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    given = [name for name, v in (("--actors", actors), ("--gpus-per-actor", gpus_per_actor),
+                                  ("--cpus-per-actor", cpus_per_actor)) if v is not None]
+    if gpus_per_actor is None:
+        gpus_per_actor = 1 if total_gpus > 0 else 0
+    if gpus_per_actor > 0:
+        if actors is None:
+            actors = max(1, int(total_gpus // gpus_per_actor))
+        cpus = cpus_per_actor if cpus_per_actor is not None else 1.0
+        why = f"{total_gpus:g} GPUs: one actor per {gpus_per_actor:g} GPU"
+    else:
+        if embedded:  # one machine; the light stages have their own logical CPU
+            per_node = physical_cpus
+        else:  # a joined cluster: leave each node room for the light stages
+            per_node = max(1.0, min(n["CPU"] for n in cpu_nodes) - LIGHT_STAGES_CPUS)
+        if actors is None:
+            actors = 1 if embedded else len(cpu_nodes)
+        if cpus_per_actor is not None:
+            cpus = cpus_per_actor
+        else:
+            per_actor_nodes = max(1, actors // (1 if embedded else len(cpu_nodes)))
+            cpus = max(1.0, math.floor(per_node / per_actor_nodes))
+        why = (f"no GPU; {per_node:g} CPUs per {'machine' if embedded else 'node'} for scoring, "
+               f"{actors} actor{'s' * (actors != 1)}")
+    if given:
+        why += f"; {', '.join(given)} as given"
+    return Placement(actors=int(actors), gpus_per_actor=float(gpus_per_actor), cpus_per_actor=float(cpus), why=why)

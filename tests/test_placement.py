@@ -1,0 +1,35 @@
+"""Default placement of the scoring actors (air_ray.pipeline.placement): the whole machine without flags,
+one actor per GPU on GPU clusters, flags kept as given. Pure function: no Ray."""
+
+from air_ray.pipeline.placement import embedded_cpus, plan
+
+
+def test_embedded_cpu_machine_gives_every_core_to_one_actor():
+    p = plan([{"CPU": 3.0}], actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=True, physical_cpus=2)
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.threads) == (1, 0, 2, 2)
+    assert "no GPU" in p.why
+    # the embedded cluster has one logical CPU more than the machine, for the read/prepare stages
+    assert embedded_cpus(2, None, None) == 3
+    assert embedded_cpus(2, 2, 2) == 5  # options asking for more than the machine get it (logically)
+
+
+def test_joined_cpu_cluster_one_actor_per_node():
+    nodes = [{"CPU": 8.0}, {"CPU": 8.0}, {"CPU": 0.0}]  # a head with num-cpus 0
+    p = plan(nodes, actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=False, physical_cpus=2)
+    assert (p.actors, p.cpus_per_actor) == (2, 7)  # one CPU per node left for the light stages
+
+
+def test_gpu_cluster_one_actor_per_gpu():
+    nodes = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    p = plan(nodes, actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=False, physical_cpus=2)
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor) == (8, 1, 1)
+    p = plan(nodes, actors=None, gpus_per_actor=2, cpus_per_actor=None, embedded=False, physical_cpus=2)
+    assert (p.actors, p.gpus_per_actor) == (4, 2) and "--gpus-per-actor as given" in p.why
+
+
+def test_flags_are_kept():
+    p = plan([{"CPU": 3.0}], actors=2, gpus_per_actor=None, cpus_per_actor=None, embedded=True, physical_cpus=2)
+    assert (p.actors, p.cpus_per_actor) == (2, 1)  # the machine split between the two
+    p = plan([{"CPU": 5.0}], actors=2, gpus_per_actor=0, cpus_per_actor=2, embedded=True, physical_cpus=2)
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor) == (2, 0, 2)
+    assert "--actors, --gpus-per-actor, --cpus-per-actor as given" in p.why
