@@ -144,21 +144,22 @@ def short_rows(gsm8k_rows):
     return sorted(gsm8k_rows, key=lambda r: len(r["prompt"]) + len(r["response"]))[:9]
 
 
-def tiny_checkpoint(d: Path, smol_ref, smol_tok, nan_words=(), heads=((1, 0), (1, 3))):
-    """A real (tiny, randomly initialised) Llama checkpoint with the default model's tokenizer and chat
-    template, and a heads.json for it -> (model dir, heads.json). The embeddings of ``nan_words``' tokens are
-    NaN, so a row holding one of them has non-finite losses (the LM head is untied: a NaN row there would
-    poison every row)."""
+def tiny_checkpoint(d: Path, smol_ref, smol_tok, nan_words=(), heads=((1, 0), (1, 3)), config=None):
+    """A real (tiny, randomly initialised) Llama checkpoint (or one of ``config``, a transformers config whose
+    vocabulary is set to the tokenizer's) with the default model's tokenizer and chat template, and a heads.json
+    for it -> (model dir, heads.json). The embeddings of ``nan_words``' tokens are NaN, so a row holding one of
+    them has non-finite losses (the LM head is untied: a NaN row there would poison every row)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from air_ray.models import model_shape, prepare_model
 
-    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=False)
+    cfg = config or LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                tie_word_embeddings=False)
+    cfg.vocab_size = len(smol_tok)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg) if config is None else AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for w in nan_words:
             for t in smol_tok(w, add_special_tokens=False)["input_ids"]:

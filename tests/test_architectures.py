@@ -51,6 +51,9 @@ def tiny_config(model_type: str):
     kw = dict(COMMON, tie_word_embeddings=False)
     slide = dict(sliding_window=WINDOW, layer_types=LAYER_TYPES)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    mla = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+               n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+               first_k_dense_replace=1)
     extra = {
         "llama": dict(head_dim=16),
         "mistral": dict(head_dim=16, sliding_window=WINDOW),  # Mistral v0.1: every layer slides
@@ -79,12 +82,9 @@ def tiny_config(model_type: str):
         "gpt_neox": dict(),  # query_key_value interleaved per head, partial rotary
         "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **slide),  # sinks
-        "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                            v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-                            moe_intermediate_size=32, first_k_dense_replace=1),
-        "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-                            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
-                            moe_intermediate_size=32, first_k_dense_replace=1),
+        # MLA: per-head query width qk_nope + qk_rope = 24, values 12; V2-Lite has no query LoRA, V3 has one
+        "deepseek_v2": dict(q_lora_rank=None, **mla),
+        "deepseek_v3": dict(q_lora_rank=24, n_group=1, topk_group=1, **mla),
         "smollm3": dict(no_rope_layers=[1, 0, 1]),  # a NoPE layer
     }[model_type]
     kw.update(extra)
@@ -360,3 +360,148 @@ def test_query_row_export_exact_or_refused(model_type):
     d = (logits(zeroed, ids, mask) - want)[keep].abs().max().item()
     print(f"{model_type}: refused ({why}); zeroing anyway is off by {d:.2f}")
     assert d > 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# whole checkpoints through the Scorer: refusals before scoring, eager where SDPA cannot, the model's context
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, smol_ref, smol_tok):
+    """model type -> (model dir, heads.json) of tiny checkpoints with the default model's tokenizer."""
+    from transformers import GPT2Config
+
+    from tests.conftest import tiny_checkpoint
+
+    out = {}
+    for model_type in ("gpt_oss", "olmo2"):
+        out[model_type] = tiny_checkpoint(tmp_path_factory.mktemp(model_type), smol_ref, smol_tok, heads=HEADS,
+                                          config=tiny_config(model_type))
+    gpt2 = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    out["gpt2"] = tiny_checkpoint(tmp_path_factory.mktemp("gpt2"), smol_ref, smol_tok, heads=[(1, 0)], config=gpt2)
+    short = tiny_config("llama")
+    short.max_position_embeddings = 64
+    out["short"] = tiny_checkpoint(tmp_path_factory.mktemp("short"), smol_ref, smol_tok, heads=HEADS, config=short)
+    return out
+
+
+def test_unsupported_family_is_one_line_before_scoring(checkpoints, tmp_path):
+    from transformers import Gemma3Config
+
+    from air_ray.config import HeadsConfig
+    from air_ray.engine.scorer import Scorer
+    from air_ray.heads.run import run_heads
+
+    d, heads = checkpoints["gpt2"]
+    supported = "not supported: air_ray scores and detects heads with the decoder families cohere, cohere2, "
+    with pytest.raises(AirRayError, match=f"model type 'gpt2' is {supported}"):
+        Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu")
+    with pytest.raises(AirRayError, match="model type 'gpt2' is not supported"):
+        run_heads(HeadsConfig(model=str(d), output=str(tmp_path / "h.json"), num_probes=1, device="cpu"))
+    assert not (tmp_path / "h.json").exists()
+    from air_ray.models import load_model, prepare_model
+
+    model = load_model(prepare_model(str(d)), dtype="float32", device="cpu")
+    with pytest.raises(AirRayError, match="model type 'gpt2' is not supported"):
+        HeadAblation(model, [(1, 0)])
+    with pytest.raises(AirRayError, match="gemma3_text, are"):
+        family_of(Gemma3Config())
+    assert all(len(str(e).splitlines()) == 1 for e in [AirRayError(FAMILIES["olmo2"].export_refusal)])
+
+
+def test_scorer_on_a_family_without_sdpa(checkpoints):
+    """gpt-oss (sinks) has no SDPA path: it loads eager and scores end to end, the ablation on the eager kernel."""
+    from air_ray.engine.scorer import Scorer
+
+    d, heads = checkpoints["gpt_oss"]
+    with Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu", format="raw") as scorer:
+        assert scorer.model.config._attn_implementation == "eager"
+        rows = [{"id": "a", "prompt": "What is 2+3?", "response": "2+3 = 5\n#### 5"},
+                {"id": "b", "prompt": "Say hi.", "response": "Hello there!\nBye."}]
+        out = scorer.score(rows)
+    assert [r["id"] for r in out] == ["a", "b"]
+    assert all(np.isfinite(r["score"]) and r["loss_ref"] != r["loss_base"] for r in out)
+
+
+def test_vllm_backend_refuses_an_inexact_export(checkpoints, monkeypatch, tmp_path):
+    """OLMo 2's q_norm over all heads: the vLLM backend refuses with one line before any engine starts or any
+    export is written; the export itself refuses too."""
+    from air_ray.engine.backends.vllm import export_ablated
+    from air_ray.engine.scorer import Scorer
+    from air_ray.models import prepare_model
+
+    monkeypatch.setenv("AIR_RAY_HOME", str(tmp_path / "home"))
+    d, heads = checkpoints["olmo2"]
+    with pytest.raises(AirRayError, match=r"--backend vllm .* not the uniform ablation for OLMo 2: its q_norm .* "
+                                          r"use --backend hf") as e:
+        Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu", backend="vllm")
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(AirRayError, match="not the uniform ablation for OLMo 2"):
+        export_ablated(prepare_model(str(d)), HEADS, "float32")
+    assert not (tmp_path / "home" / "ablated").exists() or not any((tmp_path / "home" / "ablated").iterdir())
+    with Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu", format="raw") as hf:  # hf: exact
+        assert np.isfinite(hf.score([{"prompt": "a b", "response": "c d"}])[0]["score"])
+
+
+def test_rows_longer_than_the_model_context(checkpoints):
+    """--max-tokens 8192 on a model built for 64 positions: the limit is 64, in the Scorer and in the pipeline's
+    prepare stage; a longer row is too_long, or cut with --truncate."""
+    from air_ray.config import ScoreConfig
+    from air_ray.data.rows import RowError
+    from air_ray.engine.scorer import Scorer
+    from air_ray.models import load_config, prepare_model, token_limit
+    from air_ray.pipeline.stages import PrepareStage
+
+    d, heads = checkpoints["short"]
+    config = load_config(prepare_model(str(d)))
+    assert token_limit(8192, config) == 64 and token_limit(None, config) == 64 and token_limit(32, config) == 32
+    long = {"id": "long", "prompt": "Add them up.", "response": "1 + 1 = 2\n" * 40}
+    with Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu", format="raw") as scorer:
+        assert scorer.options.max_tokens == 8192 and scorer.preparer.max_tokens == 64
+        with pytest.raises(RowError, match="too_long"):
+            scorer.score([long])
+    with Scorer(model=str(d), heads=str(heads), dtype="float32", device="cpu", format="raw", truncate=True) as scorer:
+        (row,) = scorer.score([long])
+        assert row["truncated"] and row["n_prompt_tokens"] + row["n_response_tokens"] == 64
+    stage = PrepareStage(ScoreConfig(model=str(d), input=["x.jsonl"], format="raw"))
+    stage.setup()
+    assert stage.preparer.max_tokens == 64
+
+
+def test_log_softmax_in_float32_under_bf16():
+    """A bf16 model: the losses are those of its own bf16 logits with the log-softmax taken in float32 (a bf16
+    log-softmax would be off by far more)."""
+    model = build("llama").to(torch.bfloat16)
+    ids, mask = batch()
+    got = token_nll(model, sequences(), STARTS)  # the same padded batch
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # bf16 [batch, pos, vocab]
+    for i, (st, n, g) in enumerate(zip(STARTS, LENGTHS, got)):
+        lg = full[i, st - 1 : n - 1]  # [tokens, vocab]
+        target = ids[i, st:n, None]
+        fp32 = -torch.log_softmax(lg.float(), -1).gather(1, target)[:, 0].double().numpy()
+        bf16 = -torch.log_softmax(lg, -1).gather(1, target)[:, 0].double().numpy()
+        assert np.abs(g - fp32).max() <= 1e-5
+        assert np.abs(bf16 - fp32).max() > 1e-3
+
+
+def test_readme_family_table_is_this_table():
+    """The README's "Model families" table lists exactly these families, with the kernel each tiny model runs
+    and the vLLM export refused exactly where the family table refuses it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Model families", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"^\| (.+?) \| `(\w+)` \| (\w+)\** \|(.*)\|$", line)
+        if m and m.group(1) != "family":  # not the header
+            rows[m.group(2)] = [m.group(1), m.group(3)] + [c.strip() for c in m.group(4).split("|")]
+    assert set(rows) == set(FAMILIES)
+    for model_type, (name, kernel, _, ablation, losses, detection, prefix, export) in rows.items():
+        assert name == FAMILIES[model_type].name
+        assert kernel == tiny(model_type).config._attn_implementation, model_type
+        assert (ablation, losses, detection, prefix) == ("exact", "own", "yes", "yes")
+        assert export.startswith("refused") == (FAMILIES[model_type].export_refusal is not None), model_type
+        assert export.startswith("refused") or export == "exact"

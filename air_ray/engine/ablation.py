@@ -114,8 +114,9 @@ def uniform_output(value, heads, groups: int, visible):
     if visible.shape[1] != 1:  # a mask per head
         visible = visible[:, heads]
     count = visible.sum(-1)  # [batch or 1, 1 or n, q]
-    lo = visible.to(torch.uint8).argmax(-1)  # the first visible key
-    hi = k_len - visible.flip(-1).to(torch.uint8).argmax(-1)  # one past the last
+    as_bytes = visible.view(torch.uint8)  # argmax takes no bool; a view, no copy
+    lo = as_bytes.argmax(-1)  # the first visible key
+    hi = k_len - as_bytes.flip(-1).argmax(-1)  # one past the last (flip: one mask-sized temporary)
     if bool(((hi - lo == count) | (count == 0)).all()):
 
         def prefix_at(j):  # j [batch or 1, 1 or n, q] -> prefix[:, :, j] [batch, n, q, d_v]

@@ -117,7 +117,8 @@ class Scorer:
                 "n_prompt_tokens": p.n_prompt_tokens,
                 "n_response_tokens": p.n_response_tokens,
             }
-            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
+            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature,
+                                 self.options.base_loss_floor))
             row["truncated"] = p.truncated
             # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
             row["entropy_base"] = None if ent is None else float(np.mean(ent))
@@ -152,5 +153,6 @@ class Scorer:
             "dtype": self.dtype,
             "backend": o.backend,
             "step_temperature": self.step_temperature,
+            "base_loss_floor": o.base_loss_floor,
             "version": air_ray.__version__,
         }

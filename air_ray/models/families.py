@@ -83,7 +83,9 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        hint = " (the multimodal Gemma 3; its text-only checkpoints, gemma3_text, are)" if model_type == "gemma3" else ""
+        hint = ""
+        if model_type == "gemma3":
+            hint = " (the multimodal Gemma 3; its text-only checkpoints, gemma3_text, are)"
         raise AirRayError(f"model type {model_type!r} is not supported{hint}: air_ray scores and detects heads "
                           f"with the decoder families {supported()}")
     return family
