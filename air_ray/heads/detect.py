@@ -86,7 +86,6 @@ class _Capture:
             self.argmax[module.layer_idx] = attn.argmax(-1).cpu()
         return out
 
-
     def take(self, n_layers: int) -> np.ndarray:
         """[layer, head, rows] of the last pass; cleared for the next one."""
         out = np.stack([self.argmax[l].numpy() for l in range(n_layers)])

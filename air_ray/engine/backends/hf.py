@@ -1,9 +1,9 @@
 """The ``hf`` backend: transformers, one copy of the weights.
 
 The reference pass is the same model with the critical heads' attention made uniform for the duration of the
-pass (``air_ray.engine.ablation.HeadAblation``: the model's own attention kernel, wrapped; no weight changes). Rows are batched by token budget (sorted by length); per batch the
-layers below the first ablated layer run once for both passes unless ``share_prefix=False``
-(``air_ray.engine.losses.token_nll_pair``).
+pass (``air_ray.engine.ablation.HeadAblation``: the model's own attention kernel, wrapped; no weight changes).
+Rows are batched by token budget (sorted by length); per batch the layers below the first ablated layer run once
+for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``).
 """
 
 from __future__ import annotations
