@@ -5,10 +5,17 @@ reference model (critical heads disabled), the character start of each token in 
 step spans. No torch, no Ray.
 
     per token:   d_t = L_ref(t) - L_base(t)
-    per span S:  score(S) = (mean_{t in S} L_ref - mean_{t in S} L_base) / max(mean_{t in S} L_base, 1e-6)
+    per span S:  score(S) = (mean_{t in S} L_ref - mean_{t in S} L_base) / max(mean_{t in S} L_base, floor)
     sample:      S = all response tokens;  step: S = the tokens whose first character lies in the step
     weights:     over the n scored steps, w = n * softmax(step_scores / T) (they average 1); 1.0 for steps
                  with no token
+
+The floor (``--base-loss-floor``, default 1e-6 nats) only keeps the division finite. A span the base model
+already predicts almost perfectly (mean L_base near 0: memorised or trivially forced text) gets a score of
+order L_ref / L_base: with L_base = 0.001 and L_ref = 0.05 that is 49, while typical scores are below 1. Ranked
+globally such rows rise to the top, and inside a sample such a step takes nearly all of n * softmax(scores / T)
+(the other steps' weights go to ~0). A floor of a few hundredths of a nat (e.g. 0.05) bounds that: below the
+floor the score is the absolute increase L_ref - L_base divided by the floor.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-EPS = 1e-6
+EPS = 1e-6  # the default floor of L_base
 
 
-def relative_divergence(loss_ref_mean: float, loss_base_mean: float) -> float:
-    return (loss_ref_mean - loss_base_mean) / max(loss_base_mean, EPS)
+def relative_divergence(loss_ref_mean: float, loss_base_mean: float, floor: float = EPS) -> float:
+    return (loss_ref_mean - loss_base_mean) / max(loss_base_mean, floor)
 
 
 def token_step_index(token_starts: Sequence[int], step_spans: Sequence[Sequence[int]]) -> np.ndarray:
@@ -53,8 +60,10 @@ def influence(
     token_starts: Sequence[int],
     step_spans: Sequence[Sequence[int]],
     temperature: float = 1.0,
+    floor: float = EPS,
 ) -> dict:
-    """Sample and step scores of one response. Returns the score columns of the output schema."""
+    """Sample and step scores of one response (``floor``: of L_base in every relative score). Returns the score
+    columns of the output schema."""
     base = np.asarray(loss_base, dtype=np.float64)
     ref = np.asarray(loss_ref, dtype=np.float64)
     if base.shape != ref.shape or base.shape != (len(token_starts),) or base.size == 0:
@@ -67,11 +76,11 @@ def influence(
         sel = step_of == i
         n = int(sel.sum())
         counts.append(n)
-        scores.append(relative_divergence(float(ref[sel].mean()), float(base[sel].mean())) if n else None)
+        scores.append(relative_divergence(float(ref[sel].mean()), float(base[sel].mean()), floor) if n else None)
     return {
         "loss_base": lb,
         "loss_ref": lr,
-        "score": relative_divergence(lr, lb),
+        "score": relative_divergence(lr, lb, floor),
         "step_spans": [[int(a), int(b)] for a, b in step_spans],
         "step_token_counts": counts,
         "step_scores": scores,

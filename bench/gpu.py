@@ -8,9 +8,9 @@ The model is a Qwen2-1.5B-shaped decoder (28 layers, d_model 1536, 12 query / 2 
 token ids with lengths drawn uniformly from [--min-len, --max-len], the first 40 % of each the "prompt".
 Critical heads: --heads random heads at layers >= --first-layer (default 0.55 L, as SmolLM2's 17 of 30).
 
-What runs is the engine's own path: ``air_ray.lm.batch_by_tokens`` (token budget, length-sorted) and
-``air_ray.lm.token_nll_pair`` (shared prefix below the first ablated layer, LM head at response positions in
-chunks) with ``air_ray.ablation.QueryAblation``; ``--compare-plain`` also runs the two full passes and checks the
+What runs is the engine's own path: ``air_ray.engine.losses.batch_by_tokens`` (token budget, length-sorted) and
+``air_ray.engine.losses.token_nll_pair`` (shared prefix below the first ablated layer, LM head at response
+positions in chunks) with ``air_ray.engine.ablation.HeadAblation`` (the model's kernel, disabled heads uniform); ``--compare-plain`` also runs the two full passes and checks the
 losses agree. The ceiling is this device's measured matmul rate on the model's projection shapes (M = 8192
 tokens) in the same dtype; FLOPs are counted as in bench/throughput.py (``count_flops``).
 """
@@ -72,8 +72,8 @@ def matmul_ceiling(m: dict, dtype, device: str, seconds: float = 3.0, tokens: in
 
 
 def main(argv=None) -> int:
-    from air_ray.ablation import QueryAblation
-    from air_ray.lm import batch_by_tokens, token_nll_pair
+    from air_ray.engine.ablation import HeadAblation
+    from air_ray.engine.losses import batch_by_tokens, token_nll_pair
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=14, help="number of random critical heads")
     ap.add_argument("--first-layer", type=int, default=None, help="lowest ablated layer (default 0.55 L)")
-    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2, ...)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attn_implementation (the ablation "
+                                                                               "wraps these two)")
     ap.add_argument("--compare-plain", action="store_true", help="also the two full passes; losses must agree")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here too")
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     pool = [(l, h) for l in range(first, m["L"]) for h in range(m["H"])]
     heads = sorted(rng.sample(pool, min(a.heads, len(pool))))
     heads[0] = (first, heads[0][1])  # the lowest ablated layer is first_layer
-    ablation = QueryAblation(model, heads)
+    ablation = HeadAblation(model, heads)
     lens = [rng.randint(a.min_len, a.max_len) for _ in range(a.rows)]
     seqs = [[rng.randrange(3, m["V"]) for _ in range(n)] for n in lens]
     starts = [max(1, int(0.4 * n)) for n in lens]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Scoring throughput on a CUDA machine with no network: a random-init ~1.5B Qwen2-shaped model (no checkpoint,
-# no tokenizer, nothing downloaded), bf16, the engine's own path (air_ray.lm.token_nll_pair). Prints tokens/s
+# no tokenizer, nothing downloaded), bf16, the engine's own path (air_ray.engine.losses.token_nll_pair). Prints tokens/s
 # and MFU against this GPU's measured bf16 matmul rate; the last line is `tokens_per_s=... mfu=...`.
 #
 #   bench/gpu.sh                                  # defaults: 512 rows of 256..2048 tokens, 32768-token batches

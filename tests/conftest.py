@@ -1,6 +1,6 @@
 """Shared fixtures: the real default model (loaded once per session, float32, CPU) and an independent
-reference attention that disables heads explicitly (uniform 1/i attention rows), used to check the
-q-row ablation and the scorer against a plain implementation."""
+reference attention that disables heads explicitly (uniform 1/N attention rows over the keys each query sees),
+used to check the ablation and the scorer against a plain implementation."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def smol_tok(smol_ref):
 @pytest.fixture(scope="session")
 def smol_fp32(smol_ref):
     """The default model, float32 on CPU, SDPA attention (as air_ray loads it). Tests that change it in place
-    (QueryAblation, attention implementation) must restore it."""
+    (HeadAblation, attention implementation) must restore it."""
     from air_ray.models import load_model
 
     return load_model(smol_ref, dtype="float32", device="cpu")
@@ -66,13 +66,16 @@ _names = itertools.count()
 
 def make_uniform_attention(heads):
     """An eager attention function in which every (layer, head) in ``heads`` attends uniformly (exactly
-    1/i, i = number of visible positions) over what the mask lets it see; every other head is plain
-    softmax(QK^T * scaling + mask) V. Shapes: query [b, H, q, d]; key/value [b, KV, k, d]."""
+    1/N, N = number of keys the mask lets the query see: causal prefix, sliding window, padding; sinks ignored);
+    every other head is the plain written-out attention: softmax(QK^T * scaling, soft-capped when the model
+    passes ``softcap``, masked, with the sink logit ``s_aux`` in the denominator when the model passes one) V.
+    Shapes: query [b, H, q, d]; key [b, KV, k, d]; value [b, KV, k, d_v]."""
     import torch
 
     heads = frozenset((int(l), int(h)) for l, h in heads)
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None,
+                  **kwargs):
         b, H, q_len, d = query.shape
         rep = H // key.shape[1]
         k = key.repeat_interleave(rep, dim=1)  # query head h reads kv head h // rep
@@ -80,6 +83,8 @@ def make_uniform_attention(heads):
         if scaling is None:
             scaling = d ** -0.5
         scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling  # [b, H, q, k]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         k_len = scores.shape[-1]
         if attention_mask is None:
             visible = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
@@ -88,13 +93,18 @@ def make_uniform_attention(heads):
             visible = attention_mask[:, :, :, :k_len]
         else:  # eager float mask: 0 where visible, a very negative number elsewhere
             visible = attention_mask[:, :, :, :k_len] == 0
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if s_aux is None:
+            probs = scores.softmax(-1)
+        else:  # a sink per head: one more logit in the softmax, dropped after it
+            sink = s_aux.float().reshape(1, H, 1, 1).expand(b, H, q_len, 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
         probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (none with right padding)
         uniform = visible[:, 0].float() / visible[:, 0].sum(-1, keepdim=True).clamp(min=1).float()  # [b, q, k]
         for h in range(H):
             if (module.layer_idx, h) in heads:
                 probs[:, h] = uniform
-        out = torch.matmul(probs.to(v.dtype), v)  # [b, H, q, d]
+        out = torch.matmul(probs.to(v.dtype), v)  # [b, H, q, d_v]
         return out.transpose(1, 2).contiguous(), probs
 
     return attention
@@ -134,21 +144,22 @@ def short_rows(gsm8k_rows):
     return sorted(gsm8k_rows, key=lambda r: len(r["prompt"]) + len(r["response"]))[:9]
 
 
-def tiny_checkpoint(d: Path, smol_ref, smol_tok, nan_words=(), heads=((1, 0), (1, 3))):
-    """A real (tiny, randomly initialised) Llama checkpoint with the default model's tokenizer and chat
-    template, and a heads.json for it -> (model dir, heads.json). The embeddings of ``nan_words``' tokens are
-    NaN, so a row holding one of them has non-finite losses (the LM head is untied: a NaN row there would
-    poison every row)."""
+def tiny_checkpoint(d: Path, smol_ref, smol_tok, nan_words=(), heads=((1, 0), (1, 3)), config=None):
+    """A real (tiny, randomly initialised) Llama checkpoint (or one of ``config``, a transformers config whose
+    vocabulary is set to the tokenizer's) with the default model's tokenizer and chat template, and a heads.json
+    for it -> (model dir, heads.json). The embeddings of ``nan_words``' tokens are NaN, so a row holding one of
+    them has non-finite losses (the LM head is untied: a NaN row there would poison every row)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from air_ray.models import model_shape, prepare_model
 
-    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=False)
+    cfg = config or LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                tie_word_embeddings=False)
+    cfg.vocab_size = len(smol_tok)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg) if config is None else AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for w in nan_words:
             for t in smol_tok(w, add_special_tokens=False)["input_ids"]:

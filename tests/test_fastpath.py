@@ -1,7 +1,8 @@
-"""The shared-prefix fast path (``air_ray.lm.token_nll_pair``): layers below the first ablated layer run once
-for both passes. In float32 it must give the plain path's per-token losses (two full passes) within 1e-5, on
-tiny random Llama (GQA) / Qwen2 (q bias, mixed sliding/full layers) / Qwen3 (q/k norm) / Mistral models and on
-the real default model, with padded batches, first_layer 0 and no heads; and leave the model as it found it.
+"""The shared-prefix fast path (``air_ray.engine.losses.token_nll_pair``): layers below the first ablated layer
+run once for both passes. In float32 it must give the plain path's per-token losses (two full passes) within
+1e-5, on tiny random Llama (GQA) / Qwen2 (q bias, mixed sliding/full layers) / Qwen3 (q/k norm) / Mistral models
+and on the real default model, with padded batches, first_layer 0 and no heads; and leave the model as it found
+it. Every other family: tests/test_architectures.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from air_ray.engine.ablation import QueryAblation
+from air_ray.engine.ablation import HeadAblation
 from air_ray.engine.losses import prefix_shareable, token_nll_pair
 
 from tests.test_ablation import randomize, tiny_config
@@ -35,7 +36,7 @@ def sequences(vocab: int, lengths, seed=1):
 
 
 def pair(model, heads, seqs, starts, share_prefix):
-    abl = QueryAblation(model, heads)
+    abl = HeadAblation(model, heads)
     return token_nll_pair(model, seqs, starts, ablated=abl.ablated, first_layer=abl.first_layer,
                           share_prefix=share_prefix)
 
@@ -112,21 +113,24 @@ def test_mixed_layer_types_keep_their_mask():
     check(model, [(2, 2)], lengths=[30, 21], starts=[4, 3])
 
 
-def test_unverified_architecture_takes_the_plain_path():
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    config = GemmaConfig(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
-    model = randomize(GemmaForCausalLM(config)).eval()  # scales its embeddings inside forward
-    assert not prefix_shareable(model, 1)
-    check(model, [(1, 0), (2, 3)])
+def test_sharded_model_takes_the_plain_path():
+    """A model spread over devices by accelerate's device_map keeps the plain path (its per-layer device hooks
+    were not verified with stand-in layers), with the same losses."""
+    model = tiny_model("llama")
+    assert prefix_shareable(model, 1)
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    try:
+        assert not prefix_shareable(model, 1)
+        check(model, [(1, 0), (2, 3)])
+    finally:
+        del model.hf_device_map
 
 
 def test_restored_when_the_reference_pass_fails():
     model = tiny_model("llama")
     heads = [(1, 0), (2, 1)]
     snap = snapshot(model)
-    abl = QueryAblation(model, heads)
+    abl = HeadAblation(model, heads)
     boom = model.base_model.layers[2].register_forward_pre_hook(
         lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")) if abl.active else None)
     seqs = sequences(model.config.vocab_size, LENGTHS)
@@ -229,7 +233,7 @@ def test_chunked_head_equals_full_logits(chunk):
     model = tiny_model("qwen3")
     seqs = sequences(model.config.vocab_size, LENGTHS)
     got = token_nll(model, seqs, STARTS, chunk=chunk)
-    abl = QueryAblation(model, [(1, 0)])
+    abl = HeadAblation(model, [(1, 0)])
     base, _, ent = token_nll_pair(model, seqs, STARTS, ablated=abl.ablated, first_layer=abl.first_layer,
                                   chunk=chunk)
     for s, st, g, b, e in zip(seqs, STARTS, got, base, ent):

@@ -140,3 +140,35 @@ def test_all_finite():
     assert all_finite([1.0, 2.0], np.zeros(3))
     assert not all_finite([1.0, float("nan")])
     assert not all_finite([1.0], [float("inf")])
+
+
+def test_base_loss_floor():
+    """A step the base model predicts almost perfectly: with the default floor its relative score is huge and it
+    takes nearly all the step weight; a floor of 0.05 nats bounds it (score = absolute increase / floor), and
+    spans above the floor are unchanged."""
+    base = [0.001, 2.0, 1.0]
+    ref = [0.05, 2.2, 1.1]
+    starts, spans = [0, 3, 6], [(0, 3), (3, 6), (6, 9)]
+    default = influence(base, ref, starts, spans)
+    assert default["step_scores"][0] == pytest.approx(49.0)  # (0.05 - 0.001) / 0.001
+    assert default["step_weights"][0] == pytest.approx(3.0, abs=1e-6)  # all the weight
+    floored = influence(base, ref, starts, spans, floor=0.05)
+    assert floored["step_scores"][0] == pytest.approx(0.049 / 0.05)
+    assert floored["step_scores"][1:] == default["step_scores"][1:] == pytest.approx([0.1, 0.1])
+    assert floored["score"] == default["score"]  # the sample's mean base loss is above the floor
+    assert 1.0 < floored["step_weights"][0] < 2.0
+    assert relative_divergence(0.5, 0.0) == 0.5 / EPS == relative_divergence(0.5, 0.0, EPS)
+
+
+def test_base_loss_floor_option():
+    from air_ray.config import EngineOptions
+    from air_ray.errors import AirRayError
+
+    default = EngineOptions()
+    assert default.base_loss_floor == EPS
+    key = default.scoring_key("fp", [(1, 2)])
+    assert EngineOptions(base_loss_floor=1e-6).scoring_key("fp", [(1, 2)]) == key  # old outputs keep their keys
+    assert EngineOptions(base_loss_floor=0.05).scoring_key("fp", [(1, 2)]) != key
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(AirRayError, match="base-loss-floor"):
+            EngineOptions(base_loss_floor=bad).validate()

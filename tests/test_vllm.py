@@ -52,6 +52,8 @@ def hf_scores(heads, rows64):
 def test_agrees_with_hf_on_64_gsm8k_rows(vllm_scorer, hf_scores, rows64):
     hf, want = hf_scores
     assert vllm_scorer.model is None and vllm_scorer.describe()["backend"] == "vllm"
+    # both backends accept rows up to min(--max-tokens, the model's context): here --max-tokens 1024 < 8192
+    assert vllm_scorer.backend.max_tokens == hf.backend.max_tokens == vllm_scorer.preparer.max_tokens == 1024
     # the same token ids go to both backends
     for r in rows64[:8]:
         assert vllm_scorer.preparer.prepare(r).input_ids == hf.preparer.prepare(r).input_ids

@@ -86,6 +86,9 @@ class EngineOptions(ModelOptions, CorpusOptions):
     format: str = FORMAT()
     steps: str = Opt("lines", help="lines | paragraphs | think | regex:PATTERN")()
     step_temperature: float = Opt(1.0, help="temperature of the step weights' softmax")()
+    base_loss_floor: float = Opt(1e-6, help="floor of L_base (nats) in every relative score (L_ref - L_base) / "
+                                            "max(L_base, floor); raise it (e.g. 0.05) so that near-zero base losses "
+                                            "cannot blow up scores and step weights")()
     backend: str = Opt("hf", choices=BACKENDS,
                        help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
     batch_tokens: int = Opt(8192, help="token budget of one model batch")()
@@ -109,6 +112,8 @@ class EngineOptions(ModelOptions, CorpusOptions):
             raise AirRayError("--max-tokens must be >= 2")
         if not self.step_temperature > 0:
             raise AirRayError("--step-temperature must be > 0")
+        if not (self.base_loss_floor > 0 and math.isfinite(self.base_loss_floor)):
+            raise AirRayError("--base-loss-floor must be a number > 0")
 
     def scoring_key(self, model_fingerprint: str, heads) -> str:
         """A short hash of everything that changes a partition's contents for the same input: the model,
@@ -130,6 +135,8 @@ class EngineOptions(ModelOptions, CorpusOptions):
                 if getattr(self, f.name) != f.default}
         if rows:  # only when set: outputs scored before these options existed keep their keys
             doc["rows"] = rows
+        if self.base_loss_floor != EngineOptions.base_loss_floor:  # keys made before the option stay valid
+            doc["base_loss_floor"] = self.base_loss_floor
         return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 

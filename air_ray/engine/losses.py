@@ -1,8 +1,10 @@
 """Per-token losses from a causal LM without materialising [tokens x vocab] logits.
 
 The decoder runs once over the padded batch; only the positions that predict target tokens go through the
-LM head, in chunks, so peak extra memory is one [chunk, vocab] block (64 MB of float32 logits by default)
-rather than [batch, pos, vocab].
+model's own output path (its LM head and whatever it does to the logits: Cohere's logit_scale, Granite's
+logits_scaling, Gemma's final soft-capping), in chunks, so peak extra memory is one [chunk, vocab] block (64 MB
+of float32 logits by default) rather than [batch, pos, vocab]. The log-softmax is taken in float32 whatever the
+model's dtype.
 
 ``token_nll_pair`` computes the base and the reference (critical heads disabled) losses of one batch. The
 layers below the first ablated layer compute the same thing in both passes, so by default it runs them
@@ -18,11 +20,14 @@ from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 
-# decoder classes whose forward was read (transformers 5.x) and found prefix-safe: embeddings are not rescaled
-# inside forward, the causal mask and rotary tables are built from the inputs before the layer loop, every
-# layer gets (hidden_states, mask, position_embeddings, ...) and returns the hidden state that the next
-# layer takes, and nothing after the loop but the final norm. Other models take the plain two full passes.
-PREFIX_SAFE_DECODERS = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
+from air_ray.models.families import FAMILIES
+
+# decoder classes whose forward was read (transformers 5.x) and found prefix-safe: the masks and rotary tables
+# are built from the inputs before the layer loop, every layer gets (hidden_states, mask, position_embeddings,
+# ...) and returns the hidden state that the next layer takes, and nothing after the loop but the final norm
+# (air_ray.models.families; tests/test_architectures.py checks the fast path against the plain one per family).
+# Other models take the plain two full passes.
+PREFIX_SAFE_DECODERS = frozenset(f.decoder for f in FAMILIES.values())
 
 
 def batch_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
@@ -103,35 +108,87 @@ def head_chunk(vocab: int, chunk: int | None = None, device: str = "cpu") -> int
     return max(16, budget // (4 * vocab))
 
 
-def _head_nll(model, hidden, b: _Batch, chunk: int | None, entropy: bool = False):
-    """Cross-entropy at the scored positions only, ``chunk`` positions at a time through the LM head;
-    with ``entropy``: (cross-entropy, entropy of the next-token distribution) at those positions.
+class _Output:
+    """What the stand-in decoder returns: the hidden states it was given, every other field of a decoder output
+    None (router logits, caches, attentions)."""
 
-    The loss is computed in place in the chunk's float32 logits (logsumexp - target logit), so one
-    [chunk, vocab] block is all the extra memory: F.cross_entropy would add a second one (its log_softmax).
-    The entropy, from the same block: with e = exp(logits - max) and Z = sum(e),
+    def __init__(self, hidden):
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name):
+        return None
+
+    def __getitem__(self, i):
+        if i != 0:
+            raise IndexError(i)
+        return self.last_hidden_state
+
+
+_GIVEN_CLASS = None
+
+
+@contextmanager
+def own_logits(model):
+    """``logits(hidden)``: the model's own logits [n, vocab] for final hidden states [n, d_model] (after the
+    decoder's final norm), from its own causal-LM forward: the decoder (``model.<base_model_prefix>``) is
+    replaced, for the duration, by a stand-in that returns those hidden states, so the model's own head and
+    logit post-processing apply unchanged (Cohere's logit_scale, Granite's logits_scaling, Gemma's final
+    soft-capping, tied or untied embeddings). Restored on exit, also on error."""
+    global _GIVEN_CLASS
+    if _GIVEN_CLASS is None:
+        import torch.nn as nn
+
+        class Given(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.hidden = None  # [1, n, d_model]
+
+            def forward(self, *args, **kwargs):
+                return _Output(self.hidden)
+
+        _GIVEN_CLASS = Given
+    prefix = model.base_model_prefix
+    decoder = getattr(model, prefix)
+    given = _GIVEN_CLASS()
+
+    def logits(hidden):
+        given.hidden = hidden[None]  # [1, n, d_model]
+        return model(logits_to_keep=0, use_cache=False).logits[0]  # [n, vocab]
+
+    setattr(model, prefix, given)
+    try:
+        yield logits
+    finally:
+        setattr(model, prefix, decoder)
+
+
+def _head_nll(model, hidden, b: _Batch, chunk: int | None, entropy: bool = False):
+    """Cross-entropy at the scored positions only, ``chunk`` positions at a time through the model's own output
+    path (``own_logits``); with ``entropy``: (cross-entropy, entropy of the next-token distribution) there.
+
+    The loss is computed in place in the chunk's float32 logits (logsumexp - target logit; float32 also when the
+    model runs in bf16), so one [chunk, vocab] block is all the extra memory: F.cross_entropy would add a
+    second one (its log_softmax). The entropy, from the same block: with e = exp(logits - max) and Z = sum(e),
     H = log Z - sum(e * log e) / Z (one more [chunk, vocab] temporary while it is summed).
     Shapes: hidden [batch, pos, d_model]; picked [chunk, d_model]; logits [chunk, vocab] (float32).
     """
     import torch
 
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = head_chunk(head.weight.shape[0], chunk, head.weight.device.type)
     hdev = hidden.device
     out, ent = [], []
-    for a in range(0, len(b.rows), chunk):
-        picked = hidden[b.rows[a : a + chunk].to(hdev), b.cols[a : a + chunk].to(hdev)]  # [n, d_model]
-        logits = head(picked.to(head.weight.device)).float()  # [n, vocab]
-        if softcap:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        target = logits.gather(1, b.targets[a : a + chunk, None].to(logits.device))[:, 0]  # [n]
-        top = logits.amax(dim=-1)  # [n]
-        e = logits.sub_(top[:, None]).exp_()  # [n, vocab], in place
-        log_z = e.sum(dim=-1).log_()  # [n]
-        out.append(log_z + top - target)
-        if entropy:
-            ent.append(log_z - torch.xlogy(e, e).sum(dim=-1) / log_z.exp())
+    with own_logits(model) as logits_of:
+        for a in range(0, len(b.rows), chunk):
+            picked = hidden[b.rows[a : a + chunk].to(hdev), b.cols[a : a + chunk].to(hdev)]  # [n, d_model]
+            logits = logits_of(picked).float()  # [n, vocab]
+            target = logits.gather(1, b.targets[a : a + chunk, None].to(logits.device))[:, 0]  # [n]
+            top = logits.amax(dim=-1)  # [n]
+            e = logits.sub_(top[:, None]).exp_()  # [n, vocab], in place
+            log_z = e.sum(dim=-1).log_()  # [n]
+            out.append(log_z + top - target)
+            if entropy:
+                ent.append(log_z - torch.xlogy(e, e).sum(dim=-1) / log_z.exp())
     nll = torch.cat(out).double().cpu().numpy()
     return (nll, torch.cat(ent).double().cpu().numpy()) if entropy else nll
 

@@ -17,6 +17,7 @@ from air_ray.engine.ablation import check_heads
 from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, influence
+from air_ray.models.families import family_of
 from air_ray.models.load import load_config, load_tokenizer, model_shape, resolve_device, resolve_dtype
 from air_ray.models.resolve import prepare_model
 
@@ -56,6 +57,7 @@ class Scorer:
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         config = load_config(self.ref, trust_remote_code=opts.trust_remote_code)
+        family_of(config)  # a model outside the supported families: one line, before any weights load
         shape = model_shape(config)
         if heads is None:
             self.heads_doc = load_heads(opts.heads, fingerprint=self.ref.fingerprint, shape=shape,
@@ -114,7 +116,8 @@ class Scorer:
                 "n_prompt_tokens": p.n_prompt_tokens,
                 "n_response_tokens": p.n_response_tokens,
             }
-            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature))
+            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature,
+                                 self.options.base_loss_floor))
             row["truncated"] = p.truncated
             # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
             row["entropy_base"] = None if ent is None else float(np.mean(ent))
@@ -150,5 +153,6 @@ class Scorer:
             "dtype": self.dtype,
             "backend": o.backend,
             "step_temperature": self.step_temperature,
+            "base_loss_floor": o.base_loss_floor,
             "version": air_ray.__version__,
         }

@@ -1,8 +1,9 @@
 """Finding reasoning-critical heads by retrieval score.
 
 Rule (teacher-forced): answer token k sits at position P+k. The query at position P+k-1 predicts it. A head
-*copies* token k when the argmax of its attention row at P+k-1 (over positions 0..P+k-1, ties to the lowest
-position) lies in the answer's span in the prompt and the token there equals answer token k.
+*copies* token k when the argmax of its attention row at P+k-1 (over the positions 0..P+k-1 that the model's
+mask lets that query see, fewer under a sliding window; ties to the lowest position) lies in the answer's span
+in the prompt and the token there equals answer token k.
 Probe score = copies / answer tokens; head score = mean over probes; critical heads = the top
 ceil(top_frac * layers * heads) by score, ties by (layer, head) ascending.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,7 @@ import numpy as np
 from air_ray.errors import AirRayError
 from air_ray.heads.probes import ProbeTokens
 
-CAPTURE_ATTN = "air_ray_capture"
+CAPTURE_PREFIX = "air_ray_capture_"  # + the model's own kernel (sdpa | eager)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,40 +52,71 @@ def top_heads(scores: np.ndarray, top_frac: float) -> list[tuple[int, int]]:
 
 
 class _Capture:
-    """An attention function that runs SDPA and, for the rows asked for, records each head's argmax.
+    """An attention function that runs the model's own kernel (``air_ray.engine.ablation.model_kernel``) and, for
+    the query rows asked for, records each head's argmax over exactly the keys the model's mask lets that query
+    see (causal prefix, sliding window).
 
     Only the query rows needed are scored ([head, rows, pos] per layer at a time); the full [pos, pos]
-    attention matrix is never built.
+    attention matrix is never built. The scores are the kernel's: q k^T * scaling, soft-capped where the model
+    soft-caps (Gemma 2); sinks only add to the softmax's denominator, so they move no argmax.
     """
 
-    def __init__(self):
+    def __init__(self, implementation: str):
+        self.implementation = implementation
         self.rows: slice | None = None
         self.argmax: dict = {}  # layer -> [head, rows] (torch)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         import torch
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        from air_ray.engine.ablation import model_kernel, visible_keys
+
+        out = model_kernel(self.implementation, module)(module, query, key, value, attention_mask, **kwargs)
         if self.rows is not None:
             # query [batch=1, head, pos, d_head]; key [batch=1, kv_head, pos, d_head]
             q = query[0, :, self.rows].float()  # [head, rows, d_head]
             k = key[0].float().repeat_interleave(query.shape[1] // key.shape[1], dim=0)  # [head, pos, d_head]
             scaling = kwargs.get("scaling") or q.shape[-1] ** -0.5
             s = torch.einsum("hrd,hpd->hrp", q, k) * scaling  # [head, rows, pos]
-            qpos = torch.arange(self.rows.start, self.rows.stop, device=s.device)[:, None]
-            kpos = torch.arange(s.shape[-1], device=s.device)[None, :]
-            attn = s.masked_fill(kpos > qpos, float("-inf")).softmax(-1)
+            softcap = kwargs.get("softcap")
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
+            seen = visible_keys(attention_mask, query.shape[2], key.shape[2], self.rows, device=s.device)[0, 0]
+            attn = s.masked_fill(~seen, float("-inf")).softmax(-1)  # [head, rows, pos]
             self.argmax[module.layer_idx] = attn.argmax(-1).cpu()
         return out
 
+    def take(self, n_layers: int) -> np.ndarray:
+        """[layer, head, rows] of the last pass; cleared for the next one."""
+        out = np.stack([self.argmax[l].numpy() for l in range(n_layers)])
+        self.argmax = {}
+        return out
 
-def _register_capture(capture: _Capture) -> None:
+
+@contextmanager
+def capturing(model):
+    """While open, each forward pass of ``model`` over one sequence records, for the query rows ``capture.rows``
+    (a slice; None: none), the key position each head attends to most (ties to the lowest), over the keys that
+    query may see: ``capture.take(n_layers)`` -> [layer, head, rows]. The model runs its own kernel throughout
+    and comes back with its attention implementation unchanged."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(CAPTURE_ATTN, capture)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_ATTN, sdpa_mask)
+    from air_ray.engine.ablation import KERNELS
+
+    previous = model.config._attn_implementation
+    if previous not in KERNELS:
+        raise AirRayError(f"attention implementation {previous!r}: head detection runs on {' or '.join(KERNELS)}")
+    capture = _Capture(previous)
+    name = CAPTURE_PREFIX + previous
+    AttentionInterface.register(name, capture)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    model.set_attn_implementation(name)
+    try:
+        yield capture
+    finally:
+        capture.rows = None
+        model.set_attn_implementation(previous)
 
 
 @dataclass
@@ -96,30 +129,23 @@ class Detection:
 def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int = 0, progress: bool = True
            ) -> Detection:
     """Retrieval scores of every head, the critical heads, and the ablation check."""
-    from air_ray.engine.ablation import QueryAblation
+    from air_ray.engine.ablation import HeadAblation, check_supported
     from air_ray.engine.losses import token_nll
     from air_ray.models.load import model_shape
 
     if not probes:
         raise AirRayError("no probes")
+    check_supported(model)
     L, H, _, _ = model_shape(model)
-    capture = _Capture()
-    _register_capture(capture)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_ATTN)
     totals = np.zeros((L, H))
     base_losses = []
-    try:
+    with capturing(model) as capture:
         for i, p in enumerate(probes):
-            capture.rows, capture.argmax = slice(p.n_prompt - 1, len(p.input_ids) - 1), {}
+            capture.rows = slice(p.n_prompt - 1, len(p.input_ids) - 1)  # the rows predicting answer tokens
             base_losses.append(token_nll(model, [p.input_ids], [p.n_prompt])[0])
-            argmax = np.stack([capture.argmax[l].numpy() for l in range(L)])  # [layer, head, answer]
-            totals += copy_fraction(argmax, p)
+            totals += copy_fraction(capture.take(L), p)  # argmax [layer, head, answer]
             if progress and (i + 1) % max(1, len(probes) // 8) == 0:
                 print(f"heads: {i + 1}/{len(probes)} probes", file=sys.stderr, flush=True)
-    finally:
-        capture.rows = None
-        model.set_attn_implementation(previous)
     scores = totals / len(probes)
     heads = top_heads(scores, top_frac)
 
@@ -128,7 +154,7 @@ def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int =
     rand = random.Random(seed).sample(others, min(len(heads), len(others)))
 
     def answer_loss(ablate):
-        with QueryAblation(model, ablate).ablated():
+        with HeadAblation(model, ablate).ablated():
             nll = [token_nll(model, [p.input_ids], [p.n_prompt])[0] for p in probes]
         return float(np.mean([x.mean() for x in nll]))
 

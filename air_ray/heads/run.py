@@ -12,11 +12,13 @@ def run_heads(cfg: HeadsConfig) -> dict:
     from air_ray.heads.artifact import write_heads
     from air_ray.heads.detect import detect
     from air_ray.heads.probes import read_probes, synthetic_probes, tokenize_probe
-    from air_ray.models.load import load_model, load_tokenizer, model_shape, resolve_device
+    from air_ray.models.families import family_of
+    from air_ray.models.load import load_config, load_model, load_tokenizer, model_shape, resolve_device
     from air_ray.models.resolve import prepare_model
 
     t0 = time.time()
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    family_of(load_config(ref, trust_remote_code=cfg.trust_remote_code))  # outside the families: one line, now
     tok = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.probes:
         probes = read_probes(cfg.probes)

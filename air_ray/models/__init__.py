@@ -1,17 +1,21 @@
 """Models: resolve a spec (alias, directory, GGUF, hub id) to a local checkpoint with a fingerprint
-(``resolve``), and load it (``load``: device, dtype, the causal LM, tokenizer, config, attention shape).
+(``resolve``), and load it (``load``: device, dtype, the causal LM, tokenizer, config, attention shape, context
+length); ``families``: the decoder families supported and what differs between them.
 
 May import: ``air_ray.errors``; torch and transformers lazily. Never Ray, the CLI or other parts.
 """
 
+from air_ray.models.families import FAMILIES, Family, export_refusal, family_of
 from air_ray.models.load import (
-    load_config, load_model, load_tokenizer, model_shape, resolve_device, resolve_dtype, torch_dtype,
+    attention_implementation, context_length, load_config, load_model, load_tokenizer, model_shape, resolve_device,
+    resolve_dtype, token_limit, torch_dtype,
 )
 from air_ray.models.resolve import (
     DEFAULT_MODEL, ModelRef, air_ray_home, cached_checkpoint, fingerprint, prepare_model, weights_dir,
 )
 
 __all__ = [
-    "DEFAULT_MODEL", "ModelRef", "air_ray_home", "cached_checkpoint", "fingerprint", "load_config", "load_model", "load_tokenizer",
-    "model_shape", "prepare_model", "resolve_device", "resolve_dtype", "torch_dtype", "weights_dir",
+    "DEFAULT_MODEL", "FAMILIES", "Family", "ModelRef", "air_ray_home", "attention_implementation", "cached_checkpoint",
+    "context_length", "export_refusal", "family_of", "fingerprint", "load_config", "load_model", "load_tokenizer",
+    "model_shape", "prepare_model", "resolve_device", "resolve_dtype", "token_limit", "torch_dtype", "weights_dir",
 ]

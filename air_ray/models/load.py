@@ -62,17 +62,20 @@ def load_model(
     *,
     dtype: str = "auto",
     device: str = "auto",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     shard: bool = False,
 ):
-    """Load the causal LM once, in eval mode. ``shard=True`` spreads it over every visible GPU."""
+    """Load the causal LM once, in eval mode. ``shard=True`` spreads it over every visible GPU.
+    ``attn_implementation`` None: ``attention_implementation`` of its config."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
+    if attn_implementation is None:
+        attn_implementation = attention_implementation(load_config(ref, trust_remote_code=trust_remote_code))
     kw = dict(
         dtype=torch_dtype(dtype),
         attn_implementation=attn_implementation,
@@ -87,6 +90,26 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def attention_implementation(config) -> str | None:
+    """How the model computes attention: ``eager`` where PyTorch's SDPA would silently drop part of the model's
+    own attention (Gemma 2's soft-capped attention logits), else None: transformers' default, SDPA where the
+    model supports it and eager where it does not (gpt-oss: attention sinks)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), None when it does not say."""
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def token_limit(max_tokens: int | None, config) -> int | None:
+    """The longest row either backend accepts: the smaller of ``--max-tokens`` and the model's context (None:
+    neither limits it). A longer row is rejected as ``too_long`` (or cut with ``--truncate``)."""
+    limits = [n for n in (max_tokens, context_length(config)) if n]
+    return min(limits) if limits else None
 
 
 def model_shape(model_or_config) -> tuple[int, int, int, int]:

@@ -1,9 +1,9 @@
 """The ``hf`` backend: transformers, one copy of the weights.
 
-The reference pass is the same model with the critical heads' query rows zeroed for the duration of the pass
-(``air_ray.engine.ablation.QueryAblation``). Rows are batched by token budget (sorted by length); per batch the
-layers below the first ablated layer run once for both passes unless ``share_prefix=False``
-(``air_ray.engine.losses.token_nll_pair``).
+The reference pass is the same model with the critical heads' attention made uniform for the duration of the
+pass (``air_ray.engine.ablation.HeadAblation``: the model's own attention kernel, wrapped; no weight changes).
+Rows are batched by token budget (sorted by length); per batch the layers below the first ablated layer run once
+for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from air_ray.data.rows import PreparedRow
-from air_ray.engine.ablation import QueryAblation
+from air_ray.engine.ablation import HeadAblation
 from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.engine.losses import batch_by_tokens, token_nll_pair
-from air_ray.models.load import load_model
+from air_ray.models.load import load_model, token_limit
 
 
 class HFBackend:
@@ -22,9 +22,9 @@ class HFBackend:
         opts = spec.options
         self.model = load_model(spec.ref, dtype=spec.dtype, device=spec.device, allow_pickle=opts.allow_pickle,
                                 trust_remote_code=opts.trust_remote_code, shard=spec.shard)
-        self.ablation = QueryAblation(self.model, spec.heads)
+        self.ablation = HeadAblation(self.model, spec.heads)
         self.batch_tokens = int(opts.batch_tokens)
-        self.max_tokens = opts.max_tokens
+        self.max_tokens = token_limit(opts.max_tokens, spec.config)  # --max-tokens, within the model's context
         self.pad_id = spec.pad_id
         self.share_prefix = bool(spec.share_prefix)
         self.batcher = batch_by_tokens  # (lengths, budget) -> [[row index]]; the bench swaps it to measure

