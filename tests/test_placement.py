@@ -8,15 +8,15 @@ def test_embedded_cpu_machine_gives_every_core_to_one_actor():
     p = plan([{"CPU": 3.0}], actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=True, physical_cpus=2)
     assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.threads) == (1, 0, 2, 2)
     assert "no GPU" in p.why
-    # the embedded cluster has one logical CPU more than the machine, for the read/prepare stages
-    assert embedded_cpus(2, None, None) == 3
-    assert embedded_cpus(2, 2, 2) == 5  # options asking for more than the machine get it (logically)
+    # the embedded cluster has logical CPUs beyond the machine's for the read/prepare stages
+    assert embedded_cpus(2, None, None) == 4
+    assert embedded_cpus(2, 2, 2) == 6  # options asking for more than the machine get it (logically)
 
 
 def test_joined_cpu_cluster_one_actor_per_node():
     nodes = [{"CPU": 8.0}, {"CPU": 8.0}, {"CPU": 0.0}]  # a head with num-cpus 0
     p = plan(nodes, actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=False, physical_cpus=2)
-    assert (p.actors, p.cpus_per_actor) == (2, 7)  # one CPU per node left for the light stages
+    assert (p.actors, p.cpus_per_actor) == (2, 6)  # two CPUs per node left for the light stages
 
 
 def test_gpu_cluster_one_actor_per_gpu():

@@ -37,7 +37,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def _config(tmp: Path, model, heads, inputs, output, **extra) -> Path:
-    doc = {"inputs": [str(i) for i in inputs], "output": str(output), "model": str(model), "heads": str(heads),
+    doc = {"input": [str(i) for i in inputs], "output": str(output), "model": str(model), "heads": str(heads),
            "format": "chat", "steps": "lines", "dtype": "float32", "device": "cpu", "rows_per_partition": 4,
            "select": {"top_frac": 0.5}, "address": "local", **extra}
     path = tmp / f"rescore-{hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:8]}.yaml"
@@ -51,7 +51,7 @@ def _rescore(cfg_path: Path) -> dict:
     from air_ray.config import RescoreConfig
     from air_ray.pipeline.rescore import run_rescore
 
-    return run_rescore(RescoreConfig.from_yaml(str(cfg_path)))
+    return run_rescore(RescoreConfig.load(str(cfg_path)))
 
 
 def _version_dir(out: Path, summary: dict) -> Path:

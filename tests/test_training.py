@@ -499,7 +499,7 @@ def test_weighted_sft_on_the_default_model(smol_ref, tmp_path):
 
 def _weighted_sft_on_the_default_model(smol_ref, tmp_path, load_trainable, train_weighted_sft):
     sel, scores, corpus = write_inputs(str(tmp_path))
-    cfg = TrainConfig(selection=sel, scores=scores, corpus=[corpus], output=str(tmp_path / "sft"), model=smol_ref.name,
+    cfg = TrainConfig(selection=sel, scores=scores, input=[corpus], output=str(tmp_path / "sft"), model=smol_ref.name,
                       max_steps=2, lr=1e-4, batch_size=2, max_length=48, format="raw", device="cpu", add_eos=False)
     loaded = load_trainable(cfg)
     _, tok, model = loaded

@@ -6,10 +6,17 @@ padding), attention sinks ignored, so its output is the mean of V over those key
 
 ``HeadAblation`` (the ``hf`` backend and head detection's check) computes it where the model computes
 attention. transformers hands each layer's attention to a registered function with q, k, v (after q/k norms and
-RoPE) and the mask its kernel uses; while the ablation is on, the model runs ``air_ray_uniform_<kernel>``: its
-own kernel (SDPA, or the family's eager code with its soft-capping or sinks), then each disabled head's output
-replaced by the mean of V over the keys that mask shows its query. No weight changes, one copy of the model,
-and switching is cheap; the extra work is one cumulative sum over V per disabled head.
+RoPE) and the mask its kernel uses; while the ablation is on, the model runs ``air_ray_uniform_<kernel>``, its
+own kernel (SDPA, or the family's eager code) with each disabled head made uniform:
+
+* no attention sinks: the head's query is set to zero *in the kernel's input* (after every norm and RoPE), so
+  every logit is 0 (soft-capping keeps 0 at 0) and the kernel's own softmax under its own mask gives exactly
+  1/N_i. No extra work; the default model's scores are bit-identical to the earlier q_proj-row form.
+* attention sinks (gpt-oss: a learned logit added to every row, so q = 0 gives 1/(N_i + e^s), not 1/N_i): the
+  kernel runs as is and the head's output is replaced by the mean of V over the keys the mask shows its query
+  (``uniform_output``: one cumulative sum over V per disabled head).
+
+No weight changes, one copy of the model, and switching is cheap.
 
 ``zero_query_rows`` is the form the ``vllm`` backend exports (a checkpoint): with q = 0 every attention logit
 of the head is 0 and the softmax under the mask is 1/N, the same thing, wherever nothing between the query rows
@@ -132,12 +139,22 @@ def uniform_output(value, heads, groups: int, visible):
 _REGISTERED: set[str] = set()
 
 
+def has_sinks(module, kwargs) -> bool:
+    """Whether the kernel adds attention-sink logits (gpt-oss passes them as ``s_aux``)."""
+    return kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None
+
+
 def _uniform_kernel(implementation: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        """The model's own kernel, then the disabled heads' outputs replaced by the uniform ones.
+        """The model's own kernel with the disabled heads uniform (see the module doc).
         query [batch, head, q, d]; key, value [batch, kv_head, k, d(_v)]; out [batch, q, head, d_v]."""
-        out, weights = model_kernel(implementation, module)(module, query, key, value, attention_mask, **kwargs)
+        kernel = model_kernel(implementation, module)
         heads = getattr(module, _HEADS, None)
+        if heads is not None and not has_sinks(module, kwargs):
+            query = query.clone()
+            query[:, heads] = 0  # every logit of these heads is 0: softmax under the mask = 1/N
+            return kernel(module, query, key, value, attention_mask, **kwargs)
+        out, weights = kernel(module, query, key, value, attention_mask, **kwargs)
         if heads is not None:
             q_len, k_len = query.shape[2], key.shape[2]
             visible = (None if attention_mask is None and q_len == k_len

@@ -2,9 +2,9 @@
 in the cluster's nodes; nothing here imports Ray.
 
     GPU cluster:    one actor per GPU (``--gpus-per-actor`` 1), 1 CPU each
-    no GPU:         one actor per node, each with the node's CPUs less what the read/prepare stages need;
-                    an embedded cluster gets one logical CPU more than the machine has, for those light stages,
-                    so its one actor gets every core
+    no GPU:         one actor per node, each with the node's CPUs less what the read/prepare stages need
+                    (``LIGHT_STAGES_CPUS``); an embedded cluster gets that many logical CPUs more than the machine
+                    has, for those light stages, so its one actor gets every core
     given options:  kept as given; the CPUs split evenly where only ``--actors`` is given
 
 torch runs as many threads as its actor has CPUs (``ScoreStage.setup``).
@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-LIGHT_STAGES_CPUS = 1.0  # the read, repartition and prepare stages' logical CPUs (0.25 each, a few at a time)
+# the logical CPUs the light stages need beside the actors: read and prepare take 0.25 each, and Ray Data's
+# repartition (one chunk per block, so that chunks spread over the actors) takes a whole one; with less, the
+# pipeline waits for a CPU the scoring actor holds (measured: it hangs)
+LIGHT_STAGES_CPUS = 2.0
 
 
 @dataclass(frozen=True)
