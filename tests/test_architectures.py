@@ -30,6 +30,7 @@ from air_ray.models.families import FAMILIES, export_refusal, family_of
 from air_ray.models.load import attention_implementation
 
 from tests.conftest import register_uniform_attention
+from tests.test_ablation import batch as padded_batch, logits
 
 TOL = 1e-4  # logits: ablated model vs the explicit reference (float32)
 FAST_TOL = 1e-5  # per-token losses: shared-prefix path vs plain path
@@ -137,15 +138,7 @@ def like(model, attn_implementation: str):
 
 
 def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (len(LENGTHS), SEQ), generator=g)
-    mask = (torch.arange(SEQ)[None] < torch.tensor(LENGTHS)[:, None]).long()
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits.float()
+    return padded_batch(VOCAB, LENGTHS)
 
 
 def response_nll(lg, ids):
