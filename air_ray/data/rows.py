@@ -136,7 +136,7 @@ class RowPreparer:
         if self.max_tokens is not None and len(response) > self._max_chars(self.max_tokens + 64):
             if not self.truncate:  # never tokenize megabytes only to reject them
                 raise RowError("too_long", f"the response has {len(response):,} characters: more than "
-                                           f"max_tokens {self.max_tokens} tokens can hold")
+                                           f"the limit of {self.max_tokens} tokens can hold")
             response = response[: self._max_chars(self.max_tokens + 64)]  # the kept prefix lies well inside
         p_ids = self.prompt_ids(conv.prompt)
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
@@ -152,7 +152,8 @@ class RowPreparer:
             keep = self.max_tokens - len(p_ids)
             if not self.truncate or keep < 1:
                 why = " (the prompt alone leaves no room for the response)" if self.truncate else ""
-                raise RowError("too_long", f"{n} tokens > max_tokens {self.max_tokens}{why}")
+                raise RowError("too_long", f"{n} tokens > the limit of {self.max_tokens} (--max-tokens, within the "
+                                           f"model's context){why}")
             # cut before the first token that does not fit; the steps are those of the text that is kept
             response, r_ids, starts, truncated = response[: starts[keep]], r_ids[:keep], starts[:keep], True
         spans, kinds = steps_and_kinds(response, self.steps, self.think_tags)
