@@ -183,8 +183,10 @@ class ScoreConfig(EngineOptions):
                                                   "read/prepare stages need")()
     rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
     strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
-    address: str | None = Opt(None, help="auto (join) | local (embedded) | ray://...; default: join a running "
-                                         "cluster, else start one")()
+    address: str | None = Opt(None, help="default: join the cluster RAY_ADDRESS names (ray job submit sets it) or "
+                                         "a `ray start` cluster on this machine, else start an embedded one (never "
+                                         "another run's); auto: join one, or fail; local: always embedded; "
+                                         "HOST:PORT or ray://...: that cluster")()
 
     def check(self) -> None:
         if not self.input:

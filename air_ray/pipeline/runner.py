@@ -81,31 +81,43 @@ class _ScoreActor(_StageActor):
 
 def connect(address: str | None, embedded_cpus: int) -> bool:
     """Join or start Ray (an embedded cluster gets ``embedded_cpus`` logical CPUs). Returns True when this call
-    started a local cluster (and should stop it)."""
+    started a local cluster (and should stop it).
+
+    A run joins only a cluster it was told to join (``--address``, ``RAY_ADDRESS``: set by ``ray job submit``) or
+    a ``ray start`` cluster on this machine (the one ``ray start`` records in ``/tmp/ray/ray_current_cluster``),
+    never another process's embedded cluster: that one stops when its run ends, and would take this run down.
+    ``--address local`` always starts an embedded cluster; ``auto`` requires a cluster to join."""
     import ray
 
     if ray.is_initialized():
         return False
     kw = dict(log_to_driver=True, configure_logging=False)
-    if address in ("auto",) or (address and address != "local"):
+    target = address if address not in (None, "auto", "local") else None
+    if target is None and address != "local":
+        target = os.environ.get("RAY_ADDRESS") or _ray_start_cluster()
+        if target is None and address == "auto":
+            raise AirRayError("--address auto: no Ray cluster to join (no RAY_ADDRESS, no `ray start` cluster on this "
+                              "machine); start one with `ray start --head`, or leave --address out for an embedded "
+                              "cluster")
+    if target is not None:
         try:
-            ray.init(address=address, **kw)
+            ray.init(address=target, **kw)
         except ConnectionError as e:
-            raise AirRayError(f"cannot join a Ray cluster at {address!r}: {e}") from None
+            raise AirRayError(f"cannot join the Ray cluster at {target!r}: {e}") from None
         return False
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kw)
-        return False
-    if address is None:
-        try:
-            ray.init(address="auto", **kw)
-            return False
-        except (ConnectionError, RuntimeError):
-            pass
-    # an embedded local cluster (address="local": never a `ray start` cluster found on this machine);
-    # logical CPUs cover the actors plus the CPU stages
     ray.init(address="local", num_cpus=embedded_cpus, include_dashboard=False, **kw)
     return True
+
+
+def _ray_start_cluster() -> str | None:
+    """The GCS address of a live ``ray start`` cluster on this machine, else None."""
+    from ray._private import services
+
+    try:
+        address = services.find_bootstrap_address(None)  # written by `ray start` only
+        return address if address and address in services.find_gcs_addresses() else None
+    except Exception:  # no such file, or Ray's internals moved: start an embedded cluster
+        return None
 
 
 # small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
