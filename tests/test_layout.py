@@ -24,7 +24,10 @@ ALLOWED = {
     "heads": {"errors", "fsio", "config", "models", "engine"},
     "outputs": {"errors", "fsio", "config", "influence", "data", "models", "heads.artifact"},
     "pipeline": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs"},
-    "cli": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs", "pipeline"},
+    "evaluation": {"errors", "fsio", "config", "data", "models", "outputs"},  # never engine: students are
+    # evaluated independently of the scorer
+    "cli": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs", "pipeline",
+            "evaluation"},
     "__init__": {"errors", "engine"},
     "__main__": {"cli"},
 }

@@ -15,7 +15,7 @@ import json
 import sys
 
 from air_ray.config.commands import (
-    DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig,
+    CompareConfig, DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig,
     TrainConfig,
 )
 from air_ray.config.options import Options, flag, kind_of, opt_of, optional, warn
@@ -33,6 +33,8 @@ SUBCOMMANDS = (
     ("export", ExportConfig, "the selected rows as a training-ready dataset (Parquet: messages or prompt/completion, "
                              "step weights)"),
     ("train", TrainConfig, "step-weighted fine-tuning on a selection (step weights -> per-token loss weights)"),
+    ("compare", CompareConfig, "train one student per selection strategy (AIR score vs heuristics) and evaluate "
+                               "each on held-out rows -> compare.json, compare.md, compare.png"),
     ("demo", DemoConfig, "the whole pipeline on the bundled GSM8K sample, on a local Ray"),
 )
 
@@ -199,7 +201,8 @@ def _rescore(cfg: RescoreConfig) -> int:
 def _report(cfg: ReportConfig) -> int:
     from air_ray.outputs.report import write_report
 
-    print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection, corpus=cfg))
+    print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection, corpus=cfg,
+                       compare=cfg.compare))
     return 0
 
 
@@ -217,6 +220,13 @@ def _train(cfg: TrainConfig) -> int:
     return 0
 
 
+def _compare(cfg: CompareConfig) -> int:
+    from air_ray.evaluation.compare import run_compare
+
+    run_compare(cfg)
+    return 0
+
+
 def _demo(cfg: DemoConfig) -> int:
     from air_ray.cli.demo import run_demo
 
@@ -225,4 +235,5 @@ def _demo(cfg: DemoConfig) -> int:
 
 
 RUN = {"model fetch": _fetch, "heads": _heads, "score": _score, "select": _select, "rescore": _rescore,
-       "report": _report, "export": _export, "train": _train, "demo": _demo}
+       "report": _report, "export": _export, "train": _train, "compare": _compare,
+       "demo": _demo}

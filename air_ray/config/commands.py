@@ -23,6 +23,7 @@ BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses
 # seeded hash of the id)
 SELECT_BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
 EXPORT_STYLES = ("messages", "prompt-completion")
+COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
 # ----------------------------------------------------------------------------------------------
 # declarations shared by several commands
@@ -277,10 +278,34 @@ class ReportConfig(CorpusOptions):
     output: str = OUTPUT(required=True, help="local directory for index.html and its images")
     selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection or "
                                            "<scores>/../selection when there)")()
+    compare: str | None = Opt(None, help="output of `air-ray compare` (default: <scores>/compare when there)")()
 
 
 @dataclass
-class TrainConfig(ModelOptions, CorpusOptions):
+class TrainingOptions(Options):
+    """How a student is fine-tuned (``air_ray.outputs.training``): shared by ``train`` and ``compare``."""
+
+    format: str = FORMAT(help="as used for scoring")
+    max_steps: int = Opt(100, help="optimiser steps")()
+    lr: float = Opt(1e-5, help="learning rate")()
+    batch_size: int = Opt(4, help="rows per step")()
+    max_length: int = Opt(1024, help="tokens per row (longer rows are cut on the right)")()
+    grad_accum: int = Opt(1, help="gradient accumulation steps")()
+    bf16: bool = Opt(False, help="bf16 mixed precision (GPU)")()
+    add_eos: bool = Opt(True, aliases=("eos",), help="append EOS to each response")()
+
+    def check(self) -> None:
+        super().check()
+        for name in ("max_steps", "batch_size", "max_length", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise AirRayError("--lr must be > 0")
+
+
+@dataclass
+class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
     """Step-weighted fine-tuning on a selection (``air_ray.outputs.training``)."""
 
     command = "train"
@@ -290,17 +315,11 @@ class TrainConfig(ModelOptions, CorpusOptions):
     input: list[str] = INPUT(aliases=("corpus",), help="the corpus that was scored, or the directory of an "
                                                       "`air-ray export` (then no --selection / --scores)")
     output: str = OUTPUT(required=True, help="local directory for the fine-tuned model")
-    format: str = FORMAT(help="as used for scoring")
-    max_steps: int = Opt(100, help="optimiser steps")()
-    lr: float = Opt(1e-5, help="learning rate")()
-    batch_size: int = Opt(4, help="rows per step")()
-    max_length: int = Opt(1024, help="tokens per row (longer rows are cut on the right)")()
-    grad_accum: int = Opt(1, help="gradient accumulation steps")()
-    bf16: bool = Opt(False, help="bf16 mixed precision (GPU)")()
     seed: int = SEED(help="training seed")
+    step_weights: bool = Opt(True, help="weight each response token by its step's weight (off: plain SFT, every "
+                                        "response token 1.0)")()
     allow_missing: bool = Opt(False, help="train on the rows found when some selected ids are missing from the "
                                           "scores or the corpus")()
-    add_eos: bool = Opt(True, aliases=("eos",), help="append EOS to each response")()
     save: bool = Opt(True, help="save the model and tokenizer into --output")()
 
     def check(self) -> None:
@@ -311,11 +330,55 @@ class TrainConfig(ModelOptions, CorpusOptions):
             raise AirRayError("train: give --selection and --scores together (or neither, with an export as --input)")
         if "://" in self.output and not self.output.startswith("file://"):
             raise AirRayError("--output must be a local directory (the checkpoint is written with save_pretrained)")
-        for name in ("max_steps", "batch_size", "max_length", "grad_accum"):
+
+
+# air-ray compare: the selection strategies; each is a `select --by` value trained as plain SFT, and
+# score_weighted is the score selection trained with its step weights
+COMPARE_STRATEGIES = (*(b for b in SELECT_BY if b != "random"), "score_weighted", "random")
+
+
+@dataclass
+class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
+    """``air-ray compare``: equal-size selections by several strategies from one scoring run, one student
+    fine-tuned on each (same initial weights, hyperparameters and seed), every student evaluated on held-out rows
+    (``air_ray.evaluation``)."""
+
+    command = "compare"
+    dtype: str = DTYPE(default="float32", help="the student's weights dtype (float32; --bf16 for mixed precision)")
+    scores: str = SCORES(required=True)
+    input: list[str] = INPUT(required=True, help="the corpus that was scored (the pool the selections come from)")
+    eval_input: list[str] = INPUT(required=True, help="held-out rows the students are evaluated on (none may be in "
+                                                      "the pool)")
+    output: str | None = OUTPUT(help="local directory for compare.json, compare.md, compare.png and runs/ "
+                                     "(default: <scores>/compare, where `air-ray report` finds it)")
+    strategies: list[str] = Opt(factory=lambda: list(COMPARE_STRATEGIES), choices=COMPARE_STRATEGIES,
+                                help="the selections compared (random is the reference of the paired differences)")()
+    top_k: int = Opt(64, help="rows selected by every strategy")()
+    seeds: int = Opt(3, help="seeds 0..N-1; each seeds the training and the random selection")()
+    max_steps: int | None = Opt(None, help="optimiser steps (default: one pass over the selection)")()
+    lr: float = Opt(5e-5, help="learning rate")()
+    batch_size: int = Opt(8, help="rows per step")()
+    eval_rows: int | None = Opt(None, help="evaluate on the first N held-out rows (default: all)")()
+    eval_batch_size: int = Opt(16, help="rows per evaluation batch (loss and generation)")()
+    max_new_tokens: int = Opt(256, help="greedy decoding length bound of the exact-match evaluation")()
+
+    def check(self) -> None:
+        super().check()
+        if not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise AirRayError("compare: --strategies must name each strategy once")
+        for name in ("top_k", "seeds", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise AirRayError("--lr must be > 0")
+        if self.max_new_tokens < 0 or (self.eval_rows is not None and self.eval_rows < 1):
+            raise AirRayError("--max-new-tokens must be >= 0 and --eval-rows >= 1")
+        if self.output is None and "://" in self.scores and not self.scores.startswith("file://"):
+            raise AirRayError("compare: --scores is not local; give --output (a local directory)")
+        if self.output is not None and "://" in self.output and not self.output.startswith("file://"):
+            raise AirRayError("compare: --output must be a local directory")
+
+    @property
+    def out_dir(self) -> str:
+        return (self.output or f"{self.scores.rstrip('/')}/{COMPARE_DIR}").removeprefix("file://")
 
 
 @dataclass
@@ -351,5 +414,5 @@ class DemoConfig(Options):
 COMMANDS: dict[str, type[Options]] = {
     "model fetch": FetchConfig, "heads": HeadsConfig, "score": ScoreConfig, "select": SelectConfig,
     "rescore": RescoreConfig, "report": ReportConfig, "export": ExportConfig, "train": TrainConfig,
-    "demo": DemoConfig,
+    "compare": CompareConfig, "demo": DemoConfig,
 }

@@ -26,6 +26,7 @@ import html
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -468,6 +469,32 @@ def _selection_html(sel: dict | None, sel_dir: str | None) -> str:
     return "".join(out)
 
 
+def _compare_html(scores: str, compare: str | None, out: Path) -> str:
+    """The section of an ``air-ray compare`` result (``compare.json``'s table, and its plot copied beside the page);
+    empty when there is none beside the run and none was given."""
+    import fsspec
+
+    from air_ray.config.commands import COMPARE_DIR
+
+    base = (compare or f"{scores.rstrip('/')}/{COMPARE_DIR}").rstrip("/")
+    base = posixpath.dirname(base) if base.endswith(".json") else base
+    try:
+        with fsspec.open(f"{base}/compare.json", "rt") as f:
+            doc = json.load(f)
+        with fsspec.open(f"{base}/compare.png", "rb") as f:
+            (out / "compare.png").write_bytes(f.read())
+    except FileNotFoundError:
+        if compare:
+            raise AirRayError(f"report: no compare.json and compare.png at {compare} (run `air-ray compare`)") from None
+        return ""
+    except (OSError, ValueError) as e:
+        raise AirRayError(f"report: compare result {base} cannot be read: {e}") from None
+    header, rows = doc["table"]["header"], doc["table"]["rows"]
+    return (f'<h2 id="compare">Selection strategies compared</h2>\n<p>{_e(doc["table"]["caption"])} '
+            f'(<code>{_e(base)}</code>)</p>\n' + _table(header, rows) +
+            '\n<div class="plots"><img src="compare.png" alt="students per selection strategy"></div>')
+
+
 def _summary_html(sc: Scan) -> str:
     finite = np.isfinite(sc.scores)
     rows = []
@@ -520,9 +547,10 @@ def _run_html(scores: str, sc: Scan) -> str:
 
 
 def write_report(scores: str, heads: str | None, output: str | os.PathLike, selection: str | None = None,
-                 k: int = K, corpus=None) -> str:
+                 k: int = K, corpus=None, compare: str | None = None) -> str:
     """Write ``output/index.html`` (and its images) for the scores at ``scores``; returns the page's path.
-    ``corpus``: options with the field map and think tags used for scoring (``ReportConfig``)."""
+    ``corpus``: options with the field map and think tags used for scoring (``ReportConfig``); ``compare``: the
+    output of ``air-ray compare`` (default: ``<scores>/compare`` when there)."""
     from air_ray.fsio import local_fs, write_bytes_atomic
     from air_ray.heads.artifact import load_heads, plot_heads
 
@@ -534,6 +562,7 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     sc = scan(files, k)
     sel, sel_dir = find_selection(scores, selection)
     out.mkdir(parents=True, exist_ok=True)
+    compared = _compare_html(scores, compare, out)
 
     # plots
     heatmap = False
@@ -592,6 +621,7 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
 {_run_html(scores, sc)}
 <h2 id="selection">Selection</h2>
 {_selection_html(sel, sel_dir)}
+{compared}
 <h2 id="heads">Reasoning-critical heads</h2>
 {_heads_html(heads_doc, heads, heatmap, sc.metadata)}
 <h2 id="scores">Scores</h2>

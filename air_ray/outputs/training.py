@@ -188,7 +188,7 @@ def read_step_weights(scores_uri: str, ids: Iterable[str]) -> dict[str, tuple[li
     return out
 
 
-def _corpus_rows(corpus) -> Iterable[tuple[bool, object]]:
+def corpus_rows(corpus) -> Iterable[tuple[bool, object]]:
     """``(parsed, row)`` for every corpus record: a list of dicts, or URIs (files, directories, globs)."""
     from air_ray.data.corpus import expand_inputs, read_chunks
 
@@ -232,7 +232,7 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
     wanted = {i for i in ids if i in steps}
     found: dict[str, tuple] = {}
     read = unparsable = 0
-    for parsed, row in _corpus_rows(corpus):
+    for parsed, row in corpus_rows(corpus):
         if len(found) == len(wanted):
             break  # every selected row is found: stop reading
         read += 1
@@ -448,6 +448,8 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
         ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
         tokenizer, model = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code), None
     rows = training_rows(cfg, RowPreparer.of(tokenizer, cfg))
+    if not cfg.step_weights:  # plain SFT: no step, so every response token weighs 1.0
+        rows.examples = [dict(ex, step_spans=[], step_weights=[]) for ex in rows.examples]
     report = rows.report()
     log(f"train: {report['n_examples']} of {rows.n_selected} selected rows joined"
         + (f"; left out {report['n_missing_in_scores']} not in the scores, {report['n_missing_in_corpus']} "
@@ -474,6 +476,7 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
         "join": report,
         "encode": enc_report,
         "global_step": int(trainer.state.global_step),
+        "step_weights": bool(cfg.step_weights),
         "train_loss": float(result.training_loss),
         "losses": losses,
     }
