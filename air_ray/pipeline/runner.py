@@ -18,6 +18,7 @@ import pickle
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
@@ -120,6 +121,23 @@ def _ray_start_cluster() -> str | None:
         return None
 
 
+def _prepare(cfg: ScoreConfig, run, files: list[str]) -> tuple:
+    """What the driver reads before scoring: the model (prepared, its shape), the heads checked against it, the
+    scoring key, the output's commit markers and the input size; and the seconds it took."""
+    from air_ray.heads.artifact import load_heads
+    from air_ray.models import load_config, model_shape, prepare_model
+
+    t = time.time()
+    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
+    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
+                           allow_mismatch=cfg.allow_model_mismatch)
+    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
+    markers = run.commits()
+    total_bytes = sum(input_size(f) for f in files)
+    return ref, heads_doc, scoring_key, markers, total_bytes, time.time() - t
+
+
 # small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
 LOCAL_ID_PASS_BYTES = 16 << 20
 
@@ -133,8 +151,6 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     import ray
 
     from air_ray.data.corpus import expand_inputs
-    from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape, prepare_model
     from air_ray.outputs.layout import RunLayout
 
     cfg = cfg.validate()
@@ -143,20 +159,20 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     files = expand_inputs(cfg.input)
     run = RunLayout(cfg.output)
     run.check_writable()
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
-    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
-                           allow_mismatch=cfg.allow_model_mismatch)
-    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
-    markers = run.commits()
-    total_bytes = sum(input_size(f) for f in files)
-    phases["prepare_s"] = time.time() - t0
-
-    t = time.time()
     physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
-    try:
+    # the cluster starts while the model, the heads and the output's markers are read (each takes seconds)
+    with ThreadPoolExecutor(1, thread_name_prefix="air-ray-prepare") as pool:
+        prepared = pool.submit(_prepare, cfg, run, files)
+        t = time.time()
+        started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
         phases["cluster_s"] = time.time() - t
+        try:
+            ref, heads_doc, scoring_key, markers, total_bytes, phases["prepare_s"] = prepared.result()
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
+    try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
                      embedded=started, physical_cpus=physical)
