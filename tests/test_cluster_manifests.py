@@ -32,7 +32,7 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
 JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore",
-                  "train_weighted_sft": "train"}
+                  "train_weighted_sft": "train", "compare": "compare"}
 
 YAML_FILES = sorted([*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml"), *CONFIGS.glob("*.yaml")])
 TEXT_FILES = sorted(p for p in [*CLUSTER.rglob("*"), *JOBS.rglob("*")]
