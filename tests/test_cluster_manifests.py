@@ -1,8 +1,9 @@
 """Cluster deployment files (cluster/) and job configs (jobs/configs/): they parse, and every job, flag, config key,
 file and extra they name is real. Fast: no Ray cluster, no model, no network.
 
-Commands of the form `python jobs/<job>.py ...` are collected from the RayJob entrypoint and from every text file
-under cluster/ and jobs/ (comments and Markdown included) and parsed with the real `air-ray` argument parser."""
+Commands of the form `python jobs/<job>.py ...` (or `python /app/jobs/<job>.py ...`, the same file inside the image)
+are collected from the RayJob entrypoint and from every text file under cluster/ and jobs/ (comments and Markdown
+included) and parsed with the real `air-ray` argument parser."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ RAYJOB = CLUSTER / "rayjob-score.yaml"
 LAUNCHER = CLUSTER / "cluster-aws.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
+CRONJOB = CLUSTER / "cronjob-rescore.yaml"
+IMAGE_REPO = "/app"  # where cluster/Dockerfile puts the repository (test_the_image_holds_the_repository_at_app)
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
 JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore",
@@ -85,11 +88,12 @@ def test_the_cluster_files_exist():
 # `python jobs/<job>.py ...` commands
 
 _CONTINUATION = re.compile(r"\\\n[ \t]*(?:#[ \t]*)?")  # a backslash line break, also inside # comments
-_JOB_COMMAND = re.compile(r"\bpython3?[ \t]+(jobs/[\w.-]+\.py)((?:[ \t]+[^\s`'\"|;&()<>#]+)*)")
+_JOB_COMMAND = re.compile(r"\bpython3?[ \t]+((?:/app/)?jobs/[\w.-]+\.py)((?:[ \t]+[^\s`'\"|;&()<>#]+)*)")
 
 
 def job_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(job script, its arguments) for every `python jobs/<x>.py ...` in ``text``."""
+    """(job script, its arguments) for every `python jobs/<x>.py ...` or `python /app/jobs/<x>.py ...` in
+    ``text``, as written."""
     text = _CONTINUATION.sub(" ", text)
     return [(m.group(1), shlex.split(m.group(2))) for m in _JOB_COMMAND.finditer(text)]
 
@@ -109,10 +113,18 @@ def collected_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def in_repo(path: str) -> str:
+    """A path inside the image (/app/...) as the repository path it is a copy of; other paths unchanged."""
+    return path[len(IMAGE_REPO) + 1:] if path.startswith(IMAGE_REPO + "/") else path
+
+
 def check_job_command(script: str, args: list[str], where: str):
     """The job exists, every --flag is an option of its subcommand, --config files exist, and the command parses;
     a complete one (with --config) gives a valid typed config, which is returned. Paths are relative to the
-    repository root."""
+    repository root, or absolute under /app, the repository inside the image."""
+    script = in_repo(script)
+    args = [f"{t.split('=', 1)[0]}={in_repo(t.split('=', 1)[1])}" if t.startswith("--") and "=" in t else in_repo(t)
+            for t in args]
     path = REPO / script
     assert path.is_file(), f"{where}: {script} does not exist"
     job = path.stem
@@ -140,13 +152,33 @@ def check_job_command(script: str, args: list[str], where: str):
     return ns
 
 
+# Words that mean the same unquoted to bash and to /bin/sh (shlex.quote leaves them alone).
+_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]+")
+
+
+def assert_plain_entrypoint(entrypoint: str, where: str) -> list[str]:
+    """KubeRay (ray-operator/controllers/ray/common/job.go, BuildJobSubmitCommand) pastes spec.entrypoint unquoted
+    into the submitter's `bash -c "if ! ray job status ...; then ray job submit ... -- <entrypoint> ; fi ; ..."`,
+    and Ray's job supervisor runs what arrives through /bin/sh. Only plain words pass both unchanged: `&&`, `;`,
+    quotes or `$` would be taken apart by the submitter's shell, not the cluster's."""
+    words = entrypoint.split()
+    bad = [w for w in words if not _PLAIN_WORD.fullmatch(w)]
+    assert not bad, f"{where}: entrypoint words {bad} are shell syntax; KubeRay pastes the entrypoint unquoted"
+    assert shlex.split(entrypoint) == words
+    return words
+
+
 def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
     monkeypatch.chdir(REPO)
+    words = assert_plain_entrypoint(rayjob_entrypoint(), "rayjob-score.yaml")
     commands = job_commands(rayjob_entrypoint())
     assert len(commands) == 1, f"entrypoint should run one job: {rayjob_entrypoint()!r}"
     script, args = commands[0]
-    assert script == "jobs/score.py"
+    # the whole entrypoint is that one command, run from the image's copy of the repository (no working_dir)
+    assert words == ["python", script, *args]
+    assert script == f"{IMAGE_REPO}/jobs/score.py"
     assert "--config" in args and "--address" in args
+    assert args[args.index("--config") + 1] == f"{IMAGE_REPO}/jobs/configs/score.yaml"
     cfg = check_job_command(script, args, "rayjob-score.yaml entrypoint")
     assert cfg.address == "auto"
     # the scoring actors fit the GPU workers: one GPU each, as many actors as GPUs
@@ -266,9 +298,18 @@ def test_rayjob_shape():
         assert int(limits["nvidia.com/gpu"]) == 1, f"worker group {g['groupName']}: one GPU per worker"
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
 
-    images = {c["image"] for _, _, c in _ray_containers(spec)}
-    images |= {c["image"] for _, pod, _ in _ray_containers(spec) for c in pod.get("initContainers", [])}
+    # the Ray nodes (head, workers, their init containers) run the air_ray image ...
+    nodes = [(w, pod, c) for w, pod, c in _ray_containers(spec) if w != "submitter"]
+    images = {c["image"] for _, _, c in nodes} | {c["image"] for _, pod, _ in nodes for c in pod.get("initContainers", [])}
     assert images == {"ghcr.io/your-org/air-ray:0.1.0-gpu"}, images
+    # ... built FROM rayproject/ray:<rayVersion>-<py>-gpu; the submitter, which ships no code (no working_dir, see
+    # test_rayjob_runtime_env) and only runs the `ray job` CLI, runs the CPU image of the same Ray and Python
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-(py\d+)-gpu", dockerfile_base_image())
+    assert m, f"cluster/Dockerfile is FROM {dockerfile_base_image()}, not rayproject/ray:<version>-py<N>-gpu"
+    assert rc["rayVersion"] == m.group(1), f"rayVersion {rc['rayVersion']} is not the image's Ray {m.group(1)}"
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert [c["image"] for c in submitter] == [f"rayproject/ray:{m.group(1)}-{m.group(2)}-cpu"]
+    assert "nvidia.com/gpu" not in json.dumps(submitter)
 
 
 def test_rayjob_token_auth_everywhere():
@@ -298,11 +339,30 @@ def test_rayjob_air_ray_home_is_a_volume():
 def test_rayjob_runtime_env(monkeypatch):
     spec = load(RAYJOB)["spec"]
     env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["working_dir"] == "/app"
+    # the code is in the image at /app on every node (test_the_image_holds_the_repository_at_app): nothing for the
+    # submitter to pack from its own filesystem (working_dir, py_modules), nothing to install per job
+    assert not {"working_dir", "py_modules"} & set(env), "the submitter would pack these from its own image"
     assert not {"pip", "uv", "conda", "image_uri", "container"} & set(env), "dependencies come with the image"
-    # /app in the image is the repository, where the Dockerfile puts it
-    assert re.search(r"^WORKDIR /app$", DOCKERFILE.read_text(), re.M)
-    _validate_runtime_env({**env, "working_dir": str(REPO)}, monkeypatch)
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    _validate_runtime_env(env, monkeypatch)
+
+
+def test_the_image_holds_the_repository_at_app():
+    """What the entrypoints' /app/... paths rely on: the Dockerfile copies the package, the jobs and their configs
+    to /app, installs air_ray from there (editable) and works there."""
+    instr = dockerfile_instructions(DOCKERFILE.read_text())
+    assert ("WORKDIR", IMAGE_REPO) in instr
+    copied = {}
+    for op, rest in instr:
+        if op == "COPY":
+            parts = [t for t in shlex.split(rest) if not t.startswith("--")]
+            dest = parts[-1]
+            for src in parts[:-1]:
+                copied[src] = dest + Path(src).name if dest.endswith("/") else dest
+    assert copied.get("jobs") == f"{IMAGE_REPO}/jobs" and copied.get("air_ray") == f"{IMAGE_REPO}/air_ray", copied
+    assert copied.get("pyproject.toml") == f"{IMAGE_REPO}/pyproject.toml", copied
+    runs = [rest for op, rest in instr if op == "RUN"]
+    assert any(re.search(rf"pip install -e ['\"]?{IMAGE_REPO}\[", r) for r in runs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -425,6 +485,10 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_base_image() -> str:
+    return next(rest for op, rest in dockerfile_instructions(DOCKERFILE.read_text()) if op == "FROM")
+
+
 def test_dockerfile_copy_sources_exist():
     instr = dockerfile_instructions(DOCKERFILE.read_text())
     assert instr[0][0] in ("FROM", "ARG") and any(op == "FROM" for op, _ in instr)
@@ -481,10 +545,10 @@ def test_extras_named_in_the_docs_exist():
             assert names <= extras, f"{path.name}: extras {names - extras} are not in pyproject.toml"
 
 
-def test_rescore_cronjob_creates_one_rayjob_per_slot():
+def test_rescore_cronjob_creates_one_rayjob_per_slot(monkeypatch):
     """The CronJob renames the score RayJob per schedule slot (name = Ray submission id), from the Job name the
     CronJob controller gives each slot; overlapping slots are forbidden."""
-    doc = load(CLUSTER / "cronjob-rescore.yaml")
+    doc = load(CRONJOB)
     assert doc["kind"] == "CronJob" and doc["spec"]["concurrencyPolicy"] == "Forbid"
     pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -492,13 +556,17 @@ def test_rescore_cronjob_creates_one_rayjob_per_slot():
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
     script = c["args"][0]
     assert 'slot="${JOB_NAME##*-}"' in script and 'name="air-ray-rescore-${slot}"' in script
-    patch = re.search(r"patch='(.*)'", script).group(1).replace("'\"${name}\"'", "air-ray-rescore-123")
-    merged = json.loads(patch)
-    assert merged["metadata"]["name"] == merged["spec"]["jobId"] == "air-ray-rescore-123"
-    assert job_commands(merged["spec"]["entrypoint"]) == [("jobs/rescore.py",
-                                                          ["--config", "jobs/configs/rescore.yaml"])]
+    patch = json.loads(re.search(r"patch='(.*)'", script).group(1).replace("'\"${name}\"'", "air-ray-rescore-123"))
+    assert patch["metadata"]["name"] == patch["spec"]["jobId"] == "air-ray-rescore-123"
+    entrypoint = patch["spec"]["entrypoint"]
+    assert job_commands(entrypoint) == [(f"{IMAGE_REPO}/jobs/rescore.py",
+                                         ["--config", f"{IMAGE_REPO}/jobs/configs/rescore.yaml"])]
+    assert assert_plain_entrypoint(entrypoint, "cronjob-rescore.yaml") == ["python", *entrypoint.split()[1:]]
+    monkeypatch.chdir(REPO)
+    check_job_command(*job_commands(entrypoint)[0], "cronjob-rescore.yaml entrypoint")
     # the RayJob it patches is the score RayJob, mounted from the ConfigMap made of cluster/rayjob-score.yaml
     mount = c["volumeMounts"][0]["mountPath"]
     assert f"{mount}/{RAYJOB.name}" in script
     assert any(v.get("configMap", {}).get("name") == "air-ray-rayjob" for v in pod["volumes"])
-    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in (CLUSTER / "cronjob-rescore.yaml").read_text()
+    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in CRONJOB.read_text()
+
