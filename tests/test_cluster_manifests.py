@@ -1,13 +1,21 @@
 """Cluster deployment files (cluster/) and job configs (jobs/configs/): they parse, and every job, flag, config key,
 file and extra they name is real. Fast: no Ray cluster, no model, no network.
 
-Commands of the form `python jobs/<job>.py ...` are collected from the RayJob entrypoint and from every text file
-under cluster/ and jobs/ (comments and Markdown included) and parsed with the real `air-ray` argument parser."""
+Commands of the form `python jobs/<job>.py ...` (or `python /app/jobs/<job>.py ...`, the same file inside the image)
+are collected from the RayJob entrypoint and from every text file under cluster/ and jobs/ (comments and Markdown
+included) and parsed with the real `air-ray` argument parser.
+
+The KubeRay RayJobs (cluster/rayjob-score.yaml and the one cluster/cronjob-rescore.yaml makes from it) are checked
+against the RayJob CRDs of KubeRay vendored in tests/data/kuberay/: the minimum version the manifests state knows
+every field they use, the release before it does not."""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
+import gzip
+import hashlib
 import json
 import re
 import shlex
@@ -29,10 +37,12 @@ RAYJOB = CLUSTER / "rayjob-score.yaml"
 LAUNCHER = CLUSTER / "cluster-aws.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
+CRONJOB = CLUSTER / "cronjob-rescore.yaml"
+IMAGE_REPO = "/app"  # where cluster/Dockerfile puts the repository (test_the_image_holds_the_repository_at_app)
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
 JOB_SUBCOMMAND = {"score": "score", "detect_heads": "heads", "select": "select", "rescore": "rescore",
-                  "train_weighted_sft": "train"}
+                  "train_weighted_sft": "train", "compare": "compare"}
 
 YAML_FILES = sorted([*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml"), *CONFIGS.glob("*.yaml")])
 TEXT_FILES = sorted(p for p in [*CLUSTER.rglob("*"), *JOBS.rglob("*")]
@@ -85,11 +95,12 @@ def test_the_cluster_files_exist():
 # `python jobs/<job>.py ...` commands
 
 _CONTINUATION = re.compile(r"\\\n[ \t]*(?:#[ \t]*)?")  # a backslash line break, also inside # comments
-_JOB_COMMAND = re.compile(r"\bpython3?[ \t]+(jobs/[\w.-]+\.py)((?:[ \t]+[^\s`'\"|;&()<>#]+)*)")
+_JOB_COMMAND = re.compile(r"\bpython3?[ \t]+((?:/app/)?jobs/[\w.-]+\.py)((?:[ \t]+[^\s`'\"|;&()<>#]+)*)")
 
 
 def job_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(job script, its arguments) for every `python jobs/<x>.py ...` in ``text``."""
+    """(job script, its arguments) for every `python jobs/<x>.py ...` or `python /app/jobs/<x>.py ...` in
+    ``text``, as written."""
     text = _CONTINUATION.sub(" ", text)
     return [(m.group(1), shlex.split(m.group(2))) for m in _JOB_COMMAND.finditer(text)]
 
@@ -109,10 +120,18 @@ def collected_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def in_repo(path: str) -> str:
+    """A path inside the image (/app/...) as the repository path it is a copy of; other paths unchanged."""
+    return path[len(IMAGE_REPO) + 1:] if path.startswith(IMAGE_REPO + "/") else path
+
+
 def check_job_command(script: str, args: list[str], where: str):
     """The job exists, every --flag is an option of its subcommand, --config files exist, and the command parses;
     a complete one (with --config) gives a valid typed config, which is returned. Paths are relative to the
-    repository root."""
+    repository root, or absolute under /app, the repository inside the image."""
+    script = in_repo(script)
+    args = [f"{t.split('=', 1)[0]}={in_repo(t.split('=', 1)[1])}" if t.startswith("--") and "=" in t else in_repo(t)
+            for t in args]
     path = REPO / script
     assert path.is_file(), f"{where}: {script} does not exist"
     job = path.stem
@@ -140,13 +159,33 @@ def check_job_command(script: str, args: list[str], where: str):
     return ns
 
 
+# Words that mean the same unquoted to bash and to /bin/sh (shlex.quote leaves them alone).
+_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]+")
+
+
+def assert_plain_entrypoint(entrypoint: str, where: str) -> list[str]:
+    """KubeRay (ray-operator/controllers/ray/common/job.go, BuildJobSubmitCommand) pastes spec.entrypoint unquoted
+    into the submitter's `bash -c "if ! ray job status ...; then ray job submit ... -- <entrypoint> ; fi ; ..."`,
+    and Ray's job supervisor runs what arrives through /bin/sh. Only plain words pass both unchanged: `&&`, `;`,
+    quotes or `$` would be taken apart by the submitter's shell, not the cluster's."""
+    words = entrypoint.split()
+    bad = [w for w in words if not _PLAIN_WORD.fullmatch(w)]
+    assert not bad, f"{where}: entrypoint words {bad} are shell syntax; KubeRay pastes the entrypoint unquoted"
+    assert shlex.split(entrypoint) == words
+    return words
+
+
 def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
     monkeypatch.chdir(REPO)
+    words = assert_plain_entrypoint(rayjob_entrypoint(), "rayjob-score.yaml")
     commands = job_commands(rayjob_entrypoint())
     assert len(commands) == 1, f"entrypoint should run one job: {rayjob_entrypoint()!r}"
     script, args = commands[0]
-    assert script == "jobs/score.py"
+    # the whole entrypoint is that one command, run from the image's copy of the repository (no working_dir)
+    assert words == ["python", script, *args]
+    assert script == f"{IMAGE_REPO}/jobs/score.py"
     assert "--config" in args and "--address" in args
+    assert args[args.index("--config") + 1] == f"{IMAGE_REPO}/jobs/configs/score.yaml"
     cfg = check_job_command(script, args, "rayjob-score.yaml entrypoint")
     assert cfg.address == "auto"
     # the scoring actors fit the GPU workers: one GPU each, as many actors as GPUs
@@ -266,9 +305,18 @@ def test_rayjob_shape():
         assert int(limits["nvidia.com/gpu"]) == 1, f"worker group {g['groupName']}: one GPU per worker"
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
 
-    images = {c["image"] for _, _, c in _ray_containers(spec)}
-    images |= {c["image"] for _, pod, _ in _ray_containers(spec) for c in pod.get("initContainers", [])}
+    # the Ray nodes (head, workers, their init containers) run the air_ray image ...
+    nodes = [(w, pod, c) for w, pod, c in _ray_containers(spec) if w != "submitter"]
+    images = {c["image"] for _, _, c in nodes} | {c["image"] for _, pod, _ in nodes for c in pod.get("initContainers", [])}
     assert images == {"ghcr.io/your-org/air-ray:0.1.0-gpu"}, images
+    # ... built FROM rayproject/ray:<rayVersion>-<py>-gpu; the submitter, which ships no code (no working_dir, see
+    # test_rayjob_runtime_env) and only runs the `ray job` CLI, runs the CPU image of the same Ray and Python
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-(py\d+)-gpu", dockerfile_base_image())
+    assert m, f"cluster/Dockerfile is FROM {dockerfile_base_image()}, not rayproject/ray:<version>-py<N>-gpu"
+    assert rc["rayVersion"] == m.group(1), f"rayVersion {rc['rayVersion']} is not the image's Ray {m.group(1)}"
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert [c["image"] for c in submitter] == [f"rayproject/ray:{m.group(1)}-{m.group(2)}-cpu"]
+    assert "nvidia.com/gpu" not in json.dumps(submitter)
 
 
 def test_rayjob_token_auth_everywhere():
@@ -298,11 +346,30 @@ def test_rayjob_air_ray_home_is_a_volume():
 def test_rayjob_runtime_env(monkeypatch):
     spec = load(RAYJOB)["spec"]
     env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["working_dir"] == "/app"
+    # the code is in the image at /app on every node (test_the_image_holds_the_repository_at_app): nothing for the
+    # submitter to pack from its own filesystem (working_dir, py_modules), nothing to install per job
+    assert not {"working_dir", "py_modules"} & set(env), "the submitter would pack these from its own image"
     assert not {"pip", "uv", "conda", "image_uri", "container"} & set(env), "dependencies come with the image"
-    # /app in the image is the repository, where the Dockerfile puts it
-    assert re.search(r"^WORKDIR /app$", DOCKERFILE.read_text(), re.M)
-    _validate_runtime_env({**env, "working_dir": str(REPO)}, monkeypatch)
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    _validate_runtime_env(env, monkeypatch)
+
+
+def test_the_image_holds_the_repository_at_app():
+    """What the entrypoints' /app/... paths rely on: the Dockerfile copies the package, the jobs and their configs
+    to /app, installs air_ray from there (editable) and works there."""
+    instr = dockerfile_instructions(DOCKERFILE.read_text())
+    assert ("WORKDIR", IMAGE_REPO) in instr
+    copied = {}
+    for op, rest in instr:
+        if op == "COPY":
+            parts = [t for t in shlex.split(rest) if not t.startswith("--")]
+            dest = parts[-1]
+            for src in parts[:-1]:
+                copied[src] = dest + Path(src).name if dest.endswith("/") else dest
+    assert copied.get("jobs") == f"{IMAGE_REPO}/jobs" and copied.get("air_ray") == f"{IMAGE_REPO}/air_ray", copied
+    assert copied.get("pyproject.toml") == f"{IMAGE_REPO}/pyproject.toml", copied
+    runs = [rest for op, rest in instr if op == "RUN"]
+    assert any(re.search(rf"pip install -e ['\"]?{IMAGE_REPO}\[", r) for r in runs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -425,6 +492,10 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_base_image() -> str:
+    return next(rest for op, rest in dockerfile_instructions(DOCKERFILE.read_text()) if op == "FROM")
+
+
 def test_dockerfile_copy_sources_exist():
     instr = dockerfile_instructions(DOCKERFILE.read_text())
     assert instr[0][0] in ("FROM", "ARG") and any(op == "FROM" for op, _ in instr)
@@ -481,10 +552,10 @@ def test_extras_named_in_the_docs_exist():
             assert names <= extras, f"{path.name}: extras {names - extras} are not in pyproject.toml"
 
 
-def test_rescore_cronjob_creates_one_rayjob_per_slot():
+def test_rescore_cronjob_creates_one_rayjob_per_slot(monkeypatch):
     """The CronJob renames the score RayJob per schedule slot (name = Ray submission id), from the Job name the
     CronJob controller gives each slot; overlapping slots are forbidden."""
-    doc = load(CLUSTER / "cronjob-rescore.yaml")
+    doc = load(CRONJOB)
     assert doc["kind"] == "CronJob" and doc["spec"]["concurrencyPolicy"] == "Forbid"
     pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -492,13 +563,268 @@ def test_rescore_cronjob_creates_one_rayjob_per_slot():
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
     script = c["args"][0]
     assert 'slot="${JOB_NAME##*-}"' in script and 'name="air-ray-rescore-${slot}"' in script
-    patch = re.search(r"patch='(.*)'", script).group(1).replace("'\"${name}\"'", "air-ray-rescore-123")
-    merged = json.loads(patch)
-    assert merged["metadata"]["name"] == merged["spec"]["jobId"] == "air-ray-rescore-123"
-    assert job_commands(merged["spec"]["entrypoint"]) == [("jobs/rescore.py",
-                                                          ["--config", "jobs/configs/rescore.yaml"])]
+    patch = cron_patch("air-ray-rescore-123")
+    assert patch["metadata"]["name"] == patch["spec"]["jobId"] == "air-ray-rescore-123"
+    assert "--type merge" in script, "the patch is a JSON merge patch"
+    entrypoint = patch["spec"]["entrypoint"]
+    assert job_commands(entrypoint) == [(f"{IMAGE_REPO}/jobs/rescore.py",
+                                         ["--config", f"{IMAGE_REPO}/jobs/configs/rescore.yaml"])]
+    assert assert_plain_entrypoint(entrypoint, "cronjob-rescore.yaml") == ["python", *entrypoint.split()[1:]]
+    monkeypatch.chdir(REPO)
+    check_job_command(*job_commands(entrypoint)[0], "cronjob-rescore.yaml entrypoint")
     # the RayJob it patches is the score RayJob, mounted from the ConfigMap made of cluster/rayjob-score.yaml
     mount = c["volumeMounts"][0]["mountPath"]
     assert f"{mount}/{RAYJOB.name}" in script
     assert any(v.get("configMap", {}).get("name") == "air-ray-rayjob" for v in pod["volumes"])
-    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in (CLUSTER / "cronjob-rescore.yaml").read_text()
+    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in CRONJOB.read_text()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the RayJobs against KubeRay's RayJob CRD (tests/data/kuberay/)
+
+KUBERAY = REPO / "tests" / "data" / "kuberay"
+KUBERAY_MIN = "1.6.0"  # the minimum the manifests and READMEs state ("KubeRay >= 1.6.0")
+KUBERAY_BEFORE = "1.5.1"  # a release before it (1.5.2's RayJob CRD is the same file)
+
+
+def cron_patch(name: str) -> dict:
+    """The JSON merge patch the CronJob's script applies, with ${name} spliced in as the shell would."""
+    script = load(CRONJOB)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    text = re.search(r"patch='(.*)'", script).group(1)
+    assert text.count("'\"${name}\"'") == 2, "the patch splices ${name} in twice (metadata.name, spec.jobId)"
+    return json.loads(text.replace("'\"${name}\"'", name))
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch (what `kubectl patch --type merge` applies): objects merge key by key, null
+    removes a key, anything else (lists included) replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def cron_rayjob(name: str = "air-ray-rescore-29412360") -> dict:
+    """The RayJob the CronJob creates for one slot: the score RayJob with the merge patch applied."""
+    return merge_patch(load(RAYJOB), cron_patch(name))
+
+
+def rayjobs() -> list[tuple[str, dict]]:
+    return [("rayjob-score.yaml", load(RAYJOB)), ("cronjob-rescore.yaml's RayJob", cron_rayjob())]
+
+
+@functools.lru_cache(maxsize=None)
+def crd_bytes(version: str) -> bytes:
+    with gzip.open(KUBERAY / f"ray.io_rayjobs-v{version}.yaml.gz", "rb") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def rayjob_schema(version: str) -> dict:
+    """openAPIV3Schema of the served, stored ray.io/v1 RayJob in KubeRay ``version``'s CRD."""
+    crd = yaml.load(crd_bytes(version), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "RayJob"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert v1["served"] and v1["storage"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+# ObjectMeta is the API server's, not the CRD's (its schema says only `type: object`)
+OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations"}
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Paths of the keys the structural schema does not declare: the API server prunes them silently (or, with
+    kubectl's default strict field validation, refuses the object). A key is known if it is in `properties`, or
+    when the object allows `additionalProperties` or `x-kubernetes-preserve-unknown-fields: true`."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(obj, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, value in obj.items():
+            where = f"{path}.{key}" if path else key
+            if key in props:
+                found += unknown_fields(value, props[key], where)
+            elif isinstance(extra, dict):
+                found += unknown_fields(value, extra, where)
+            elif extra is not True:
+                found.append(where)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, value in enumerate(obj):
+            found += unknown_fields(value, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def rayjob_unknown_fields(doc: dict, version: str) -> list[str]:
+    meta = doc.get("metadata", {})
+    return ([f"metadata.{k}" for k in meta if k not in OBJECT_META]
+            + unknown_fields({k: v for k, v in doc.items() if k != "metadata"}, rayjob_schema(version)))
+
+
+# KubeRay's own RayJob checks that the schema cannot express, as in v1.6.0
+# ray-operator/controllers/ray/utils/validation.go (ValidateRayJobMetadata, validateDeletionConfiguration,
+# validateDeletionRules) and the CRD's x-kubernetes-validations (CEL) on deletionStrategy and its conditions.
+MAX_RAYJOB_NAME = 47  # utils.MaxRayJobNameLength = MaxRayClusterNameLength (53) - 6
+DELETION_ORDER = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]  # TTLs must not decrease along this
+
+
+def kuberay_rayjob_errors(doc: dict) -> list[str]:
+    errors = []
+    name = doc["metadata"]["name"]
+    if len(name) > MAX_RAYJOB_NAME or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(f"name {name!r}: a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters")
+    spec = doc["spec"]
+    shutdown, ttl = spec.get("shutdownAfterJobFinishes", False), spec.get("ttlSecondsAfterFinished", 0)
+    if not shutdown and ttl > 0:
+        errors.append("shutdownAfterJobFinishes false cannot have ttlSecondsAfterFinished")
+    strategy = spec.get("deletionStrategy")
+    if strategy is None:
+        return errors
+    legacy = "onSuccess" in strategy or "onFailure" in strategy
+    rules = strategy.get("deletionRules") or []
+    if rules and shutdown:
+        errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    if rules and legacy:
+        errors.append("onSuccess/onFailure and deletionRules together")
+    if not rules and not ("onSuccess" in strategy and "onFailure" in strategy):
+        errors.append("deletionStrategy needs both onSuccess and onFailure, or deletionRules")
+    autoscaling = spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+    ttls: dict[tuple[str, str], dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        cond = rule["condition"]
+        kinds = [k for k in ("jobStatus", "jobDeploymentStatus") if k in cond]
+        if len(kinds) != 1:
+            errors.append(f"deletionRules[{i}]: exactly one of jobStatus and jobDeploymentStatus")
+            continue
+        if cond.get("ttlSeconds", 0) < 0:
+            errors.append(f"deletionRules[{i}]: ttlSeconds must be non-negative")
+        if autoscaling and rule["policy"] == "DeleteWorkers":
+            errors.append(f"deletionRules[{i}]: DeleteWorkers with autoscaling")
+        by_policy = ttls.setdefault((kinds[0], cond[kinds[0]]), {})
+        if rule["policy"] in by_policy:
+            errors.append(f"deletionRules[{i}]: duplicate rule {rule['policy']} for {kinds[0]} {cond[kinds[0]]}")
+            continue
+        by_policy[rule["policy"]] = cond.get("ttlSeconds", 0)
+    for condition, by_policy in ttls.items():
+        seq = [by_policy[p] for p in DELETION_ORDER if p in by_policy]
+        if seq != sorted(seq):
+            errors.append(f"{condition}: TTLs must grow DeleteWorkers <= DeleteCluster <= DeleteSelf: {by_policy}")
+    return errors
+
+
+def test_vendored_crds_are_the_upstream_files():
+    """Each vendored CRD is, byte for byte, the file whose git blob id tests/data/kuberay/README.md names."""
+    table = re.findall(r"^\| `(ray\.io_rayjobs-v([\d.]+)\.yaml\.gz)` \| `v\2` \| `([0-9a-f]{40})` \| `([0-9a-f]{40})` \|$",
+                       (KUBERAY / "README.md").read_text(), re.M)
+    assert {version for _, version, _, _ in table} == {KUBERAY_MIN, KUBERAY_BEFORE}, table
+    for file, version, _, blob in table:
+        data = crd_bytes(version)
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, f"{file} is not blob {blob}"
+    assert (KUBERAY / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["score", "cron"])
+def test_rayjobs_fit_the_minimum_kuberay_crd(which):
+    """Under the stated minimum KubeRay: no field the CRD does not declare, every type, enum, pattern and required
+    field as the schema says (jsonschema), and KubeRay's own RayJob validation."""
+    jsonschema = pytest.importorskip("jsonschema")
+    where, doc = rayjobs()[which]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert rayjob_unknown_fields(doc, KUBERAY_MIN) == [], f"{where}: unknown to KubeRay {KUBERAY_MIN}"
+    validator = jsonschema.Draft7Validator(rayjob_schema(KUBERAY_MIN))
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not problems, f"{where} against the KubeRay {KUBERAY_MIN} CRD: {problems}"
+    assert kuberay_rayjob_errors(doc) == [], where
+
+
+def test_the_schema_checks_catch_mistakes():
+    """The checks above are not vacuous: a misspelt field, a wrong enum, a wrong type, and the deletion rules
+    KubeRay refuses are all caught."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft7Validator(rayjob_schema(KUBERAY_MIN))
+    doc = cron_rayjob()
+    bad = merge_patch(doc, {"spec": {"shutdownAfterJobFinish": True, "submissionMode": "K8sMode",
+                                     "rayClusterSpec": {"workerGroupSpecs": None, "headGroupSpec": {"replicas": 1}}}})
+    assert set(rayjob_unknown_fields(bad, KUBERAY_MIN)) == {"spec.shutdownAfterJobFinish",
+                                                             "spec.rayClusterSpec.headGroupSpec.replicas"}
+    wrong = merge_patch(doc, {"spec": {"deletionStrategy": {"deletionRules": [
+        {"policy": "DeleteEverything", "condition": {"jobStatus": "DONE", "ttlSeconds": "1d"}}]}}})
+    assert {e.validator for e in validator.iter_errors(wrong)} >= {"enum", "type"}
+    # the merge patch must remove shutdownAfterJobFinishes: KubeRay refuses it next to deletionRules
+    assert kuberay_rayjob_errors(merge_patch(doc, {"spec": {"shutdownAfterJobFinishes": True}}))
+    assert kuberay_rayjob_errors(merge_patch(doc, {"spec": {"ttlSecondsAfterFinished": 600}}))
+    rules = doc["spec"]["deletionStrategy"]["deletionRules"]
+    swapped = [{**r, "condition": {**r["condition"], "ttlSeconds": 10**6 if r["policy"] == "DeleteCluster" else 1}}
+               for r in rules]
+    assert kuberay_rayjob_errors(merge_patch(doc, {"spec": {"deletionStrategy": {"deletionRules": swapped}}}))
+    assert kuberay_rayjob_errors(merge_patch(doc, {"metadata": {"name": "air-ray-rescore-" + "9" * 40}}))
+
+
+def test_the_kuberay_before_the_minimum_lacks_fields_they_use():
+    """KubeRay 1.5 knows neither rayClusterSpec.authOptions.secretName nor the jobDeploymentStatus condition of a
+    deletion rule, so the stated minimum is not too high. (deletionRules with jobStatus are in its CRD, but its
+    RayJobDeletionPolicy gate is Alpha and off by default.)"""
+    assert rayjob_unknown_fields(load(RAYJOB), KUBERAY_BEFORE) == ["spec.rayClusterSpec.authOptions.secretName"]
+    doc = cron_rayjob()
+    by_deployment = [f"spec.deletionStrategy.deletionRules[{i}].condition.jobDeploymentStatus"
+                     for i, rule in enumerate(doc["spec"]["deletionStrategy"]["deletionRules"])
+                     if "jobDeploymentStatus" in rule["condition"]]
+    assert by_deployment
+    assert sorted(rayjob_unknown_fields(doc, KUBERAY_BEFORE)) == sorted(
+        ["spec.rayClusterSpec.authOptions.secretName", *by_deployment])
+
+
+def test_cron_rayjobs_delete_themselves():
+    """Each cron-made RayJob replaces shutdownAfterJobFinishes / ttlSecondsAfterFinished by deletion rules: the
+    cluster goes minutes after the job ends, the RayJob itself (and with it its submitter Job) a day or more later,
+    after success and after failure alike. The rest is the score RayJob unchanged."""
+    patch = cron_patch("air-ray-rescore-1")
+    assert patch["spec"]["shutdownAfterJobFinishes"] is None and patch["spec"]["ttlSecondsAfterFinished"] is None
+    base, doc = load(RAYJOB), cron_rayjob()
+    spec = doc["spec"]
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    ttl = {}
+    for rule in spec["deletionStrategy"]["deletionRules"]:
+        (kind, value), = [(k, v) for k, v in rule["condition"].items() if k != "ttlSeconds"]
+        ttl[(kind, value, rule["policy"])] = rule["condition"]["ttlSeconds"]
+    day = 24 * 3600
+    for status in ("SUCCEEDED", "FAILED"):
+        assert ttl[("jobStatus", status, "DeleteSelf")] >= day, f"no DeleteSelf after {status} (or under a day)"
+        assert ttl[("jobStatus", status, "DeleteCluster")] <= 3600, f"the GPU cluster outlives a {status} job"
+    # a deployment that failed (e.g. the submitter) may have no job status: it is cleaned up too
+    assert ttl[("jobDeploymentStatus", "Failed", "DeleteCluster")] <= 3600
+    assert ttl[("jobDeploymentStatus", "Failed", "DeleteSelf")] >= ttl[("jobStatus", "SUCCEEDED", "DeleteSelf")]
+    # a failed Ray job matches both FAILED and Failed rules: they agree
+    for policy in ("DeleteCluster", "DeleteSelf"):
+        assert ttl[("jobStatus", "FAILED", policy)] == ttl[("jobDeploymentStatus", "Failed", policy)]
+    assert base["spec"]["shutdownAfterJobFinishes"] is True and "deletionStrategy" not in base["spec"]
+    patched = {"jobId", "entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "deletionStrategy"}
+    assert ({k: v for k, v in spec.items() if k not in patched}
+            == {k: v for k, v in base["spec"].items() if k not in patched})
+
+
+def test_the_stated_kuberay_minimum_is_the_vendored_one():
+    """Every "KubeRay >= X" under cluster/ and in the README's cluster section says KUBERAY_MIN, the version whose
+    CRD the RayJobs are checked against; the two manifests say it in their header, the READMEs in their text."""
+    stated = re.compile(r"KubeRay\s*>=\s*v?(\d+(?:\.\d+)*)")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    texts = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in TEXT_FILES if p.parent == CLUSTER}
+    for name in (RAYJOB.name, CRONJOB.name):  # the header: the comment lines before the first key
+        header = texts[f"cluster/{name}"].split("\napiVersion:")[0]
+        assert stated.search(header), f"cluster/{name}: no 'KubeRay >= ...' in the header comment"
+    assert stated.search(texts["cluster/README.md"]), "cluster/README.md states no 'KubeRay >= ...'"
+    assert stated.search(section), "README.md's '## Running on a cluster' states no 'KubeRay >= ...'"
+    for where, text in [*texts.items(), ("README.md", readme)]:
+        for version in stated.findall(text):
+            assert version == KUBERAY_MIN, f"{where} says KubeRay >= {version}, the tests check {KUBERAY_MIN}"
+    assert (KUBERAY / f"ray.io_rayjobs-v{KUBERAY_MIN}.yaml.gz").is_file()
+    as_tuple = lambda v: tuple(map(int, v.split(".")))  # noqa: E731
+    assert as_tuple(KUBERAY_BEFORE) < as_tuple(KUBERAY_MIN)
