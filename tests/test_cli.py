@@ -114,3 +114,26 @@ def test_allow_model_mismatch_overrides_only_the_fingerprint(tmp_path):
     assert load_heads(str(path), fingerprint="bbbb", shape=(2, 4, 2, 8), allow_mismatch=True)["heads"] == [(1, 2)]
     with pytest.raises(AirRayError, match="2x4"):  # a shape mismatch is never overridden
         load_heads(str(path), fingerprint="bbbb", shape=(3, 4, 2, 8), allow_mismatch=True)
+
+
+@pytest.mark.slow
+def test_heads_detection_runs_as_a_ray_task(tmp_path, smol_ref):
+    """`air-ray heads` detects in a Ray task (with the CPUs/GPUs it asks for), not in the command's process, and
+    writes heads.json + heads.png where the command runs; the result equals a detection in this process."""
+    from air_ray.config import HeadsConfig
+    from air_ray.heads.run import detect_heads
+
+    out = tmp_path / "h.json"
+    args = ["--num-probes", "2", "--probe-tokens", "256", "--device", "cpu", "--address", "local"]
+    proc = subprocess.Popen([sys.executable, "-m", "air_ray", "heads", *args, "--output", str(out), "--cpus", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    doc = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    where = doc["detected_on"]
+    assert where["pid"] != proc.pid and where["pid"] != os.getpid() and where["device"] == "cpu", where
+    here = detect_heads(HeadsConfig(num_probes=2, probe_tokens=256, device="cpu", output=str(tmp_path / "x.json")))
+    assert doc["heads"] == here["heads"]
+    assert max(abs(a - b) for ra, rb in zip(doc["scores"], here["scores"]) for a, b in zip(ra, rb)) <= 1e-5

@@ -42,6 +42,9 @@ FORMAT = Opt("chat", choices=FORMATS,
 SEED = Opt(0, help="random seed")
 TOP_FRAC = Opt(None, help="fraction to select, in (0, 1]")
 NUM_PROBES = Opt(64, help="synthetic retrieval probes")
+ADDRESS = Opt(None, help="default: join the cluster RAY_ADDRESS names (ray job submit sets it) or a `ray start` "
+                         "cluster on this machine, else start an embedded one (never another run's); auto: join one, "
+                         "or fail; local: always embedded; HOST:PORT or ray://...: that cluster")
 PROBE_TOKENS = Opt(512, help="tokens per synthetic probe")
 
 
@@ -162,8 +165,15 @@ class HeadsConfig(ModelOptions):
     probe_tokens: int = PROBE_TOKENS()
     seed: int = SEED(help="seed of the synthetic probes and of the random-heads check")
     top_frac: float = TOP_FRAC(default=0.05, help="fraction of all (layer, head) pairs that are critical")
+    gpus: float | None = Opt(None, help="GPUs of the detection task on the Ray cluster (default: 1 if the cluster "
+                                        "has GPUs, else 0)")()
+    cpus: float | None = Opt(None, help="CPUs (and torch threads) of the detection task (default: 1 with a GPU, "
+                                        "else a node's CPUs)")()
+    address: str | None = ADDRESS()
 
     def check(self) -> None:
+        if (self.gpus is not None and self.gpus < 0) or (self.cpus is not None and self.cpus <= 0):
+            raise AirRayError("--gpus must be >= 0 and --cpus > 0")
         if not 0 < self.top_frac <= 1:
             raise AirRayError("--top-frac must be in (0, 1]")
         if self.num_probes < 1 or self.probe_tokens < 32:
@@ -184,10 +194,7 @@ class ScoreConfig(EngineOptions):
                                                   "read/prepare stages need")()
     rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
     strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
-    address: str | None = Opt(None, help="default: join the cluster RAY_ADDRESS names (ray job submit sets it) or "
-                                         "a `ray start` cluster on this machine, else start an embedded one (never "
-                                         "another run's); auto: join one, or fail; local: always embedded; "
-                                         "HOST:PORT or ray://...: that cluster")()
+    address: str | None = ADDRESS()
 
     def check(self) -> None:
         if not self.input:
@@ -229,7 +236,7 @@ class SelectConfig(Options):
 
 # the keys of rescore's nested `select:` and `detect:` mappings
 RESCORE_SELECT_KEYS = tuple(f.name for f in SelectConfig.option_fields() if f.name not in ("scores", "output"))
-RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "top_frac", "dtype")
+RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "top_frac", "dtype", "gpus", "cpus")
 
 
 @dataclass
@@ -266,6 +273,7 @@ class RescoreConfig(ScoreConfig):
         if bad:
             raise AirRayError(f"rescore: detect: unknown key {bad[0]!r} (expected {', '.join(RESCORE_DETECT_KEYS)})")
         return HeadsConfig.build(dict(self.detect, model=self.model, output=output, device=self.device,
+                                      address=self.address,
                                       allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code),
                                  "rescore: detect")
 

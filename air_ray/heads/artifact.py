@@ -15,11 +15,11 @@ from air_ray.fsio import local_fs, write_bytes_atomic
 FORMAT_VERSION = 1
 
 
-def write_heads(path: str | Path, *, model: str, fingerprint: str, shape: tuple[int, int, int, int],
-                top_frac: float, detection, probes: dict) -> dict:
-    """Write heads.json (atomically) and heads.png beside it; ``detection``: a ``detect.Detection``."""
+def heads_doc(*, model: str, fingerprint: str, shape: tuple[int, int, int, int], top_frac: float, detection,
+              probes: dict) -> dict:
+    """The heads.json document of a detection (``detection``: a ``detect.Detection``)."""
     L, H, KV, _ = shape
-    doc = {
+    return {
         "format_version": FORMAT_VERSION,
         "model": model,
         "model_fingerprint": fingerprint,
@@ -32,10 +32,13 @@ def write_heads(path: str | Path, *, model: str, fingerprint: str, shape: tuple[
         "probes": probes,
         "ablation_check": detection.ablation_check,
     }
+
+
+def save_heads(path: str | Path, doc: dict) -> None:
+    """Write heads.json (atomically) and heads.png beside it."""
     path = Path(path).resolve()
     write_bytes_atomic(local_fs(), str(path), json.dumps(doc, indent=1).encode())
     plot_heads(doc, path.with_suffix(".png"))
-    return doc
 
 
 def plot_heads(doc: dict, out: str | Path) -> None:

@@ -1,4 +1,6 @@
-"""`air-ray heads`: load the model, build probes, detect critical heads, write heads.json + heads.png."""
+"""`air-ray heads`: load the model, build probes, detect critical heads (``detect_heads``, which can run anywhere:
+on a Ray worker with the GPUs it asks for, see ``air_ray.pipeline.runner.run_task``), then write heads.json +
+heads.png where the command runs (``run_heads``)."""
 
 from __future__ import annotations
 
@@ -8,39 +10,64 @@ import time
 from air_ray.config.commands import HeadsConfig
 
 
-def run_heads(cfg: HeadsConfig) -> dict:
-    from air_ray.heads.artifact import write_heads
-    from air_ray.heads.detect import detect
+def probe_inputs(cfg: HeadsConfig):
+    """``(ModelRef, tokenized probes, probe source)``: everything detection needs but the model's weights.
+    Cheap (the tokenizer only), so the command runs it first where it was started: a bad model name or probes file
+    is a one-line error before any cluster starts."""
     from air_ray.heads.probes import read_probes, synthetic_probes, tokenize_probe
     from air_ray.models.families import family_of
-    from air_ray.models.load import load_config, load_model, load_tokenizer, model_shape, resolve_device
+    from air_ray.models.load import load_config, load_tokenizer
     from air_ray.models.resolve import prepare_model
 
-    t0 = time.time()
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
     family_of(load_config(ref, trust_remote_code=cfg.trust_remote_code))  # outside the families: one line, now
     tok = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.probes:
-        probes = read_probes(cfg.probes)
-        source = cfg.probes
+        probes, source = read_probes(cfg.probes), cfg.probes
     else:
         probes = synthetic_probes(tok, num=cfg.num_probes, tokens=cfg.probe_tokens, seed=cfg.seed)
         source = "synthetic-kv"
-    tokens = [tokenize_probe(tok, p) for p in probes]
-    model = load_model(ref, dtype=cfg.dtype, device=resolve_device(cfg.device), allow_pickle=cfg.allow_pickle,
+    return ref, [tokenize_probe(tok, p) for p in probes], source
+
+
+def detect_heads(cfg: HeadsConfig) -> dict:
+    """Load the model, build the probes, detect the critical heads; returns the heads.json document, with where
+    the detection ran (``detected_on``: host, process, device)."""
+    import os
+    import socket
+
+    from air_ray.heads.artifact import heads_doc
+    from air_ray.heads.detect import detect
+    from air_ray.models.load import load_model, model_shape, resolve_device
+
+    t0 = time.time()
+    ref, tokens, source = probe_inputs(cfg)
+    device = resolve_device(cfg.device)
+    model = load_model(ref, dtype=cfg.dtype, device=device, allow_pickle=cfg.allow_pickle,
                        trust_remote_code=cfg.trust_remote_code)
     print(f"[air-ray heads] {ref.name} ({ref.fingerprint}): {len(tokens)} probes, "
           f"{sum(len(t.input_ids) for t in tokens):,} tokens", file=sys.stderr, flush=True)
     det = detect(model, tokens, top_frac=cfg.top_frac, seed=cfg.seed)
-    doc = write_heads(
-        cfg.output, model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.top_frac,
-        detection=det,
+    doc = heads_doc(
+        model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.top_frac, detection=det,
         probes={"source": source, "count": len(tokens), "seed": cfg.seed,
                 "tokens": round(sum(len(t.input_ids) for t in tokens) / len(tokens), 1)},
     )
+    doc["detected_on"] = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
+                          "seconds": round(time.time() - t0, 3)}
     c = det.ablation_check
     print(f"[air-ray heads] {len(det.heads)} critical heads in {time.time() - t0:.1f}s; mean answer-token loss: "
           f"base {c['answer_loss_base']:.3f}, critical ablated {c['answer_loss_ablated']:.3f}, "
           f"{len(det.heads)} random heads ablated {c['answer_loss_random_heads']:.3f}", file=sys.stderr, flush=True)
+    return doc
+
+
+def run_heads(cfg: HeadsConfig, detect=detect_heads) -> dict:
+    """Detect (``detect(cfg)``: here, or through ``run_task`` on a Ray worker) and write heads.json + heads.png
+    into ``cfg.output``; returns the document."""
+    from air_ray.heads.artifact import save_heads
+
+    doc = detect(cfg)
+    save_heads(cfg.output, doc)
     print(f"[air-ray heads] wrote {cfg.output} and {cfg.output.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
     return doc

@@ -18,7 +18,6 @@ import pickle
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
@@ -138,6 +137,40 @@ def _prepare(cfg: ScoreConfig, run, files: list[str]) -> tuple:
     return ref, heads_doc, scoring_key, markers, total_bytes, time.time() - t
 
 
+def run_task(fn, *args, address: str | None = None, cpus: float | None = None, gpus: float | None = None):
+    """``fn(*args)`` as one Ray task with the GPUs and CPUs it asks for, on the cluster ``address`` names (or an
+    embedded one, as ``air-ray score`` does), not in this process; returns its result. Defaults: 1 GPU if the
+    cluster has GPUs, else none; 1 CPU with a GPU, else a node's CPUs. torch in the task runs as many threads as
+    it has CPUs. An ``AirRayError`` in the task is raised here as itself (one line)."""
+    import ray
+
+    physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    started = connect(address, embedded_cpus(physical, 1, cpus))
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if gpus is None:
+            gpus = 1 if any(n.get("GPU", 0) > 0 for n in nodes) else 0
+        if cpus is None:
+            cpus = 1 if gpus else (physical if started else max((n.get("CPU", 1) for n in nodes), default=1))
+        task = ray.remote(_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+        try:
+            return ray.get(task.remote(fn, int(max(1, cpus)), *args))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, AirRayError):
+                raise e.cause from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _task(fn, threads: int, *args):
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
 # small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
 LOCAL_ID_PASS_BYTES = 16 << 20
 
@@ -159,19 +192,13 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     files = expand_inputs(cfg.input)
     run = RunLayout(cfg.output)
     run.check_writable()
+    # before the cluster starts, so that a wrong model or heads file is a one-line error (Ray prints as it starts)
+    ref, heads_doc, scoring_key, markers, total_bytes, phases["prepare_s"] = _prepare(cfg, run, files)
+
+    t = time.time()
     physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # the cluster starts while the model, the heads and the output's markers are read (each takes seconds)
-    with ThreadPoolExecutor(1, thread_name_prefix="air-ray-prepare") as pool:
-        prepared = pool.submit(_prepare, cfg, run, files)
-        t = time.time()
-        started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
-        phases["cluster_s"] = time.time() - t
-        try:
-            ref, heads_doc, scoring_key, markers, total_bytes, phases["prepare_s"] = prepared.result()
-        except BaseException:
-            if started:
-                ray.shutdown()
-            raise
+    started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
+    phases["cluster_s"] = time.time() - t
     try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
