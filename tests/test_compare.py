@@ -43,7 +43,10 @@ def test_t_interval_against_known_quantiles():
     half = 4.3027 * math.sqrt(((0.5 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (2.5 - 4 / 3) ** 2) / 2) / math.sqrt(3)
     assert d["mean"] == pytest.approx(4 / 3) and d["n"] == 3
     assert d["ci95"] == pytest.approx([4 / 3 - half, 4 / 3 + half])
-    assert paired([1.0], [0.0]) == {"mean": 1.0, "ci95": None, "n": 1}  # one seed: no interval
+    assert paired([1.0], [0.0])["ci95"] is None  # one seed: no interval
+    # seeds needed for the interval to exclude 0 at this mean and sd: t(n-1) * sd / sqrt(n) < |mean|
+    n = d["seeds_to_separate"]
+    assert t95(n - 1) * d["sd"] / math.sqrt(n) < 4 / 3 <= t95(n - 2) * d["sd"] / math.sqrt(n - 1)
 
 
 def test_summary_pairs_by_seed():

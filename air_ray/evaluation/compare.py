@@ -60,14 +60,30 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def seeds_to_separate(mean: float, sd: float, limit: int = 10_000) -> int | None:
+    """The fewest seeds whose 95 % interval would exclude 0 if the differences kept this mean and sd (a rough
+    size for a run that would separate the strategies); None when the mean is 0 or more than ``limit`` are
+    needed."""
+    if not mean or sd is None:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, limit + 1):
+        if t95(n - 1) * sd / math.sqrt(n) < abs(mean):
+            return n
+    return None
+
+
 def paired(values: list[float | None], reference: list[float | None]) -> dict:
-    """Mean of the per-seed differences ``values[s] - reference[s]`` with its 95 % t interval (None for n < 2)."""
+    """Mean of the per-seed differences ``values[s] - reference[s]`` with its 95 % t interval (None for n < 2), and
+    ``seeds_to_separate`` (see there)."""
     d = [v - r for v, r in zip(values, reference) if v is not None and r is not None]
     m, sd = mean_sd(d)
     if m is None or sd is None:
-        return {"mean": m, "ci95": None, "n": len(d)}
+        return {"mean": m, "ci95": None, "n": len(d), "sd": None, "seeds_to_separate": None}
     half = t95(len(d) - 1) * sd / math.sqrt(len(d))
-    return {"mean": m, "ci95": [m - half, m + half], "n": len(d)}
+    return {"mean": m, "ci95": [m - half, m + half], "n": len(d), "sd": sd,
+            "seeds_to_separate": seeds_to_separate(m, sd)}
 
 
 def summarise(runs: list[dict], strategies: list[str], seeds: int) -> dict:
@@ -290,6 +306,9 @@ def _diff(d: dict | None, digits: int, scale: float = 1.0) -> str:
     if d["ci95"]:
         lo, hi = d["ci95"]
         s += f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+        if lo <= 0 <= hi:  # not separated: how many seeds would, at this mean and sd
+            n = d.get("seeds_to_separate")
+            s += f" (~{n} seeds to separate)" if n else " (no seed count separates it)"
     return s
 
 
