@@ -165,12 +165,12 @@ def _fetch(cfg: FetchConfig) -> int:
 
 
 def _heads(cfg: HeadsConfig) -> int:
-    from air_ray.heads.run import detect_heads, probe_inputs, run_heads
-    from air_ray.pipeline.runner import run_task
+    from air_ray.heads.run import probe_inputs, run_heads
+    from air_ray.pipeline.runner import detect_heads_on_cluster
 
     probe_inputs(cfg)  # a bad model or probes file: one line, before any cluster starts
     # the detection runs as a Ray task with the GPUs it asks for (on a GPU worker of a cluster), not here
-    doc = run_heads(cfg, detect=lambda c: run_task(detect_heads, c, address=c.address, cpus=c.cpus, gpus=c.gpus))
+    doc = run_heads(cfg, detect=detect_heads_on_cluster)
     print(json.dumps({"heads": doc["heads"], "ablation_check": doc["ablation_check"]}))
     return 0
 

@@ -109,19 +109,19 @@ def summarise(runs: list[dict], strategies: list[str], seeds: int) -> dict:
 # the run
 
 
-def run_key(cfg: CompareConfig, fingerprint: str, strategy: str, seed: int, held_out_ids: list[str]) -> str:
-    """A hash of everything that determines one run's result: the model, the pool's scores, the training and
-    evaluation options, the strategy, the seed and the held-out rows."""
+def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[tuple[str, int]], held_out_ids: list[str]) -> dict:
+    """``{(strategy, seed): key}``: a hash of everything that determines one run's result: the model, the pool's
+    scores, the training and evaluation options, the strategy, the seed and the held-out rows."""
     import air_ray
 
     doc = {name: getattr(cfg, name) for name in
            ("dtype", "format", "max_steps", "lr", "batch_size", "max_length", "grad_accum", "bf16", "add_eos",
             "top_k", "max_new_tokens", "think_tags", "prompt_field", "response_field", "reasoning_field",
             "messages_field", "id_field", "domain_field")}
-    doc.update(model=fingerprint, scores=_scores_signature(cfg.scores), input=sorted(cfg.input), strategy=strategy,
-               seed=seed, held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest(),
-               air_ray=air_ray.__version__)
-    return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    doc.update(model=fingerprint, scores=_scores_signature(cfg.scores), input=sorted(cfg.input),
+               held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest(), air_ray=air_ray.__version__)
+    return {(s, k): hashlib.sha1(json.dumps(dict(doc, strategy=s, seed=k), sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16] for s, k in runs}
 
 
 def _scores_signature(scores: str) -> list:
@@ -213,11 +213,11 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     selections = {(s, k): _select(cfg, out, s, k) for k in range(cfg.seeds) for s in cfg.strategies}
 
     plan = [(s, k) for k in range(cfg.seeds) for s in cfg.strategies]
-    initial_key = run_key(cfg, ref.fingerprint, "initial", 0, held_ids)
+    keys = run_keys(cfg, ref.fingerprint, [("initial", 0), *plan], held_ids)
+    initial_key = keys[("initial", 0)]
     initial = _read_json(out / "runs" / "initial" / "result.json")
     todo = [(s, k) for s, k in plan
-            if (_read_json(out / "runs" / f"{s}-seed{k}" / "result.json") or {}).get("key")
-            != run_key(cfg, ref.fingerprint, s, k, held_ids)]
+            if (_read_json(out / "runs" / f"{s}-seed{k}" / "result.json") or {}).get("key") != keys[(s, k)]]
     state0 = None
     if todo or (initial or {}).get("key") != initial_key:
         t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     runs = []
     for i, (s, k) in enumerate(plan, 1):
         run_dir = out / "runs" / f"{s}-seed{k}"
-        key = run_key(cfg, ref.fingerprint, s, k, held_ids)
+        key = keys[(s, k)]
         done = _read_json(run_dir / "result.json")
         if done is not None and done.get("key") == key:
             log(f"compare: [{i}/{len(plan)}] {s} seed {k}: done before ({_figures(done['eval'])})")

@@ -145,11 +145,6 @@ def _sequence(tokenizer, row: HeldOutRow, format: str, add_eos: bool, max_length
     return (p + r)[:max_length], len(p)
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 # ----------------------------------------------------------------------------------------------
 # the two measures
 
@@ -160,6 +155,8 @@ def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "ch
     import torch
     import torch.nn.functional as F
 
+    from air_ray.outputs.training import pad_token_id
+
     device = next(model.parameters()).device
     seqs = sorted((_sequence(tokenizer, r, format, add_eos, max_length) for r in rows), key=lambda s: len(s[0]))
     total, count = 0.0, 0
@@ -168,7 +165,7 @@ def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "ch
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
             n = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), n), _pad_id(tokenizer), dtype=torch.long)  # [batch, pos]
+            ids = torch.full((len(chunk), n), pad_token_id(tokenizer), dtype=torch.long)  # [batch, pos]
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             labels = torch.full((len(chunk), n), IGNORE_INDEX, dtype=torch.long)  # [batch, pos]
             for b, (s, n_prompt) in enumerate(chunk):
@@ -191,12 +188,14 @@ def exact_match(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat
     first few generations are kept in the result as examples."""
     import torch
 
+    from air_ray.outputs.training import pad_token_id
+
     device = next(model.parameters()).device
     checkable = [r for r in rows if r.answer is not None]
     if not checkable or max_new_tokens == 0:
         return {"accuracy": None, "n_checkable": len(checkable), "n_correct": 0, "examples": []}
     prompts = sorted(((prompt_ids(tokenizer, r.prompt, format), r) for r in checkable), key=lambda x: len(x[0]))
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     correct, examples = 0, []
     model.eval()
     with torch.no_grad():

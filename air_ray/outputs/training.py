@@ -279,6 +279,12 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
 # collator
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0 (padding is masked out)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
 class StepWeightedCollator:
     """Rows -> padded batches ``{input_ids, attention_mask, labels, weights}`` (torch tensors, [batch, pos]).
 
@@ -299,8 +305,7 @@ class StepWeightedCollator:
         self.preparer = RowPreparer(tokenizer, format=format)
         self.max_length = max_length
         self.add_eos = add_eos
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else int(pad)
+        self.pad_id = pad_token_id(tokenizer)
 
     def encode(self, row: dict) -> dict:
         """-> ``{input_ids, labels, weights, truncated}`` (lists), unpadded."""

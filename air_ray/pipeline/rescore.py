@@ -110,15 +110,14 @@ def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]
     path = cfg.heads
     if cfg.heads == "detect":
         from air_ray.fsio import with_protocol, write_bytes_atomic
-        from air_ray.heads.run import detect_heads, run_heads
-        from air_ray.pipeline.runner import run_task
+        from air_ray.heads.run import run_heads
+        from air_ray.pipeline.runner import detect_heads_on_cluster
 
         kept = out.detected_heads(ref.fingerprint)
         if not out.fs.exists(kept):
             with tempfile.TemporaryDirectory() as tmp:
                 local = os.path.join(tmp, HEADS_FILE)
-                run_heads(cfg.heads_config(local), detect=lambda c: run_task(
-                    detect_heads, c, address=c.address, cpus=c.cpus, gpus=c.gpus))
+                run_heads(cfg.heads_config(local), detect=detect_heads_on_cluster)
                 with open(local, "rb") as f:
                     write_bytes_atomic(out.fs, kept, f.read())
         path = with_protocol(out.fs, kept)

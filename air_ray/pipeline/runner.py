@@ -120,23 +120,6 @@ def _ray_start_cluster() -> str | None:
         return None
 
 
-def _prepare(cfg: ScoreConfig, run, files: list[str]) -> tuple:
-    """What the driver reads before scoring: the model (prepared, its shape), the heads checked against it, the
-    scoring key, the output's commit markers and the input size; and the seconds it took."""
-    from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape, prepare_model
-
-    t = time.time()
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
-    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
-                           allow_mismatch=cfg.allow_model_mismatch)
-    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
-    markers = run.commits()
-    total_bytes = sum(input_size(f) for f in files)
-    return ref, heads_doc, scoring_key, markers, total_bytes, time.time() - t
-
-
 def run_task(fn, *args, address: str | None = None, cpus: float | None = None, gpus: float | None = None):
     """``fn(*args)`` as one Ray task with the GPUs and CPUs it asks for, on the cluster ``address`` names (or an
     embedded one, as ``air-ray score`` does), not in this process; returns its result. Defaults: 1 GPU if the
@@ -144,7 +127,7 @@ def run_task(fn, *args, address: str | None = None, cpus: float | None = None, g
     it has CPUs. An ``AirRayError`` in the task is raised here as itself (one line)."""
     import ray
 
-    physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = _physical_cpus()
     started = connect(address, embedded_cpus(physical, 1, cpus))
     try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -162,6 +145,17 @@ def run_task(fn, *args, address: str | None = None, cpus: float | None = None, g
     finally:
         if started:
             ray.shutdown()
+
+
+def detect_heads_on_cluster(cfg):
+    """``air_ray.heads.run.detect_heads(cfg)`` as a Ray task with ``cfg``'s GPUs, CPUs and address (``run_task``)."""
+    from air_ray.heads.run import detect_heads
+
+    return run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
+
+
+def _physical_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _task(fn, threads: int, *args):
@@ -184,6 +178,8 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     import ray
 
     from air_ray.data.corpus import expand_inputs
+    from air_ray.heads.artifact import load_heads
+    from air_ray.models import load_config, model_shape, prepare_model
     from air_ray.outputs.layout import RunLayout
 
     cfg = cfg.validate()
@@ -193,10 +189,17 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     run = RunLayout(cfg.output)
     run.check_writable()
     # before the cluster starts, so that a wrong model or heads file is a one-line error (Ray prints as it starts)
-    ref, heads_doc, scoring_key, markers, total_bytes, phases["prepare_s"] = _prepare(cfg, run, files)
+    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
+    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
+                           allow_mismatch=cfg.allow_model_mismatch)
+    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
+    markers = run.commits()
+    total_bytes = sum(input_size(f) for f in files)
+    phases["prepare_s"] = time.time() - t0
 
     t = time.time()
-    physical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = _physical_cpus()
     started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
     phases["cluster_s"] = time.time() - t
     try:
