@@ -7,9 +7,12 @@ exception the temporary file is removed (a killed process leaves the hidden file
 
 from __future__ import annotations
 
+import errno
 import json
 import posixpath
 from contextlib import contextmanager
+
+from air_ray.errors import AirRayError
 
 
 def with_protocol(fs, path: str) -> str:
@@ -23,23 +26,36 @@ def is_local(fs) -> bool:
     return proto in ("file", "local")
 
 
+# errno values that mean "the output is full", not "this code is wrong": no space, over quota, file too large
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and (e.errno in FULL_ERRNOS or "No space left on device" in str(e))
+
+
 @contextmanager
 def atomic_open(fs, path: str):
     """Open ``path`` on fsspec filesystem ``fs`` for writing under a hidden temporary name; the file is moved
-    into place only when the block completes."""
+    into place only when the block completes. A full output (no space, over quota) is an ``AirRayError`` naming
+    the file: what was committed before it stays, and a rerun with space resumes from there."""
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f".{name}.tmp")
-    fs.makedirs(parent, exist_ok=True)
     try:
+        fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "wb") as f:
             yield f
-    except BaseException:
+        fs.mv(tmp, path)
+    except BaseException as e:
         try:  # leave nothing behind
             fs.rm(tmp)
         except Exception:
             pass
+        if out_of_space(e):
+            raise AirRayError(f"out of space writing {with_protocol(fs, path)} ({e.strerror or e}): free space or "
+                              "choose another output, then rerun the same command; committed partitions are "
+                              "kept") from None
         raise
-    fs.mv(tmp, path)
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:

@@ -72,7 +72,18 @@ class _PrepareActor(_StageActor):
 
 
 class _ScoreActor(_StageActor):
-    """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs."""
+    """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs. A user-facing error (an output
+    that is full) comes back as a row that the driver raises as itself: one line, not Ray Data's traceback of a
+    failed task (which loses the exception's type)."""
+
+    def __call__(self, batch: dict) -> dict:
+        try:
+            return super().__call__(batch)
+        except AirRayError as e:
+            return {ERROR_COLUMN: [str(e)]}
+
+
+ERROR_COLUMN = "air_ray_error"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +247,8 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         summaries = []
         for s in ds.iter_rows():
             s = dict(s)
+            if s.get(ERROR_COLUMN):
+                raise AirRayError(s[ERROR_COLUMN])
             if s["skipped"]:  # committed earlier: its counts come from the marker
                 s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
                          setup_s=s.get("setup_s", 0.0))
