@@ -216,3 +216,122 @@ def moto_s3():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class RayStartCluster:
+    """A `ray start` cluster on this machine, as an operator runs one: a head (with the dashboard, for `ray job
+    submit`) and worker nodes, token authentication on, in a temporary directory of its own. ``stop()`` ends only
+    this cluster's processes (``ray stop`` would end every Ray on the machine)."""
+
+    def __init__(self):
+        import os
+        import sys
+        import tempfile
+
+        bin_dir = Path(sys.executable).parent
+        self.ray = str(bin_dir / "ray")
+        # short: Ray's socket paths live under it (a Unix socket path holds at most 107 bytes)
+        self.temp_dir = tempfile.mkdtemp(prefix="arc", dir="/tmp")
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+                        PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+        self.env.pop("RAY_ADDRESS", None)
+        self.gcs = self.dashboard = None
+
+    def _ray(self, *args, timeout=180, check=True):
+        import subprocess
+
+        p = subprocess.run([self.ray, *map(str, args)], env=self.env, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"ray {' '.join(map(str, args))}: {p.stdout[-2000:]}{p.stderr[-2000:]}")
+        return p
+
+    def start_head(self, num_cpus: int, **resources):
+        self.gcs, self.dashboard = free_port(), free_port()
+        self._ray("get-auth-token", "--generate", check=False)  # ~/.ray/auth_token, if there is none yet
+        self._ray("start", "--head", f"--port={self.gcs}", f"--dashboard-port={self.dashboard}",
+                  "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
+                  f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                  *([f"--resources={json.dumps(resources)}"] if resources else []))
+        return self
+
+    def add_node(self, num_cpus: int, **resources):
+        self._ray("start", f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+                  *([f"--resources={json.dumps(resources)}"] if resources else []))
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    def job_submit(self, *entrypoint, submission_id: str | None = None, timeout=900):
+        """`ray job submit` and wait: the finished process (its output is the job's). The head's job agent comes up
+        a little after `ray start` returns: until then the submission is refused, and tried again."""
+        import time
+
+        submission_id = submission_id or f"air-ray-test-{time.time_ns()}"
+        deadline = time.time() + 120
+        while True:
+            p = self._ray("job", "submit", f"--address={self.dashboard_url}", "--submission-id", submission_id, "--",
+                          *entrypoint, timeout=timeout, check=False)
+            if "No available agent to submit job" not in p.stderr + p.stdout or time.time() > deadline:
+                return p
+            time.sleep(2)
+
+    def state(self, job: str) -> dict:
+        """The job's driver (``pid``) and the cluster's nodes (``{node_id: {"head", "cpus"}}``), from Ray's job and
+        state APIs (in a process with this cluster's token authentication)."""
+        import subprocess
+        import sys
+
+        code = (
+            "import json, sys\n"
+            "from ray.job_submission import JobSubmissionClient\n"
+            "from ray.util.state import list_nodes\n"
+            "url, job = sys.argv[1:]\n"
+            "d = JobSubmissionClient(url).get_job_info(job).driver_info\n"
+            "nodes = {n.node_id: {'head': n.is_head_node, 'cpus': n.resources_total.get('CPU', 0)}\n"
+            "         for n in list_nodes(address=url)}\n"
+            "print(json.dumps({'driver_pid': int(d.pid), 'nodes': nodes}))\n"
+        )
+        p = subprocess.run([sys.executable, "-c", code, self.dashboard_url, job], env=self.env, capture_output=True,
+                           text=True, timeout=120, check=True)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def pids(self) -> list[int]:
+        """This cluster's processes: every Ray process started for it names its temporary directory; workers
+        die with their raylet."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if self.temp_dir in (d / "cmdline").read_bytes().decode(errors="replace"):
+                        out.append(int(d.name))
+                except OSError:
+                    continue
+        return out
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_start_cluster():
+    """A `ray start` cluster of this test's own (``RayStartCluster``); stopped after the test."""
+    cluster = RayStartCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

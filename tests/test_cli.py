@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.conftest import REPO
+
 
 def air_ray(*args, env=None, timeout=300):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
@@ -137,3 +139,23 @@ def test_heads_detection_runs_as_a_ray_task(tmp_path, smol_ref):
     here = detect_heads(HeadsConfig(num_probes=2, probe_tokens=256, device="cpu", output=str(tmp_path / "x.json")))
     assert doc["heads"] == here["heads"]
     assert max(abs(a - b) for ra, rb in zip(doc["scores"], here["scores"]) for a, b in zip(ra, rb)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_ray_job_submit_detect_heads_runs_on_a_worker(tmp_path, ray_start_cluster):
+    """`ray job submit -- python jobs/detect_heads.py ...` on a `ray start` cluster whose head has no CPUs (as in
+    cluster/rayjob-score.yaml): the job's driver runs on the head and only coordinates; the detection runs on the
+    worker node, in another process."""
+    cluster = ray_start_cluster.start_head(num_cpus=0).add_node(num_cpus=2)
+    out = tmp_path / "heads.json"
+    job = f"detect-heads-{os.getpid()}"
+    p = cluster.job_submit(sys.executable, str(REPO / "jobs" / "detect_heads.py"), "--num-probes", "2",
+                           "--probe-tokens", "256", "--device", "cpu", "--output", str(out), submission_id=job)
+    assert p.returncode == 0 and "succeeded" in p.stdout + p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+    where = json.loads(out.read_text())["detected_on"]
+    state = cluster.state(job)
+    head = [i for i, n in state["nodes"].items() if n["head"]]
+    worker = [i for i, n in state["nodes"].items() if not n["head"] and n["cpus"] > 0]
+    assert len(head) == 1 and len(worker) == 1, state
+    assert where["node_id"] == worker[0] != head[0], (where, state)
+    assert where["pid"] != state["driver_pid"] and where["device"] == "cpu", (where, state)

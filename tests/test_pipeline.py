@@ -166,37 +166,21 @@ def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_pa
     assert len(ids) == len(set(ids)) == len(corpus["good"])
 
 
-def _ray(*args, env, timeout=180, check=True):
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=check)
-
-
-def test_ray_job_submit_single_actor_equals_two_actors(two_actor_run, corpus, heads_file, tmp_path):
-    """`ray start --head` on free ports, `ray job submit` jobs/score.py, check the Parquet, stop."""
+def test_ray_job_submit_single_actor_equals_two_actors(two_actor_run, corpus, heads_file, tmp_path,
+                                                       ray_start_cluster):
+    """`ray start --head` on free ports, `ray job submit` jobs/score.py, check the Parquet."""
     out2, _ = two_actor_run
     out1 = tmp_path / "run1"
-    gcs, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    _ray("get-auth-token", "--generate", env=env, check=False)
-    _ray("start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", env=env)
-    try:
-        submit = _ray(
-            "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={REPO}",
-            "--submission-id", f"air-ray-test-{int(time.time())}", "--",
-            sys.executable, "jobs/score.py", "--heads", str(heads_file), "--input", str(corpus["dir"]),
-            "--output", str(out1), "--dtype", "float32", "--device", "cpu", "--actors", "1",
-            # one CPU, as each of the two actors had: torch's thread count changes float32 reductions (~1e-6)
-            "--cpus-per-actor", "1", "--rows-per-partition", "3", "--address", "auto",
-            env=env, timeout=900, check=False,
-        )
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        assert "[air-ray score] done" in submit.stdout + submit.stderr  # the job's own progress lines
-    finally:
-        _ray("stop", "--force", env=env, check=False)
+    cluster = ray_start_cluster.start_head(num_cpus=4)
+    submit = cluster.job_submit(
+        sys.executable, str(REPO / "jobs" / "score.py"), "--heads", str(heads_file), "--input", str(corpus["dir"]),
+        "--output", str(out1), "--dtype", "float32", "--device", "cpu", "--actors", "1",
+        # one CPU, as each of the two actors had: torch's thread count changes float32 reductions (~1e-6)
+        "--cpus-per-actor", "1", "--rows-per-partition", "3", "--address", "auto",
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in (submit.stdout + submit.stderr).lower()
+    assert "[air-ray score] done" in submit.stdout + submit.stderr  # the job's own progress lines
     a = {r["id"]: r for r in _read_dir(out1 / "scores")}
     b = {r["id"]: r for r in _read_dir(out2 / "scores")}
     assert a.keys() == b.keys()

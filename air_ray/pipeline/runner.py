@@ -133,9 +133,10 @@ def _ray_start_cluster() -> str | None:
 
 def run_task(fn, *args, address: str | None = None, cpus: float | None = None, gpus: float | None = None):
     """``fn(*args)`` as one Ray task with the GPUs and CPUs it asks for, on the cluster ``address`` names (or an
-    embedded one, as ``air-ray score`` does), not in this process; returns its result. Defaults: 1 GPU if the
-    cluster has GPUs, else none; 1 CPU with a GPU, else a node's CPUs. torch in the task runs as many threads as
-    it has CPUs. An ``AirRayError`` in the task is raised here as itself (one line)."""
+    embedded one, as ``air-ray score`` does), not in this process; returns ``(its result, where it ran)``, where is
+    ``{"node_id", "node_ip", "pid"}``. Defaults: 1 GPU if the cluster has GPUs, else none; 1 CPU with a GPU, else a
+    node's CPUs. torch in the task runs as many threads as it has CPUs. An ``AirRayError`` in the task is raised
+    here as itself (one line)."""
     import ray
 
     physical = _physical_cpus()
@@ -162,7 +163,9 @@ def detect_heads_on_cluster(cfg):
     """``air_ray.heads.run.detect_heads(cfg)`` as a Ray task with ``cfg``'s GPUs, CPUs and address (``run_task``)."""
     from air_ray.heads.run import detect_heads
 
-    return run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
+    doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
+    doc["detected_on"].update(node_id=where["node_id"], node_ip=where["node_ip"])
+    return doc
 
 
 def _physical_cpus() -> int:
@@ -170,10 +173,13 @@ def _physical_cpus() -> int:
 
 
 def _task(fn, threads: int, *args):
+    import ray
     import torch
 
     torch.set_num_threads(threads)
-    return fn(*args)
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+             "pid": os.getpid()}
+    return fn(*args), where
 
 
 # small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
