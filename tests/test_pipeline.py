@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from air_ray.outputs import layout as schema
-from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
