@@ -19,7 +19,6 @@ from air_ray.outputs import layout as schema
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _read_dir(path: Path) -> list[dict]:
