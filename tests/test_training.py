@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -474,6 +475,49 @@ def test_job_reports_missing_rows_as_an_error(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert "1 not in the corpus" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_train_runs_on_ray_train_workers(tmp_path, tiny_model):
+    """`air-ray train` fine-tunes on Ray Train workers (TorchTrainer), not in its own process: one CPU worker takes
+    the same steps as the plain Trainer in this process; two workers train data parallel."""
+    from safetensors.torch import load_file
+
+    from air_ray.config import TrainConfig
+    from air_ray.outputs.training import train_weighted_sft
+
+    model, _ = tiny_model
+    sel, scores, corpus = write_inputs(str(tmp_path))
+    common = dict(selection=sel, scores=scores, input=[corpus], model=str(model), max_steps=2, batch_size=2, lr=1e-3,
+                  device="cpu")
+
+    def cli(out: str, *extra):
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "input"]
+        p = subprocess.Popen([sys.executable, "-m", "air_ray", "train", *args, "--input", corpus, "--output", out,
+                              "--address", "local", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+        return p.pid, stdout, json.loads((Path(out) / "training_summary.json").read_text())
+
+    pid, stdout, one = cli(str(tmp_path / "one"), "--cpus-per-worker=1")
+    assert "1 Ray Train worker x 0 GPU, 1 CPU" in stdout
+    assert one["world_size"] == 1 and one["process"]["pid"] != pid and one["global_step"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker had
+    try:
+        here = train_weighted_sft(TrainConfig(**common, output=str(tmp_path / "here")), log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert one["losses"] == pytest.approx(here["losses"], rel=1e-5)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "here" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    _, _, two = cli(str(tmp_path / "two"), "--workers=2", "--cpus-per-worker=1")
+    assert two["world_size"] == 2 and two["global_step"] == 2 and all(math.isfinite(x) for x in two["losses"])
+    c, init = load_file(tmp_path / "two" / "model.safetensors"), load_file(Path(model) / "model.safetensors")
+    assert max((c[k] - init[k]).abs().max().item() for k in init if k in c) > 1e-4  # it trained
+    assert max((c[k] - a[k]).abs().max().item() for k in a) > 0  # on other batches than one worker
 
 
 # ----------------------------------------------------------------------------------------------

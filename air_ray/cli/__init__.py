@@ -217,9 +217,9 @@ def _export(cfg: ExportConfig) -> int:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from air_ray.outputs.training import train_weighted_sft
+    from air_ray.pipeline.runner import train_on_cluster
 
-    train_weighted_sft(cfg)
+    train_on_cluster(cfg)  # Ray Train workers fine-tune; this process coordinates
     return 0
 
 

@@ -322,16 +322,25 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
     scores: str | None = SCORES()
     input: list[str] = INPUT(aliases=("corpus",), help="the corpus that was scored, or the directory of an "
                                                       "`air-ray export` (then no --selection / --scores)")
-    output: str = OUTPUT(required=True, help="local directory for the fine-tuned model")
+    output: str = OUTPUT(required=True, help="directory for the fine-tuned model, written by the first worker (on a "
+                                             "cluster: a path every worker node sees, e.g. a shared volume)")
     seed: int = SEED(help="training seed")
     step_weights: bool = Opt(True, help="weight each response token by its step's weight (off: plain SFT, every "
                                         "response token 1.0)")()
     allow_missing: bool = Opt(False, help="train on the rows found when some selected ids are missing from the "
                                           "scores or the corpus")()
     save: bool = Opt(True, help="save the model and tokenizer into --output")()
+    workers: int = Opt(1, help="Ray Train workers (data parallel: each takes its share of every step's rows)")()
+    gpus_per_worker: float | None = Opt(None, help="default: 1 if the cluster has GPUs, else 0")()
+    cpus_per_worker: float | None = Opt(None, help="CPUs (and torch threads) of each worker; default: 1 with a "
+                                                   "GPU, else a node's CPUs shared by the workers")()
+    address: str | None = ADDRESS()
 
     def check(self) -> None:
         super().check()
+        if self.workers < 1 or (self.gpus_per_worker is not None and self.gpus_per_worker < 0) or \
+                (self.cpus_per_worker is not None and self.cpus_per_worker <= 0):
+            raise AirRayError("--workers must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0")
         if not self.input:
             raise AirRayError("train needs --input (the corpus, or an export)")
         if (self.selection is None) != (self.scores is None):

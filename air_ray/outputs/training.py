@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -471,9 +472,11 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     trainer = build_trainer(cfg, model, tokenizer, features)
     result = trainer.train()
     out = cfg.output.removeprefix("file://")
+    first = trainer.is_world_process_zero()  # data parallel (Ray Train): one worker writes
     if cfg.save:
-        trainer.save_model(out)
-        tokenizer.save_pretrained(out)
+        trainer.save_model(out)  # writes on the first worker only
+        if first:
+            tokenizer.save_pretrained(out)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "config": asdict(cfg),
@@ -484,10 +487,13 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
         "step_weights": bool(cfg.step_weights),
         "train_loss": float(result.training_loss),
         "losses": losses,
+        "world_size": int(trainer.args.world_size),
+        "process": {"host": socket.gethostname(), "pid": os.getpid()},  # where the first worker ran
     }
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "training_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-        f.write("\n")
-    log(f"train: {summary['global_step']} steps, loss {summary['train_loss']:.4f}; wrote {out}")
+    if first:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "training_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+            f.write("\n")
+        log(f"train: {summary['global_step']} steps, loss {summary['train_loss']:.4f}; wrote {out}")
     return summary

@@ -13,11 +13,13 @@ driver streams the summaries for progress and writes ``_manifest.json``. When an
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
 import sys
 import time
+from contextlib import contextmanager
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
@@ -90,9 +92,10 @@ ERROR_COLUMN = "air_ray_error"
 # the run
 
 
-def connect(address: str | None, embedded_cpus: int) -> bool:
-    """Join or start Ray (an embedded cluster gets ``embedded_cpus`` logical CPUs). Returns True when this call
-    started a local cluster (and should stop it).
+def connect(address: str | None, embedded_cpus: int, dashboard: bool = False) -> bool:
+    """Join or start Ray (an embedded cluster gets ``embedded_cpus`` logical CPUs, and a dashboard only when
+    ``dashboard``: Ray Train's placement-group cleaner needs its state API). Returns True when this call started a
+    local cluster (and should stop it).
 
     A run joins only a cluster it was told to join (``--address``, ``RAY_ADDRESS``: set by ``ray job submit``) or
     a ``ray start`` cluster on this machine (the one ``ray start`` records in ``/tmp/ray/ray_current_cluster``),
@@ -116,8 +119,36 @@ def connect(address: str | None, embedded_cpus: int) -> bool:
         except ConnectionError as e:
             raise AirRayError(f"cannot join the Ray cluster at {target!r}: {e}") from None
         return False
-    ray.init(address="local", num_cpus=embedded_cpus, include_dashboard=False, **kw)
+    # Ray's own tools inside the cluster (Ray Train's placement-group cleaner, the state API) look for "the" local
+    # cluster and fail when other runs' clusters are up on this machine: the cluster's processes get its address
+    # (RAY_ADDRESS, from a GCS port chosen here), this process's environment stays as it was
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{get_node_ip_address()}:{port}"):
+        ray.init(address="local", num_cpus=embedded_cpus, include_dashboard=dashboard,
+                 **({"dashboard_host": "127.0.0.1", "dashboard_port": _free_port()} if dashboard else {}), **kw)
     return True
+
+
+@contextmanager
+def _environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _ray_start_cluster() -> str | None:
@@ -166,6 +197,72 @@ def detect_heads_on_cluster(cfg):
     doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
     doc["detected_on"].update(node_id=where["node_id"], node_ip=where["node_ip"])
     return doc
+
+
+def train_on_cluster(cfg) -> dict:
+    """``air-ray train`` through Ray Train: ``TorchTrainer`` with ``cfg.workers`` data-parallel workers
+    (``ScalingConfig(num_workers, use_gpu)``), each running ``train_weighted_sft`` (the Hugging Face Trainer finds
+    the process group Ray Train set up and gives each worker its share of every batch); the first worker writes
+    the model and ``training_summary.json`` into ``cfg.output``. This process only coordinates. Returns the
+    summary."""
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    cfg = cfg.validate()
+    physical = _physical_cpus()
+    started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker), dashboard=True)
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        gpus = cfg.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if any(n.get("GPU", 0) > 0 for n in nodes) else 0
+        cpus = cfg.cpus_per_worker
+        if cpus is None:
+            node_cpus = physical if started else max((n.get("CPU", 1) for n in nodes), default=1)
+            cpus = 1 if gpus else max(1, int(node_cpus // cfg.workers))
+        print(f"[air-ray train] {cfg.workers} Ray Train worker{'s' * (cfg.workers != 1)} x {gpus:g} GPU, "
+              f"{cpus:g} CPU", flush=True)
+        # what the workers hand back (Ray Train keeps metrics only with checkpoints): the summary, or the one line
+        # of an AirRayError
+        mailbox = Queue(actor_options={"num_cpus": 0})
+        with tempfile.TemporaryDirectory(prefix="air_ray_train_") as storage:
+            trainer = TorchTrainer(
+                _train_worker, train_loop_config={"cfg": cfg, "threads": int(max(1, cpus)), "mailbox": mailbox},
+                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
+                                             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
+                # Ray Train's own run state (no checkpoints: the model goes to cfg.output)
+                run_config=RunConfig(name="air-ray-train", storage_path=storage),
+            )
+            trainer.fit()
+        kind, value = mailbox.get(timeout=60)
+        if kind == "error":  # a bad join, no trainable rows: the workers' one line
+            raise AirRayError(value)
+        return json.loads(value)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _train_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from air_ray.outputs.training import train_weighted_sft
+
+    torch.set_num_threads(config["threads"])
+    first = ray.train.get_context().get_world_rank() == 0
+    try:
+        summary = train_weighted_sft(config["cfg"], log=print if first else (lambda *_: None))
+    except AirRayError as e:  # every worker reads the same rows, so every worker meets it
+        if first:
+            config["mailbox"].put(("error", str(e)))
+        return
+    if first:
+        config["mailbox"].put(("summary", json.dumps(summary, default=str)))
 
 
 def _physical_cpus() -> int:
