@@ -15,7 +15,7 @@ PKG = REPO / "air_ray"
 # part -> the parts it may import (lazily or not). A part is a subpackage, or one of the top-level modules.
 ALLOWED = {
     "errors": set(),
-    "fsio": set(),
+    "fsio": {"errors"},
     "influence": set(),
     "models": {"errors"},
     "config": {"errors", "models"},  # models: the default model's name; data.steps: the step-rule check
