@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from air_ray.errors import AirRayError
-from air_ray.fsio import with_protocol
+from air_ray.fsio import open_uri, url_to_fs, with_protocol
 
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow")
 # files a dataset folder holds beside its rows (Hugging Face metadata, docs): never rows
@@ -51,13 +51,11 @@ class Chunk:
 
 def expand_inputs(uris: list[str]) -> list[str]:
     """Files, directories (searched recursively) and globs -> sorted, de-duplicated file URIs."""
-    import fsspec
-
     out: list[str] = []
     unreadable: list[str] = []
     for uri in uris:
         try:
-            fs, path = fsspec.core.url_to_fs(uri)
+            fs, path = url_to_fs(uri)
         except (ImportError, ValueError) as e:
             raise AirRayError(f"input {uri}: {e}") from None
         try:
@@ -141,9 +139,7 @@ def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
 
 
 def _text_records(source: str) -> Iterator[tuple[int, str | None, int]]:
-    import fsspec
-
-    with fsspec.open(source, "rb", compression="infer") as f:
+    with open_uri(source, "rb", compression="infer") as f:
         head = f.read(1 << 16)
         if source.endswith(".json") and head.lstrip()[:1] == b"[":
             try:
@@ -166,10 +162,9 @@ def _text_records(source: str) -> Iterator[tuple[int, str | None, int]]:
 
 
 def _parquet_records(source: str) -> Iterator[tuple[int, str | None, int]]:
-    import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(source, "rb") as f:
+    with open_uri(source, "rb") as f:
         pf = pq.ParquetFile(f)
         n = 0
         for batch in pf.iter_batches(batch_size=1024):
@@ -181,10 +176,9 @@ def _parquet_records(source: str) -> Iterator[tuple[int, str | None, int]]:
 
 def _arrow_records(source: str) -> Iterator[tuple[int, str | None, int]]:
     """An Arrow IPC file: the stream format ``datasets.save_to_disk`` writes, or the random-access file format."""
-    import fsspec
     import pyarrow as pa
 
-    with fsspec.open(source, "rb") as f:
+    with open_uri(source, "rb") as f:
         try:
             reader = pa.ipc.open_stream(f)
         except pa.ArrowInvalid:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from air_ray.errors import AirRayError
-from air_ray.fsio import local_fs, write_bytes_atomic
+from air_ray.fsio import local_fs, open_uri, write_bytes_atomic
 
 FORMAT_VERSION = 1
 
@@ -65,10 +65,8 @@ def plot_heads(doc: dict, out: str | Path) -> None:
 def load_heads(path: str, *, fingerprint: str | None = None, shape: tuple | None = None,
                allow_mismatch: bool = False) -> dict:
     """Read heads.json and check that it fits the model (fingerprint and shape)."""
-    import fsspec
-
     try:
-        with fsspec.open(path, "rt") as f:
+        with open_uri(path, "rt") as f:
             doc = json.load(f)
     except FileNotFoundError:
         raise AirRayError(f"heads file {path} does not exist (run `air-ray heads` first)") from None

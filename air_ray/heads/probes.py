@@ -33,10 +33,10 @@ class ProbeTokens:
 
 
 def read_probes(path: str) -> list[Probe]:
-    import fsspec
+    from air_ray.fsio import open_uri
 
     probes = []
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
+    with open_uri(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

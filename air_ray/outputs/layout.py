@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from air_ray.errors import AirRayError
-from air_ray.fsio import atomic_open, with_protocol, write_bytes_atomic, write_json_atomic
+from air_ray.fsio import atomic_open, open_uri, url_to_fs, with_protocol, write_bytes_atomic, write_json_atomic
 
 SCORES_DIR = "scores"
 REJECTED_DIR = "rejected"
@@ -137,12 +137,10 @@ def _hidden(path: str) -> bool:
 
 class RunLayout:
     """Paths and files of one run's output directory (any fsspec URI)."""
-
     def __init__(self, uri: str):
-        import fsspec
 
         self.uri = uri
-        self.fs, root = fsspec.core.url_to_fs(uri)
+        self.fs, root = url_to_fs(uri)
         self.root = root.rstrip("/") or root
 
     def path(self, *parts: str) -> str:
@@ -280,7 +278,6 @@ def find_partitions(uri: str, who: str = "select") -> tuple[object, list[str]]:
 class ScoreFiles:
     """The score partitions of a run, opened as one pyarrow dataset with the declared schema (or the named
     columns of it). ``rows``: the row count of the Parquet footers."""
-
     fs: object
     files: list[str]
     dataset: object
@@ -343,9 +340,7 @@ def selection_parquet(uri: str) -> str:
 
 def read_selection(uri: str) -> dict[str, tuple[int, float]]:
     """``{id: (rank, value ranked)}`` in rank order, from ``selection.parquet`` or a directory holding it."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     try:
         if fs.isdir(path):
             path = posixpath.join(path.rstrip("/"), SELECTION_FILES[0])
@@ -371,8 +366,6 @@ def read_selection_ids(uri: str) -> list[str]:
 def find_selection(scores: str, selection: str | None, who: str = "report") -> tuple[dict | None, str | None]:
     """(selection.json, its directory URI) from ``selection`` (a directory or the selection.json itself), else
     ``<scores>/selection`` or ``<scores>/../selection`` when there; (None, None) otherwise."""
-    import fsspec
-
     if selection:
         cands, required = [selection], True
     else:
@@ -383,7 +376,7 @@ def find_selection(scores: str, selection: str | None, who: str = "report") -> t
     for c in cands:
         path = c if c.endswith(".json") else c.rstrip("/") + "/" + SELECTION_FILES[1]
         try:
-            with fsspec.open(path, "rt") as f:
+            with open_uri(path, "rt") as f:
                 return json.load(f), posixpath.dirname(path)
         except FileNotFoundError:
             continue
@@ -399,11 +392,10 @@ def selected_among(sel_dir: str | None, ids: list[str]) -> set[str] | None:
     """Which of ``ids`` are in ``<sel_dir>/selection.parquet`` (None when it cannot be read)."""
     if not sel_dir or not ids:
         return None
-    import fsspec
     import pyarrow.compute as pc
 
     try:
-        fs, path = fsspec.core.url_to_fs(selection_parquet(sel_dir))
+        fs, path = url_to_fs(selection_parquet(sel_dir))
         t = pq.read_table(path, filesystem=fs, columns=["id"], filters=pc.field("id").isin(ids))
         return set(t.column("id").to_pylist())
     except Exception:

@@ -472,16 +472,16 @@ def _selection_html(sel: dict | None, sel_dir: str | None) -> str:
 def _compare_html(scores: str, compare: str | None, out: Path) -> str:
     """The section of an ``air-ray compare`` result (``compare.json``'s table, and its plot copied beside the page);
     empty when there is none beside the run and none was given."""
-    import fsspec
+    from air_ray.fsio import open_uri
 
     from air_ray.config.commands import COMPARE_DIR
 
     base = (compare or f"{scores.rstrip('/')}/{COMPARE_DIR}").rstrip("/")
     base = posixpath.dirname(base) if base.endswith(".json") else base
     try:
-        with fsspec.open(f"{base}/compare.json", "rt") as f:
+        with open_uri(f"{base}/compare.json", "rt") as f:
             doc = json.load(f)
-        with fsspec.open(f"{base}/compare.png", "rb") as f:
+        with open_uri(f"{base}/compare.png", "rb") as f:
             (out / "compare.png").write_bytes(f.read())
     except FileNotFoundError:
         if compare:

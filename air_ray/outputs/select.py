@@ -65,7 +65,7 @@ import pyarrow.compute as pc
 
 from air_ray.config.commands import SELECT_BY, SelectConfig
 from air_ray.errors import AirRayError
-from air_ray.fsio import with_protocol, write_bytes_atomic
+from air_ray.fsio import url_to_fs, with_protocol, write_bytes_atomic
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
 from air_ray.outputs.layout import SCORES, SELECTION, SELECTION_FILES, ScoreFiles, open_scores, \
     with_metadata, write_table_atomic
@@ -261,9 +261,7 @@ def _rank(buffers: dict[int, list], k: np.ndarray) -> pa.Table:
 
 
 def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table) -> dict:
-    import fsspec
-
-    out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
+    out_fs, out_root = url_to_fs(cfg.output)
     sel_by_domain = _selected_by_domain(selection)
     dom_rows = []
     for d, key in enumerate(c.domains.keys):
@@ -304,9 +302,7 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
 def _write(output: str, selection: pa.Table, summary: dict) -> None:
     """selection.parquet (the summary as its metadata), then the plot, then selection.json (the completion
     marker)."""
-    import fsspec
-
-    out_fs, out_root = fsspec.core.url_to_fs(output)
+    out_fs, out_root = url_to_fs(output)
     out_fs.makedirs(out_root, exist_ok=True)
     parquet, summary_json, plot = (posixpath.join(out_root, name) for name in SELECTION_FILES)
     json.dumps(summary, allow_nan=False)  # every number in the summary is finite (non-finite ones are null)

@@ -49,10 +49,10 @@ class Progress:
 
 def input_size(uri: str) -> int:
     """File size for the ETA; 0 when the store cannot say."""
-    import fsspec
+    from air_ray.fsio import url_to_fs
 
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = url_to_fs(uri)
         return int(fs.size(path) or 0)
     except Exception:
         return 0

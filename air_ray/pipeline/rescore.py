@@ -46,12 +46,12 @@ def _sha256(fs, path: str) -> str:
 
 def classify(files: list[str], ledger: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Stat (and hash where needed) every input file -> (ledger rows as they are now, {kind: [uris]})."""
-    import fsspec
+    from air_ray.fsio import url_to_fs
 
     kinds: dict[str, list[str]] = {"new": [], "changed": [], "unchanged": []}
     now: dict[str, dict] = {}
     for uri in files:
-        fs_, path = fsspec.core.url_to_fs(uri)
+        fs_, path = url_to_fs(uri)
         st = _stat(fs_, path)
         old = ledger.get(uri)
         same_stat = old is not None and (old["size"], old["etag"], old["mtime"]) == (st["size"], st["etag"],

@@ -14,6 +14,7 @@ driver streams the summaries for progress and writes ``_manifest.json``. When an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import socket
@@ -27,7 +28,6 @@ from air_ray.errors import AirRayError
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
 from air_ray.pipeline.placement import embedded_cpus, plan
 from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
-
 
 # ----------------------------------------------------------------------------------------------
 # adapters: a stage inside Ray Data
@@ -74,18 +74,7 @@ class _PrepareActor(_StageActor):
 
 
 class _ScoreActor(_StageActor):
-    """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs. A user-facing error (an output
-    that is full) comes back as a row that the driver raises as itself: one line, not Ray Data's traceback of a
-    failed task (which loses the exception's type)."""
-
-    def __call__(self, batch: dict) -> dict:
-        try:
-            return super().__call__(batch)
-        except AirRayError as e:
-            return {ERROR_COLUMN: [str(e)]}
-
-
-ERROR_COLUMN = "air_ray_error"
+    """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +171,52 @@ def run_task(fn, *args, address: str | None = None, cpus: float | None = None, g
         try:
             return ray.get(task.remote(fn, int(max(1, cpus)), *args))
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, AirRayError):
-                raise e.cause from None
+            _raise_user_error(e)
             raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _user_error(e: BaseException | None) -> AirRayError | None:
+    """The ``AirRayError`` a Ray task or a Ray Data stage failed with (an S3 request that failed after its retries,
+    a bad input): ``e``'s cause, or a cause of that, ...; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the exception raised in the task
+        if isinstance(cause, AirRayError):
+            return cause
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def _raise_user_error(e: BaseException) -> None:
+    """Raise ``_user_error(e)`` as one line (Ray Data appends its retry advice to the message); else return."""
+    cause = _user_error(e)
+    if cause is not None:
+        raise type(cause)(str(cause).split("\n", 1)[0]) from None
+
+
+class _QuietUserErrors(logging.Filter):
+    """Ray Data logs a failed stage's traceback before raising it; for an ``AirRayError`` the one line the CLI
+    prints says it all, so those records are dropped (every other failure is logged as before)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return _user_error(e) is None
+
+
+_QUIET = _QuietUserErrors()
+
+
+def _rows(ds):
+    """``ds.iter_rows()``; a stage that failed with an ``AirRayError`` raises it here as itself."""
+    try:
+        yield from ds.iter_rows()
+    except Exception as e:
+        _raise_user_error(e)
+        raise
 
 
 def detect_heads_on_cluster(cfg):
@@ -323,6 +352,9 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
+        for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+            logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
               f"({cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, {cfg.cpus_per_actor:g} CPU = {place.threads} "
               f"torch threads; {place.why})", flush=True)
@@ -348,10 +380,8 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         t = time.time()
         progress = Progress(total_bytes)
         summaries = []
-        for s in ds.iter_rows():
+        for s in _rows(ds):
             s = dict(s)
-            if s.get(ERROR_COLUMN):
-                raise AirRayError(s[ERROR_COLUMN])
             if s["skipped"]:  # committed earlier: its counts come from the marker
                 s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
                          setup_s=s.get("setup_s", 0.0))
