@@ -138,9 +138,15 @@ def parse(argv: list[str]) -> tuple[str, Options]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from air_ray.cli import supervise
+
     debug = "--debug" in argv
     try:
         command, cfg = parse(argv)
+        if command in supervise.RAY_COMMANDS:
+            if not supervise.supervised():  # the work runs in a child: a lost Ray cluster still ends in one line
+                return supervise.run_child(argv)
+            supervise.report_normal_exit()
         return RUN[command](cfg)
     except AirRayError as e:
         if debug:

@@ -18,7 +18,6 @@ only; ``n_checkable`` says how many were decoded.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass

@@ -1,0 +1,99 @@
+"""A command that drives a Ray cluster runs in a child process, so that a lost cluster ends it with one line.
+
+When the cluster goes away mid-run (``ray stop``, a dead head node, the embedded cluster's processes killed), Ray's
+core worker ends the driver process from C++ after it fails to reach the GCS: exit 1, no Python exception, no
+``finally``, and a C++ log line last. Nothing inside that process can say what happened, so ``air-ray`` runs such
+commands (``RAY_COMMANDS``) in a child and waits: the child reports a normal end through a pipe (``STATUS_FD``)
+when its interpreter exits; a child that ended without it was ended from below, and this process prints
+
+    air-ray: error: the Ray cluster was lost mid-run (...); rerun the same command to resume ...
+
+and exits ``LOST_EXIT`` (3): a scheduler can tell "rerun" from a bad command (2). Everything else passes through:
+the child's exit code, stdout and stderr (inherited, so progress bars and ordering are as without the parent).
+SIGTERM and SIGHUP are passed on; the child dies with this process (``PR_SET_PDEATHSIG``), so a killed driver
+takes its embedded cluster down as before.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+RAY_COMMANDS = frozenset({"score", "rescore", "heads", "train", "demo"})
+STATUS_FD = "AIR_RAY_STATUS_FD"
+LOST_EXIT = 3
+_OK = b"ok"
+
+
+def supervised() -> bool:
+    """True in the child (it reports its end through the pipe instead of starting another child)."""
+    return STATUS_FD in os.environ
+
+
+def report_normal_exit() -> None:
+    """In the child: when the interpreter exits normally (any exit code, a traceback included), tell the parent."""
+    import atexit
+
+    fd = int(os.environ.pop(STATUS_FD))  # not inherited by this child's own children (Ray's processes)
+
+    def done():
+        try:
+            os.write(fd, _OK)
+        except OSError:
+            pass
+
+    atexit.register(done)
+
+
+def run_child(argv: list[str]) -> int:
+    """Run ``air-ray argv`` in a child process; its exit code, or ``LOST_EXIT`` with one line when it was ended
+    from below (Ray's exit on a lost cluster, or a signal)."""
+    read, write = os.pipe()
+    env = dict(os.environ, **{STATUS_FD: str(write)})
+    child = subprocess.Popen([sys.executable, "-m", "air_ray", *argv], env=env, pass_fds=(write,),
+                             preexec_fn=_die_with_parent(os.getpid()))
+    os.close(write)
+    forward = {s: signal.signal(s, lambda n, _f: child.send_signal(n)) for s in (signal.SIGTERM, signal.SIGHUP)}
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child (same process group)
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
+        signal.signal(signal.SIGINT, interrupt)
+    # the child wrote before it ended; a process it forked may still hold the pipe open, so no blocking read
+    os.set_blocking(read, False)
+    try:
+        normal = os.read(read, len(_OK)) == _OK
+    except BlockingIOError:
+        normal = False
+    finally:
+        os.close(read)
+    if normal:
+        return code
+    if code in (130, -signal.SIGINT):  # interrupted: Ctrl-C says it all
+        return 130
+    if code < 0:
+        how = f"the run's process was killed by {signal.Signals(-code).name}"
+    else:
+        how = (f"the Ray cluster was lost mid-run (exit {code} from Ray: its GCS or this node's raylet stopped "
+               "answering)")
+    print(f"air-ray: error: {how}; rerun the same command to resume: committed partitions are kept",
+          file=sys.stderr, flush=True)
+    return LOST_EXIT
+
+
+def _die_with_parent(parent: int):
+    def preexec():
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the child may outlive a SIGKILLed parent
+            pass
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
