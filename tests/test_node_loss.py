@@ -25,22 +25,31 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
-TAG = "AIR_RAY_TEST_NODE"  # in the environment of every process of a node: its raylet, agents and workers
+TAG = "AIR_RAY_TEST_NODE"  # in the environment of a node's `ray start`, and so of its raylet, agents and workers
 
 
 def _tagged(value: str, prefix: bool = False) -> list[int]:
-    """PIDs whose environment holds ``AIR_RAY_TEST_NODE=<value>`` (``prefix``: a value starting so): one node's
-    or one cluster's processes, whatever their titles (Ray renames its workers)."""
-    want, out = f"{TAG}={value}".encode(), []
+    """PIDs whose environment holds ``AIR_RAY_TEST_NODE=<value>`` (``prefix``: a value starting so), and their
+    descendants: one node's or one cluster's processes, whatever their titles (Ray's agents retitle themselves
+    over their environment)."""
+    want, tagged, children = f"{TAG}={value}".encode(), [], {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
                 env = (d / "environ").read_bytes().split(b"\0")
-            except OSError:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
+            children.setdefault(ppid, []).append(int(d.name))
             if any(e.startswith(want) if prefix else e == want for e in env):
-                out.append(int(d.name))
-    return out
+                tagged.append(int(d.name))
+    out: set[int] = set()
+    while tagged:
+        pid = tagged.pop()
+        if pid not in out:
+            out.add(pid)
+            tagged.extend(children.get(pid, []))
+    return sorted(out)
 
 
 def _title(pid: int) -> str:
@@ -53,7 +62,8 @@ def _title(pid: int) -> str:
 class LocalCluster:
     """A head and worker nodes, each a `ray start --block` of its own (own process group), token auth with a token
     of its own, its own temp dir (so the `ray_current_cluster` file that `ray start` writes is not the machine's)
-    and ports of its own; every process of node ``name`` carries ``AIR_RAY_TEST_NODE=<cluster id>/<name>``."""
+    and ports of its own; node ``name``'s `ray start` carries ``AIR_RAY_TEST_NODE=<cluster id>/<name>`` (``_tagged``
+    finds it and every process it started)."""
 
     def __init__(self, root: Path):
         self.id = secrets.token_hex(6)
@@ -248,7 +258,8 @@ def test_losing_a_worker_node_mid_run(cluster, tiny_model, gsm8k_rows, tmp_path)
     text = log.read_text()
     t_run = time.time() - t
     assert at_kill < units, "too late: the run had already finished"
-    assert any(SCORE_ACTOR in k for k in killed) and any(k.endswith("raylet") or "/raylet " in k for k in killed)
+    assert any(SCORE_ACTOR in k for k in killed) and any("/raylet " in k for k in killed)
+    assert any("DashboardAgent" in k for k in killed) and any("RuntimeEnvAgent" in k for k in killed)
     assert proc.returncode == 0, text[-4000:]
 
     ref = tmp_path / "ref"
