@@ -234,7 +234,7 @@ def test_losing_a_worker_node_mid_run(cluster, tiny_model, gsm8k_rows, tmp_path)
                     checked.add(f)
 
     try:
-        def victim():  # a worker node whose scoring actor is at work (past its set-up), once 2 units are committed
+        def victim():  # a worker node whose scoring actor is past its set-up, once 2 units are committed
             if _commits(out) < 2:
                 return None
             return next((n for n in ("w1", "w2") if any(SCORE_ACTOR in t and "__init__" not in t
