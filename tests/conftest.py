@@ -218,73 +218,163 @@ def moto_s3():
         proc.wait(timeout=10)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# a `ray start` cluster of a test's own
+
+
+TAG = "AIR_RAY_TEST_NODE"  # in the environment of a node's `ray start`, and so of its raylet, agents and workers
+
+
+def tagged_pids(value: str, prefix: bool = False) -> list[int]:
+    """PIDs whose environment holds ``AIR_RAY_TEST_NODE=<value>`` (``prefix``: a value starting so), and their
+    descendants: one node's or one cluster's processes, whatever their titles (Ray's agents retitle themselves
+    over their environment)."""
+    import os
+
+    want, tagged, children = f"{TAG}={value}".encode(), [], {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+            if any(e.startswith(want) if prefix else e == want for e in env):
+                tagged.append(int(d.name))
+    out: set[int] = set()
+    while tagged:
+        pid = tagged.pop()
+        if pid not in out:
+            out.add(pid)
+            tagged.extend(children.get(pid, []))
+    return sorted(out)
+
+
+def process_title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
 class RayStartCluster:
-    """A `ray start` cluster on this machine, as an operator runs one: a head (with the dashboard, for `ray job
-    submit`) and worker nodes, token authentication on, in a temporary directory of its own. ``stop()`` ends only
-    this cluster's processes (``ray stop`` would end every Ray on the machine)."""
+    """A head and worker nodes on this machine, as an operator runs them: each a `ray start --block` of its own (own
+    process group), token auth with a token of its own, its own temp dir (so the `ray_current_cluster` file that
+    `ray start` writes is not the machine's) and ports of its own. Node ``name``'s `ray start` carries
+    ``AIR_RAY_TEST_NODE=<cluster id>/<name>`` (``tagged_pids`` finds it and every process it started), so ``kill``
+    and ``stop`` end this cluster's processes only (`ray stop` would end every Ray on the machine)."""
 
-    def __init__(self):
+    def __init__(self, root: Path):
         import os
+        import secrets
         import sys
-        import tempfile
 
-        bin_dir = Path(sys.executable).parent
-        self.ray = str(bin_dir / "ray")
-        # short: Ray's socket paths live under it (a Unix socket path holds at most 107 bytes)
-        self.temp_dir = tempfile.mkdtemp(prefix="arc", dir="/tmp")
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-                        PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
-        self.env.pop("RAY_ADDRESS", None)
-        self.gcs = self.dashboard = None
-
-    def _ray(self, *args, timeout=180, check=True):
-        import subprocess
-
-        p = subprocess.run([self.ray, *map(str, args)], env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"ray {' '.join(map(str, args))}: {p.stdout[-2000:]}{p.stderr[-2000:]}")
-        return p
-
-    def start_head(self, num_cpus: int, **resources):
-        self.gcs, self.dashboard = free_port(), free_port()
-        self._ray("get-auth-token", "--generate", check=False)  # ~/.ray/auth_token, if there is none yet
-        self._ray("start", "--head", f"--port={self.gcs}", f"--dashboard-port={self.dashboard}",
-                  "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
-                  f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                  *([f"--resources={json.dumps(resources)}"] if resources else []))
-        return self
-
-    def add_node(self, num_cpus: int, **resources):
-        self._ray("start", f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                  *([f"--resources={json.dumps(resources)}"] if resources else []))
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.gcs}"
+        self.id = secrets.token_hex(6)
+        self.root = root
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.nodes: dict = {}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                        RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
+                        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+                        # the GCS declares a node whose raylet is gone dead within ~5 s (default ~15 s); a raylet
+                        # that is only slow (2 loaded cores) still has 5 s to answer each check
+                        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="5000",
+                        RAY_health_check_failure_threshold="5")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.dashboard = None
 
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard}"
 
+    def _start(self, name: str, cpus: int, head: bool, dashboard: bool) -> None:
+        import subprocess
+
+        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+        args = [self.ray, "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
+                "--node-ip-address=127.0.0.1", *(f"{p}={free_port()}" for p in ports)]
+        if head:
+            self.dashboard = free_port()
+            args += [f"--port={self.address.rsplit(':', 1)[1]}", "--head", f"--include-dashboard={str(dashboard).lower()}",
+                     "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+                     f"--dashboard-port={self.dashboard}"]
+        else:
+            args += [f"--address={self.address}"]
+        env = dict(self.env, **{TAG: f"{self.id}/{name}"})
+        log = open(self.root / f"{name}.log", "w")
+        self.nodes[name] = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=self.root)
+
+    def add(self, name: str, cpus: int, head: bool = False, dashboard: bool = False, tries: int = 3,
+            timeout: float = 120) -> "RayStartCluster":
+        """Start node ``name`` (``dashboard``: the head's, for `ray job submit` and the state API) and wait until
+        `ray start` says it runs (its raylet has registered with the GCS). On a loaded machine a raylet can miss
+        Ray's 30 s to register; then the node is started again."""
+        import os
+        import time
+
+        for attempt in range(tries):
+            self._start(name, cpus, head, dashboard)
+            t = time.time()
+            while "Ray runtime started" not in (self.root / f"{name}.log").read_text():
+                if self.nodes[name].poll() is not None or time.time() - t > timeout:
+                    break
+                time.sleep(0.2)
+            else:
+                return self
+            self.kill(name)
+            os.rename(self.root / f"{name}.log", self.root / f"{name}.failed-{attempt}.log")
+        pytest.fail(f"node {name} did not start: {self.logs()}")
+
+    def pids(self, name: str) -> list[int]:
+        return tagged_pids(f"{self.id}/{name}")
+
+    def kill(self, name: str) -> list[str]:
+        """SIGKILL every process of node ``name`` (raylet, agents, workers) until none is left; their titles."""
+        import os
+        import signal
+        import time
+
+        victims: dict[int, str] = {}
+        t = time.time()
+        while pids := [p for p in self.pids(name) if p not in victims]:
+            assert time.time() - t < 30, f"node {name} does not die"
+            victims.update((p, process_title(p)) for p in pids)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        self.nodes[name].wait(timeout=30)
+        return list(victims.values())
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.root.glob("*.log")))
+
     def job_submit(self, *entrypoint, submission_id: str | None = None, timeout=900):
         """`ray job submit` and wait: the finished process (its output is the job's). The head's job agent comes up
-        a little after `ray start` returns: until then the submission is refused, and tried again."""
+        a little after `ray start` says it runs: until then the submission is refused, and tried again."""
+        import subprocess
         import time
 
         submission_id = submission_id or f"air-ray-test-{time.time_ns()}"
         deadline = time.time() + 120
         while True:
-            p = self._ray("job", "submit", f"--address={self.dashboard_url}", "--submission-id", submission_id, "--",
-                          *entrypoint, timeout=timeout, check=False)
+            p = subprocess.run([self.ray, "job", "submit", f"--address={self.dashboard_url}", "--submission-id",
+                                submission_id, "--", *map(str, entrypoint)], env=self.env, capture_output=True,
+                               text=True, timeout=timeout)
             if "No available agent to submit job" not in p.stderr + p.stdout or time.time() > deadline:
                 return p
             time.sleep(2)
 
     def state(self, job: str) -> dict:
-        """The job's driver (``pid``) and the cluster's nodes (``{node_id: {"head", "cpus"}}``), from Ray's job and
-        state APIs (in a process with this cluster's token authentication)."""
+        """The job's driver (``driver_pid``) and the cluster's nodes (``{node_id: {"head", "cpus"}}``), from Ray's
+        job and state APIs (in a process with this cluster's token)."""
         import subprocess
         import sys
 
@@ -302,35 +392,38 @@ class RayStartCluster:
                            text=True, timeout=120, check=True)
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    def pids(self) -> list[int]:
-        """This cluster's processes: every Ray process started for it names its temporary directory; workers
-        die with their raylet."""
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if self.temp_dir in (d / "cmdline").read_bytes().decode(errors="replace"):
-                        out.append(int(d.name))
-                except OSError:
-                    continue
-        return out
-
     def stop(self) -> None:
+        """Every process of this cluster, and only those."""
         import os
         import signal
+        import subprocess
+        import time
 
-        for pid in self.pids():
+        for _ in range(5):
+            pids = tagged_pids(f"{self.id}/", prefix=True)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                break
+            time.sleep(0.5)
+        for p in self.nodes.values():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
 def ray_start_cluster():
-    """A `ray start` cluster of this test's own (``RayStartCluster``); stopped after the test."""
-    cluster = RayStartCluster()
+    """A `ray start` cluster of this test's own (``RayStartCluster``), stopped after the test (even on failure).
+    Not under tmp_path: Ray's socket paths (<temp dir>/ray/session_<date>_<pid>/sockets/...) must fit 107 bytes."""
+    import tempfile
+
+    cluster = RayStartCluster(Path(tempfile.mkdtemp(prefix="arc-", dir="/tmp")))
     try:
         yield cluster
     finally:

@@ -146,7 +146,7 @@ def test_ray_job_submit_detect_heads_runs_on_a_worker(tmp_path, ray_start_cluste
     """`ray job submit -- python jobs/detect_heads.py ...` on a `ray start` cluster whose head has no CPUs (as in
     cluster/rayjob-score.yaml): the job's driver runs on the head and only coordinates; the detection runs on the
     worker node, in another process."""
-    cluster = ray_start_cluster.start_head(num_cpus=0).add_node(num_cpus=2)
+    cluster = ray_start_cluster.add("head", cpus=0, head=True, dashboard=True).add("w1", cpus=2)
     out = tmp_path / "heads.json"
     job = f"detect-heads-{os.getpid()}"
     p = cluster.job_submit(sys.executable, str(REPO / "jobs" / "detect_heads.py"), "--num-probes", "2",

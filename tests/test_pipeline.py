@@ -168,7 +168,7 @@ def test_ray_job_submit_single_actor_equals_two_actors(two_actor_run, corpus, he
     """`ray start --head` on free ports, `ray job submit` jobs/score.py, check the Parquet."""
     out2, _ = two_actor_run
     out1 = tmp_path / "run1"
-    cluster = ray_start_cluster.start_head(num_cpus=4)
+    cluster = ray_start_cluster.add("head", cpus=4, head=True, dashboard=True)
     submit = cluster.job_submit(
         sys.executable, str(REPO / "jobs" / "score.py"), "--heads", str(heads_file), "--input", str(corpus["dir"]),
         "--output", str(out1), "--dtype", "float32", "--device", "cpu", "--actors", "1",
