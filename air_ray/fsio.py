@@ -6,9 +6,10 @@ is ``S3FileSystem``: s3fs's, with the client's retries declared here (``S3_MAX_A
 one warning line per retry, and an ``S3Error`` (one line, naming the operation and the path) when a request
 still fails after them.
 
-Every writer in air_ray goes through ``atomic_open``: the file is written under a hidden name (``.name.tmp``,
-which pyarrow, pandas, polars, duckdb and ``datasets`` skip) and renamed into place once complete; on an
-exception the temporary file is removed (a killed process leaves the hidden file, which readers skip).
+Every writer in air_ray goes through ``atomic_open``: the file is written under a hidden name of the writer's own
+(``.name.<pid>-<random>.tmp``, which pyarrow, pandas, polars, duckdb and ``datasets`` skip) and renamed into place
+once complete; on an exception the temporary file is removed (a killed process leaves the hidden file, which
+readers skip).
 
 May import: ``errors``.
 """
@@ -19,6 +20,7 @@ import errno
 import json
 import os
 import posixpath
+import secrets
 import sys
 from contextlib import contextmanager
 
@@ -50,7 +52,9 @@ def atomic_open(fs, path: str):
     into place only when the block completes. A full output (no space, over quota) is an ``AirRayError`` naming
     the file: what was committed before it stays, and a rerun with space resumes from there."""
     parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.tmp")
+    # a name of this writer's own: a restarted actor and the one it replaces (a node cut off, not dead) never
+    # write into the same temporary file
+    tmp = posixpath.join(parent, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "wb") as f:
