@@ -14,6 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.test_reliability import _commits
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +89,7 @@ def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_mo
                            text=True, env=env, cwd=REPO, start_new_session=True)
     try:
         deadline = time.time() + 600
-        while not _committed(out):
+        while not _commits(out):
             assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
             time.sleep(0.2)
         cluster.stop()
@@ -95,7 +97,7 @@ def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_mo
     finally:
         if run.poll() is None:
             os.killpg(run.pid, 9)
-    committed = _committed(out)
+    committed = _commits(out)
     assert run.returncode == 3, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("air-ray: error: the Ray cluster was lost mid-run"), stderr[-2000:]
     assert 0 < committed < 20 and not (out / "_manifest.json").exists()
@@ -107,7 +109,3 @@ def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_mo
     assert m["this_run"]["units_skipped"] >= committed and m["counts"]["rows_scored"] == 40
     ids = [r["id"] for f in sorted((out / "scores").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert sorted(ids) == sorted(f"r-{i}" for i in range(40))  # every row, once
-
-
-def _committed(out: Path) -> int:
-    return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0

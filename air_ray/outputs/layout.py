@@ -137,8 +137,8 @@ def _hidden(path: str) -> bool:
 
 class RunLayout:
     """Paths and files of one run's output directory (any fsspec URI)."""
-    def __init__(self, uri: str):
 
+    def __init__(self, uri: str):
         self.uri = uri
         self.fs, root = url_to_fs(uri)
         self.root = root.rstrip("/") or root
@@ -278,6 +278,7 @@ def find_partitions(uri: str, who: str = "select") -> tuple[object, list[str]]:
 class ScoreFiles:
     """The score partitions of a run, opened as one pyarrow dataset with the declared schema (or the named
     columns of it). ``rows``: the row count of the Parquet footers."""
+
     fs: object
     files: list[str]
     dataset: object

@@ -472,9 +472,8 @@ def _selection_html(sel: dict | None, sel_dir: str | None) -> str:
 def _compare_html(scores: str, compare: str | None, out: Path) -> str:
     """The section of an ``air-ray compare`` result (``compare.json``'s table, and its plot copied beside the page);
     empty when there is none beside the run and none was given."""
-    from air_ray.fsio import open_uri
-
     from air_ray.config.commands import COMPARE_DIR
+    from air_ray.fsio import open_uri
 
     base = (compare or f"{scores.rstrip('/')}/{COMPARE_DIR}").rstrip("/")
     base = posixpath.dirname(base) if base.endswith(".json") else base

@@ -29,6 +29,7 @@ from air_ray.pipeline.manifest import Progress, build_manifest, input_size
 from air_ray.pipeline.placement import embedded_cpus, plan
 from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
 
+
 # ----------------------------------------------------------------------------------------------
 # adapters: a stage inside Ray Data
 
@@ -162,11 +163,7 @@ def run_task(fn, *args, address: str | None = None, cpus: float | None = None, g
     physical = _physical_cpus()
     started = connect(address, embedded_cpus(physical, 1, cpus))
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        if gpus is None:
-            gpus = 1 if any(n.get("GPU", 0) > 0 for n in nodes) else 0
-        if cpus is None:
-            cpus = 1 if gpus else (physical if started else max((n.get("CPU", 1) for n in nodes), default=1))
+        gpus, cpus = _worker_resources(gpus, cpus, started=started, physical=physical)
         task = ray.remote(_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         try:
             return ray.get(task.remote(fn, int(max(1, cpus)), *args))
@@ -245,14 +242,8 @@ def train_on_cluster(cfg) -> dict:
     physical = _physical_cpus()
     started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker), dashboard=True)
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        gpus = cfg.gpus_per_worker
-        if gpus is None:
-            gpus = 1 if any(n.get("GPU", 0) > 0 for n in nodes) else 0
-        cpus = cfg.cpus_per_worker
-        if cpus is None:
-            node_cpus = physical if started else max((n.get("CPU", 1) for n in nodes), default=1)
-            cpus = 1 if gpus else max(1, int(node_cpus // cfg.workers))
+        gpus, cpus = _worker_resources(cfg.gpus_per_worker, cfg.cpus_per_worker, started=started,
+                                       physical=physical, share=cfg.workers)
         print(f"[air-ray train] {cfg.workers} Ray Train worker{'s' * (cfg.workers != 1)} x {gpus:g} GPU, "
               f"{cpus:g} CPU", flush=True)
         # what the workers hand back (Ray Train keeps metrics only with checkpoints): the summary, or the one line
@@ -292,6 +283,21 @@ def _train_worker(config: dict) -> None:
         return
     if first:
         config["mailbox"].put(("summary", json.dumps(summary, default=str)))
+
+
+def _worker_resources(gpus: float | None, cpus: float | None, *, started: bool, physical: int,
+                      share: int = 1) -> tuple[float, float]:
+    """``(GPUs, CPUs)`` of a task or of each of ``share`` workers, where not given: 1 GPU if the cluster has GPUs,
+    else none; 1 CPU with a GPU, else a node's CPUs (this machine's, for an embedded cluster) split ``share`` ways."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if gpus is None:
+        gpus = 1 if any(n.get("GPU", 0) > 0 for n in nodes) else 0
+    if cpus is None:
+        node_cpus = physical if started else max((n.get("CPU", 1) for n in nodes), default=1)
+        cpus = 1 if gpus else max(1, int(node_cpus // share))
+    return gpus, cpus
 
 
 def _physical_cpus() -> int:
