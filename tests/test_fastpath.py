@@ -248,6 +248,22 @@ def test_chunked_head_equals_full_logits(chunk):
         assert (e > 0).all() and (e <= np.log(model.config.vocab_size) + TOL).all()
 
 
+def test_entropy_sums_against_float64():
+    """_exp_sums, block by block (more rows than one block, a partial last block), gives the entropy of
+    softmax(logits) within float32 rounding; a -inf logit counts 0 log 0 = 0; a NaN logit gives a NaN entropy."""
+    from air_ray.engine.losses import EXP_ROWS, _exp_sums
+
+    gen = torch.Generator().manual_seed(18)
+    logits = torch.randn(2 * EXP_ROWS + 3, 1000, generator=gen) * 4  # [n, vocab]
+    logits[0, 3] = logits[1, :500] = float("-inf")
+    logits[-1, 7] = float("nan")
+    z, e_log_e = _exp_sums(logits - logits.amax(dim=-1, keepdim=True))
+    got = (z.log() - e_log_e / z).double()
+    want = torch.distributions.Categorical(logits=logits[:-1].double()).entropy()
+    assert (got[:-1] - want).abs().max() <= TOL
+    assert torch.isnan(got[-1])
+
+
 def test_head_chunk_size():
     from air_ray.engine.losses import HEAD_CHUNK_BYTES, head_chunk
 
