@@ -21,8 +21,10 @@ which Linux carries across fork + exec) is its own:
   an unpadded and a padded batch get (torch profiler);
 * ``e2e``:     ``air-ray score`` as a user runs it, in a subprocess: default flags (only ``--heads``,
   ``--input``, ``--output`` and the bench's ``--dtype``); its wall time is the whole process (interpreter, Ray
-  start, model load, id pass, scoring, writing); tokens and the phases from its ``_manifest.json``; peak
-  RSS = the largest sampled sum of RSS over its process tree (Ray's workers are not where VmHWM looks);
+  start if it starts Ray, model load, id pass, scoring, writing); tokens and the phases from its
+  ``_manifest.json``; peak RSS = the largest sampled sum of RSS over its process tree (Ray's workers are not
+  where VmHWM looks). Default flags score a small corpus in-process (``--executor auto``), so
+* ``e2e-ray``: the same with ``--executor ray``: the Ray Data pipeline on an embedded cluster;
 * ``long`` (``--long``): the engine on one synthetic ~16k-token response: memory beyond the loaded weights
   (peak RSS while scoring - RSS before it).
 
@@ -44,7 +46,8 @@ Model FLOPs, counted explicitly for what each part executes, over real (not padd
   plain:  2L; naive: 2L and the LM head at every position x 2. Norms, RoPE, softmax, loss: not counted.
 
 The last line is ``speedup=<engine/naive tokens/s> mfu=<engine MFU> rss_ratio=<engine/naive peak RSS>
-e2e_vs_plain=<air-ray score tokens/s, whole process / naive tokens/s> e2e_vs_engine=<the same / engine tokens/s>``
+e2e_vs_plain=<air-ray score tokens/s, whole process / naive tokens/s> e2e_vs_engine=<the same / engine tokens/s>
+e2e_ray_vs_engine=<the same with --executor ray / engine tokens/s>``
 (the naive and engine rates count scoring time only, model load excluded: the e2e ratios are conservative).
 """
 
@@ -334,13 +337,16 @@ def part_sdpa(spec: dict) -> dict:
 
 
 def part_e2e(spec: dict) -> dict:
-    """``air-ray score --address local`` on the rows; peak = largest sampled RSS sum of the process tree."""
+    """``air-ray score`` on the rows with default flags (``spec["executor"]``: with ``--executor`` that); peak =
+    largest sampled RSS sum of the process tree."""
     import psutil
 
     work = Path(spec["workdir"])
-    out = work / "e2e_out"
+    out = work / f"e2e_out_{spec.get('executor') or 'default'}"
     cmd = [str(Path(sys.executable).with_name("air-ray")), "score", "--heads", spec["heads_file"], "--input",
            spec["rows_file"], "--output", str(out), "--dtype", spec["dtype"]]
+    if spec.get("executor"):
+        cmd += ["--executor", spec["executor"]]
     lock = None
     if spec.get("ray_lock"):  # one Ray cluster at a time on this machine
         import fcntl
@@ -477,7 +483,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long", action="store_true", help="also score one ~16k-token response (memory)")
     ap.add_argument("--long-tokens", type=int, default=16384)
     ap.add_argument("--ideas", action="store_true", help="also the engine with each idea taken away, and SDPA")
-    ap.add_argument("--skip", default="", help="comma list of parts not to run: e2e, naive")
+    ap.add_argument("--skip", default="", help="comma list of parts not to run: e2e, e2e-ray, naive")
     ap.add_argument("--ray-lock", default=os.environ.get("AIR_RAY_BENCH_LOCK"),
                     help="flock this file while the e2e part runs Ray (one cluster at a time)")
     ap.add_argument("--rounds", type=int, default=4, help="slices of the rows, each scored by every part in turn")
@@ -531,6 +537,8 @@ def main(argv=None) -> int:
     res: dict = interleaved(parts, a.rows, max(1, min(a.rounds, a.rows)), work)
     if "e2e" not in skip:
         res["e2e"] = run_part("e2e", spec)
+    if "e2e-ray" not in skip:  # the Ray pipeline on the same rows, which default flags may not start for them
+        res["e2e-ray"] = run_part("e2e", dict(spec, executor="ray"))
     if a.ideas:
         res["sdpa"] = run_part("sdpa", spec)
     if a.long:
@@ -553,7 +561,7 @@ def main(argv=None) -> int:
           f"{min(samples) / 1e9:.1f}); {other} {res['ceiling'][other] / 1e9:.1f} GFLOP/s")
     print(f"{'part':<18}{'tokens/s':>9}{'x naive':>8}{'MFU':>7}{'layers':>7}{'peak RSS':>10}{'scoring':>10}"
           f"{'wall s':>8}{'tok/cpu-s':>10}{'load':>6}")
-    order = ["engine", "e2e", "naive"] + [f"engine-{v}" for v in IDEAS]
+    order = ["engine", "e2e", "e2e-ray", "naive"] + [f"engine-{v}" for v in IDEAS]
     for name in order:
         r = res.get(name)
         if not r:
@@ -573,16 +581,18 @@ def main(argv=None) -> int:
                for n in order if n in res and "slices" in res[n] and n != "naive"}
         print("x naive per round (median): " + "; ".join(
             f"{n} {statistics.median(v):.2f}" for n, v in per.items()))
-    for name in ("naive", "e2e"):
+    for name in ("naive", "e2e", "e2e-ray"):
         if name in res:
             d = max(abs(eng["scores"][k] - v) for k, v in res[name]["scores"].items())
             print(f"max |score engine - {name}| = {d:.2e}")
-    if "e2e" in res:
-        e = res["e2e"]
-        print(f"e2e: {e['rows_scored']} rows scored by `air-ray score` with default flags in {e['wall']:.1f} s (the "
-              f"whole process; its manifest says {e['wall_manifest']:.1f} s); phases "
-              + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in e["phases"].items())
-              + f"; placement {e['placement'].get('why', '?')}; peak RSS is the sampled sum over its process tree")
+    for name, how in (("e2e", "default flags"), ("e2e-ray", "--executor ray")):
+        if name in res:
+            e = res[name]
+            print(f"{name}: {e['rows_scored']} rows scored by `air-ray score` with {how} in {e['wall']:.1f} s (the "
+                  f"whole process; its manifest says {e['wall_manifest']:.1f} s); phases "
+                  + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in e["phases"].items())
+                  + f"; placement {e['placement'].get('why', '?')}; peak RSS is the sampled sum over its process "
+                  "tree")
     if "sdpa" in res:
         for k, v in ((k, v) for k, v in res["sdpa"].items() if isinstance(v, dict)):
             print(f"sdpa {k:<9} kernels {', '.join(v['kernels']) or '?'}; sdpa {v['sdpa_ms_profiled']:.0f} ms "
@@ -601,9 +611,11 @@ def main(argv=None) -> int:
     fmt = lambda x: f"{x:.2f}" if x == x else "nan"  # noqa: E731
     vs_plain = rate(e2e) / rate(naive) if e2e and naive else float("nan")
     vs_engine = rate(e2e) / rate(eng) if e2e else float("nan")
+    e2e_ray = res.get("e2e-ray")
+    ray_vs_engine = rate(e2e_ray) / rate(eng) if e2e_ray else float("nan")
     print(f"speedup={fmt(rate(eng) / rate(naive)) if naive else 'nan'} mfu={eng['flops'] / eng['wall'] / ceil:.3f} "
           f"rss_ratio={fmt(eng['peak'] / naive['peak']) if naive else 'nan'} e2e_vs_plain={fmt(vs_plain)} "
-          f"e2e_vs_engine={fmt(vs_engine)}")
+          f"e2e_vs_engine={fmt(vs_engine)} e2e_ray_vs_engine={fmt(ray_vs_engine)}")
     return 0
 
 

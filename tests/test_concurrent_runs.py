@@ -35,7 +35,8 @@ def _start(args, log: Path):
 def test_score_and_rescore_beside_a_shorter_run(tmp_path, tiny_model, gsm8k_rows):
     model, heads = tiny_model
     common = ["--model", str(model), "--heads", str(heads), "--dtype", "float32", "--device", "cpu",
-              "--cpus-per-actor", "1"]  # three runs on two cores: one torch thread each
+              "--cpus-per-actor", "1", "--executor", "ray"]  # three runs on two cores: one torch thread each;
+    # Ray: small corpora on a machine with no cluster would otherwise be scored in-process
     (tmp_path / "a.jsonl").write_text(_rows(gsm8k_rows, 8, "a"))
     (tmp_path / "b.jsonl").write_text(_rows(gsm8k_rows, 80, "b"))
     (tmp_path / "c.jsonl").write_text(_rows(gsm8k_rows, 80, "c"))
@@ -75,7 +76,8 @@ def test_score_and_rescore_beside_a_shorter_run(tmp_path, tiny_model, gsm8k_rows
 def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_model, gsm8k_rows, ray_start_cluster):
     """The cluster a run joined (RAY_ADDRESS, as `ray job submit` sets it) stops mid-run: Ray ends the driver from
     C++, and `air-ray` (its parent, ``air_ray.cli.supervise``) says so in one last line, exit 3; the same command
-    rerun (here without RAY_ADDRESS: on an embedded cluster) scores the rest, every row once."""
+    rerun (here without RAY_ADDRESS and with no cluster left: in-process, the default for a small corpus) scores the
+    rest, every row once."""
     model, heads = tiny_model
     (tmp_path / "rows.jsonl").write_text(_rows(gsm8k_rows, 40, "r"))
     out = tmp_path / "out"
@@ -106,6 +108,7 @@ def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_mo
                            timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     m = json.loads((out / "_manifest.json").read_text())
+    assert m["placement"]["executor"] == "in-process"
     assert m["this_run"]["units_skipped"] >= committed and m["counts"]["rows_scored"] == 40
     ids = [r["id"] for f in sorted((out / "scores").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert sorted(ids) == sorted(f"r-{i}" for i in range(40))  # every row, once

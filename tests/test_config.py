@@ -61,7 +61,10 @@ def test_yaml_values_are_checked_like_flags(tmp_path):
                          ("truncate: maybe\n", "--truncate: expected true or false"),
                          ("backend: tpu\n", "--backend 'tpu'"),
                          ("steps: 'regex:('\n", "bad step rule"),
-                         ("max_tokens: 1\n", "--max-tokens must be >= 2")):
+                         ("max_tokens: 1\n", "--max-tokens must be >= 2"),
+                         ("executor: in-process\nactors: 2\n", "--executor in-process runs one scorer"),
+                         ("executor: in-process\naddress: auto\n", "it takes no --address"),
+                         ("executor: threads\n", "--executor 'threads'")):
         cfg.write_text("input: x.jsonl\n" + body)
         with pytest.raises(AirRayError, match=None) as e:
             cli.parse(["score", "--config", str(cfg)])

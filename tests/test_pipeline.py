@@ -219,3 +219,39 @@ def test_s3_round_trip(moto_s3, corpus, heads_file, tmp_path):
     assert all(r["source"].startswith("s3://air/dumps/d1/") for r in got)
     manifest = json.loads(s3.get_object(Bucket="air", Key="runs/r1/_manifest.json")["Body"].read())
     assert manifest["counts"]["rows_scored"] == 3 and manifest["counts"]["rows_rejected"] == 0
+
+
+def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
+    """``--executor in-process`` (issue #18: no Ray start-up for a small run) runs the same stages in this process:
+    the same partitions, rows, rejected rows and counts as the Ray pipeline, the same scores (the Ray run's actors
+    had 1 torch thread, this one 2: float32 sums differ in the last bits); a rerun resumes from the commit markers."""
+    from air_ray.pipeline.runner import run_score
+
+    ray_out, ray_m = two_actor_run
+    out = tmp_path / "in-process"
+    cfg = _score_cfg(heads_file, [corpus["dir"]], out, address=None, executor="in-process")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = run_score(cfg)
+        assert torch.get_num_threads() == 1  # the scorer's threads were this process's only while it scored
+    finally:
+        torch.set_num_threads(threads)
+    assert m["placement"]["executor"] == "in-process" and m["placement"]["torch_threads"] >= 1
+    assert "cluster_s" not in m["phases"] and m["counts"] == ray_m["counts"]
+    assert sorted(p.name for p in (out / "scores").glob("*.parquet")) == \
+        sorted(p.name for p in (ray_out / "scores").glob("*.parquet"))
+    want = {r["id"]: r for r in _read_dir(ray_out / "scores")}
+    got = {r["id"]: r for r in _read_dir(out / "scores")}
+    assert set(got) == set(want)
+    for i, g in got.items():
+        assert g["step_spans"] == want[i]["step_spans"] and g["n_response_tokens"] == want[i]["n_response_tokens"]
+        for k in ("loss_base", "loss_ref", "score", "entropy_base"):
+            assert g[k] == pytest.approx(want[i][k], rel=1e-5, abs=1e-6), k
+    key = lambda r: (Path(r["source"]).name, r["line"], r["reason"])  # noqa: E731
+    assert sorted(map(key, _read_dir(out / "rejected"))) == sorted(map(key, _read_dir(ray_out / "rejected")))
+    again = run_score(cfg)
+    assert again["this_run"]["units_skipped"] == again["this_run"]["units"] == m["this_run"]["units"]
+    assert again["counts"] == m["counts"]

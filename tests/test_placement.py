@@ -33,3 +33,28 @@ def test_flags_are_kept():
     p = plan([{"CPU": 5.0}], actors=2, gpus_per_actor=0, cpus_per_actor=2, embedded=True, physical_cpus=2)
     assert (p.actors, p.gpus_per_actor, p.cpus_per_actor) == (2, 0, 2)
     assert "--actors, --gpus-per-actor, --cpus-per-actor as given" in p.why
+
+
+def test_executor_auto_in_process_only_for_a_small_single_scorer_run():
+    from air_ray.pipeline.placement import SMALL_CORPUS_BYTES, choose_executor
+
+    asked = []
+
+    def gpus(n):
+        return lambda: asked.append(n) or n
+
+    small = dict(actors=None, backend="hf", total_bytes=1000, cluster_to_join=False)
+    assert choose_executor("auto", **small, local_gpus=gpus(0))[0] == "in-process"
+    assert choose_executor("auto", **small, local_gpus=gpus(1))[0] == "in-process"  # one GPU: used in-process
+    assert choose_executor("auto", **small, local_gpus=gpus(2)) == ("ray", "several GPUs")
+    assert choose_executor("auto", **dict(small, cluster_to_join=True), local_gpus=gpus(0)) == \
+        ("ray", "a Ray cluster to join")
+    assert choose_executor("auto", **dict(small, actors=2), local_gpus=gpus(0))[0] == "ray"
+    assert choose_executor("auto", **dict(small, actors=1), local_gpus=gpus(0))[0] == "in-process"
+    assert choose_executor("auto", **dict(small, backend="vllm"), local_gpus=gpus(0))[0] == "ray"
+    assert choose_executor("auto", **dict(small, total_bytes=SMALL_CORPUS_BYTES), local_gpus=gpus(0))[0] == "in-process"
+    assert choose_executor("auto", **dict(small, total_bytes=SMALL_CORPUS_BYTES + 1), local_gpus=gpus(0))[0] == "ray"
+    assert asked == [0, 1, 2, 0, 0]  # the GPUs are looked at last, only when everything else says in-process
+    for given in ("ray", "in-process"):
+        assert choose_executor(given, **dict(small, cluster_to_join=True, actors=4), local_gpus=gpus(9)) == \
+            (given, "--executor as given")

@@ -193,6 +193,11 @@ class ScoreConfig(EngineOptions):
                                                   "clusters 1, without GPUs the node's CPUs less what the "
                                                   "read/prepare stages need")()
     rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
+    executor: str = Opt("auto", choices=("auto", "ray", "in-process"),
+                        help="ray: the Ray Data pipeline (on the cluster --address names, or an embedded one); "
+                             "in-process: the same stages in this process, one partition after another, no Ray; "
+                             "auto: in-process for a small corpus (<= 16 MB, hf backend, one scorer) on a machine "
+                             "with no Ray cluster to join and at most one GPU, else ray")()
     strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
     address: str | None = ADDRESS()
 
@@ -205,6 +210,9 @@ class ScoreConfig(EngineOptions):
         if (self.cpus_per_actor is not None and self.cpus_per_actor <= 0) or \
                 (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise AirRayError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
+        if self.executor == "in-process" and ((self.actors or 1) > 1 or self.address is not None):
+            raise AirRayError("--executor in-process runs one scorer in this process: it takes no --address and "
+                              "no --actors above 1")
 
 
 @dataclass

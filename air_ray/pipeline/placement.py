@@ -8,12 +8,21 @@ in the cluster's nodes; nothing here imports Ray.
     given options:  kept as given; the CPUs split evenly where only ``--actors`` is given
 
 torch runs as many threads as its actor has CPUs (``ScoreStage.setup``).
+
+Where the run goes (``--executor``, ``choose_executor``): a small corpus on one machine is scored in the driver's
+process, by the same stages without Ray; everything else through Ray.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+# a small corpus: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up), and, with
+# --executor auto on a machine with no cluster to join, so does the scoring: Ray's start-up (~20 s on 2 cores:
+# the cluster, worker processes, each importing torch and transformers again) would be a large share of the run
+SMALL_CORPUS_BYTES = 16 << 20
 
 # the logical CPUs the light stages need beside the actors: read and prepare take 0.25 each, and Ray Data's
 # repartition (one chunk per block, so that chunks spread over the actors) takes a whole one; with less, the
@@ -71,3 +80,24 @@ def plan(nodes: list[dict], *, actors: int | None, gpus_per_actor: float | None,
     if given:
         why += f"; {', '.join(given)} as given"
     return Placement(actors=int(actors), gpus_per_actor=float(gpus_per_actor), cpus_per_actor=float(cpus), why=why)
+
+
+def choose_executor(executor: str, *, actors: int | None, backend: str, total_bytes: int, cluster_to_join: bool,
+                    local_gpus: Callable[[], int]) -> tuple[str, str]:
+    """``("ray" | "in-process", why)``. ``executor`` as given unless ``auto``; ``auto``: in-process for a corpus of at
+    most ``SMALL_CORPUS_BYTES`` scored by one hf scorer when there is no Ray cluster to join and this machine has
+    at most one GPU (``local_gpus()``, asked last); Ray for a cluster, several actors or GPUs, a large corpus, vllm."""
+    if executor != "auto":
+        return executor, "--executor as given"
+    if cluster_to_join:
+        return "ray", "a Ray cluster to join"
+    if (actors or 1) > 1:
+        return "ray", "--actors above 1"
+    if backend != "hf":
+        return "ray", f"the {backend} backend"
+    if total_bytes > SMALL_CORPUS_BYTES:
+        return "ray", f"a corpus over {SMALL_CORPUS_BYTES >> 20} MB"
+    if local_gpus() > 1:
+        return "ray", "several GPUs"
+    return "in-process", (f"a corpus under {SMALL_CORPUS_BYTES >> 20} MB on one machine with no Ray cluster to join; "
+                          "--executor ray for Ray")

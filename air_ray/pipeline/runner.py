@@ -9,6 +9,10 @@ Each chunk of rows (``rows_per_partition``) is one item; the score actor writes 
 row. Units committed by an earlier run with the same key are skipped and counted from their markers. The
 driver streams the summaries for progress and writes ``_manifest.json``. When an actor ends, its stage's
 ``teardown()`` runs (Ray Data deletes the actor's callable on a graceful exit), which closes the scorer.
+
+``--executor in-process`` (by default for a small corpus on a machine with no cluster to join:
+``placement.choose_executor``) runs the same stages in this process instead, one partition after another, and
+starts no Ray; the outputs, commit markers and manifest are the same.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
 from air_ray.errors import AirRayError
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
-from air_ray.pipeline.placement import embedded_cpus, plan
+from air_ray.pipeline.placement import SMALL_CORPUS_BYTES, choose_executor, embedded_cpus, plan
 from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
 
 
@@ -314,8 +318,42 @@ def _task(fn, threads: int, *args):
     return fn(*args), where
 
 
-# small corpora: the id pass runs in the driver (a Ray Data job of its own costs seconds of start-up)
-LOCAL_ID_PASS_BYTES = 16 << 20
+def _executor(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
+    """``placement.choose_executor`` with this machine's facts: a Ray cluster to join (``--address``, RAY_ADDRESS,
+    a `ray start` cluster here) and its GPUs (looked at only when it matters)."""
+    if cfg.executor == "auto" and cfg.address == "local":
+        return "ray", "--address local: an embedded Ray cluster"
+    join = cfg.executor == "auto" and (cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+                                       or _ray_start_cluster() is not None)
+
+    def gpus() -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    return choose_executor(cfg.executor, actors=cfg.actors, backend=cfg.backend, total_bytes=total_bytes,
+                           cluster_to_join=join, local_gpus=gpus)
+
+
+def _score_in_process(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: dict, committed: dict,
+                      heads_doc: dict):
+    """The summaries of the Ray pipeline's stages run in this process: read, prepare and score one partition after
+    another (``--executor in-process``)."""
+    read = ReadStage(cfg.rows_per_partition)
+    prepare = PrepareStage(cfg, scoring_key, duplicates, committed)
+    score = ScoreStage(cfg, heads_doc)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    prepare.setup()
+    try:
+        score.setup()
+        try:
+            for source in files:
+                for chunk in read.process(source):
+                    yield dict(score.process(prepare.process(chunk)), actor=name)
+        finally:
+            score.teardown()
+    finally:
+        prepare.teardown()
 
 
 def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
@@ -324,8 +362,6 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     ``prior_ids``: hashes (``air_ray.data.ids.id_hash``) of ids already scored in this output by files that are not
     inputs of this run (``air-ray rescore``): a record with such an id is a duplicate. The caller then owns the
     output's other partitions, so they are not reported as foreign."""
-    import ray
-
     from air_ray.data.corpus import expand_inputs
     from air_ray.heads.artifact import load_heads
     from air_ray.models import load_config, model_shape, prepare_model
@@ -347,46 +383,49 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     total_bytes = sum(input_size(f) for f in files)
     phases["prepare_s"] = time.time() - t0
 
-    t = time.time()
     physical = _physical_cpus()
-    started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
-    phases["cluster_s"] = time.time() - t
-    try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
-                     embedded=started, physical_cpus=physical)
-        cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = sys.stderr.isatty()
-        ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
-        for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
-            logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
-        print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
-              f"({cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, {cfg.cpus_per_actor:g} CPU = {place.threads} "
-              f"torch threads; {place.why})", flush=True)
+    executor, executor_why = _executor(cfg, total_bytes)
+    in_process = executor == "in-process"
+    started = False
+    if not in_process:
+        import ray
 
         t = time.time()
-        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg), local=total_bytes <= LOCAL_ID_PASS_BYTES)
+        started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
+        phases["cluster_s"] = time.time() - t
+    try:
+        if in_process:
+            import torch
+
+            nodes = [{"CPU": physical, "GPU": min(1, torch.cuda.device_count())}]
+        else:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
+                     embedded=started or in_process, physical_cpus=physical)
+        cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
+        if not in_process:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
+            for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+                logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
+        print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
+              f"({executor}: {executor_why}; {cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, "
+              f"{cfg.cpus_per_actor:g} CPU = {place.threads} torch threads; {place.why})", flush=True)
+
+        t = time.time()
+        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg),
+                                     local=in_process or total_bytes <= SMALL_CORPUS_BYTES)
         phases["ids_s"] = time.time() - t
         committed = {u: m["key"] for u, m in markers.items()}
-        score_stage = ScoreStage(cfg, heads_doc)
-        ds = (
-            ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
-            .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
-            # one chunk per block, so that the actor pool can spread chunks over its actors
-            .repartition(target_num_rows_per_block=1)
-            .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
-                         batch_size=1,
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
-                         **PrepareStage.resources)
-            .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
-                         compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
-                         **score_stage.resources)
-        )
         t = time.time()
+        if in_process:
+            rows = _score_in_process(cfg, files, scoring_key, duplicates, committed, heads_doc)
+        else:
+            rows = _rows(_pipeline(cfg, files, scoring_key, duplicates, committed, heads_doc))
         progress = Progress(total_bytes)
         summaries = []
-        for s in _rows(ds):
+        for s in rows:
             s = dict(s)
             if s["skipped"]:  # committed earlier: its counts come from the marker
                 s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
@@ -404,8 +443,9 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     wall = time.time() - t0
     manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
     manifest["scoring_key"] = scoring_key
-    manifest["placement"] = {"actors": place.actors, "gpus_per_actor": place.gpus_per_actor,
-                             "cpus_per_actor": place.cpus_per_actor, "torch_threads": place.threads, "why": place.why}
+    manifest["placement"] = {"executor": executor, "actors": place.actors, "gpus_per_actor": place.gpus_per_actor,
+                             "cpus_per_actor": place.cpus_per_actor, "torch_threads": place.threads,
+                             "why": f"{executor}: {executor_why}; {place.why}"}
     manifest["phases"] = {k: round(v, 3) for k, v in phases.items()}
     manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
     manifest["foreign_partitions"] = [] if prior_ids is not None else run.foreign_partitions(manifest["partitions"])
@@ -422,6 +462,26 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
           f"{c['rows_rejected']:,} rejected{resumed}; this run scored {r['rows_scored']:,} rows in {wall:,.1f}s "
           f"({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
     return manifest
+
+
+def _pipeline(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: dict, committed: dict, heads_doc: dict):
+    """The Ray Data dataset of the scoring run (the module docstring's pass 2); its rows are the summaries."""
+    import ray
+
+    score_stage = ScoreStage(cfg, heads_doc)
+    return (
+        ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
+        .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
+        # one chunk per block, so that the actor pool can spread chunks over its actors
+        .repartition(target_num_rows_per_block=1)
+        .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
+                     batch_size=1,
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
+                     **PrepareStage.resources)
+        .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
+                     compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
+                     **score_stage.resources)
+    )
 
 
 def find_duplicates(files: list[str], prior_ids=None, fields=None, local: bool = False) -> dict[str, dict[int, str]]:

@@ -155,6 +155,7 @@ class ScoreStage(Stage):
         self.heads_doc = heads_doc
         self.scorer = None
         self.run = None
+        self.threads_before = None
 
     @property
     def resources(self) -> dict:
@@ -166,9 +167,10 @@ class ScoreStage(Stage):
 
         t0 = time.time()
         gpus = self.cfg.gpus_per_actor or 0
-        if self.cfg.cpus_per_actor:  # as many torch threads as the actor has CPUs
+        if self.cfg.cpus_per_actor:  # as many torch threads as the actor has CPUs (given back in teardown)
             import torch
 
+            self.threads_before = torch.get_num_threads()
             torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
@@ -203,6 +205,11 @@ class ScoreStage(Stage):
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
+        if self.threads_before:  # run in the caller's process (--executor in-process): leave torch as it was
+            import torch
+
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
 
 def _stated_id(row, fields: FieldMap) -> str | None:
