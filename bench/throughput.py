@@ -24,7 +24,8 @@ which Linux carries across fork + exec) is its own:
   start if it starts Ray, model load, id pass, scoring, writing); tokens and the phases from its
   ``_manifest.json``; peak RSS = the largest sampled sum of RSS over its process tree (Ray's workers are not
   where VmHWM looks). Default flags score a small corpus in-process (``--executor auto``), so
-* ``e2e-ray``: the same with ``--executor ray``: the Ray Data pipeline on an embedded cluster;
+* ``e2e-ray``: the same with ``--executor ray``: the Ray Data pipeline on an embedded cluster. Each e2e part runs
+  ``--e2e-runs`` times (default 2), half before the interleaved rounds below and half after;
 * ``long`` (``--long``): the engine on one synthetic ~16k-token response: memory beyond the loaded weights
   (peak RSS while scoring - RSS before it).
 
@@ -342,7 +343,7 @@ def part_e2e(spec: dict) -> dict:
     import psutil
 
     work = Path(spec["workdir"])
-    out = work / f"e2e_out_{spec.get('executor') or 'default'}"
+    out = work / f"e2e_out_{spec.get('executor') or 'default'}_{spec.get('run', 0)}"  # fresh: nothing to resume
     cmd = [str(Path(sys.executable).with_name("air-ray")), "score", "--heads", spec["heads_file"], "--input",
            spec["rows_file"], "--output", str(out), "--dtype", spec["dtype"]]
     if spec.get("executor"):
@@ -487,6 +488,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-lock", default=os.environ.get("AIR_RAY_BENCH_LOCK"),
                     help="flock this file while the e2e part runs Ray (one cluster at a time)")
     ap.add_argument("--rounds", type=int, default=4, help="slices of the rows, each scored by every part in turn")
+    ap.add_argument("--e2e-runs", type=int, default=2,
+                    help="runs of each e2e part, half before the interleaved rounds and half after (rate: all tokens "
+                         "/ all wall seconds)")
     ap.add_argument("--json", help="also write every result here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--serve", help=argparse.SUPPRESS)
@@ -534,11 +538,27 @@ def main(argv=None) -> int:
         parts["naive"] = ("naive", spec)
     if a.ideas:
         parts.update({f"engine-{v}": ("engine", dict(spec, variant=v)) for v in IDEAS})
+    # e2e: default flags, and the Ray pipeline on the same rows (which default flags may not start for them); the
+    # runs are split before and after the interleaved rounds, so that a drift of the machine's speed falls on
+    # both sides of the engine's and the naive way's measurement alike
+    e2e_parts = [(n, dict(spec, executor=x)) for n, x in (("e2e", None), ("e2e-ray", "ray")) if n not in skip]
+    runs: dict[str, list] = {n: [] for n, _ in e2e_parts}
+
+    def e2e_round(k: int) -> None:
+        for n, sp in e2e_parts:
+            runs[n].append(run_part("e2e", dict(sp, run=k)))
+
+    before = a.e2e_runs // 2
+    for k in range(before):
+        e2e_round(k)
     res: dict = interleaved(parts, a.rows, max(1, min(a.rounds, a.rows)), work)
-    if "e2e" not in skip:
-        res["e2e"] = run_part("e2e", spec)
-    if "e2e-ray" not in skip:  # the Ray pipeline on the same rows, which default flags may not start for them
-        res["e2e-ray"] = run_part("e2e", dict(spec, executor="ray"))
+    for k in range(before, a.e2e_runs):
+        e2e_round(k)
+    for n, rs in runs.items():
+        if rs:
+            mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731; tokens / wall = all tokens / all seconds
+            res[n] = dict(rs[-1], tokens=mean("tokens"), wall=mean("wall"), wall_manifest=mean("wall_manifest"),
+                          peak=max(r["peak"] for r in rs), walls=[r["wall"] for r in rs])
     if a.ideas:
         res["sdpa"] = run_part("sdpa", spec)
     if a.long:
@@ -588,8 +608,9 @@ def main(argv=None) -> int:
     for name, how in (("e2e", "default flags"), ("e2e-ray", "--executor ray")):
         if name in res:
             e = res[name]
-            print(f"{name}: {e['rows_scored']} rows scored by `air-ray score` with {how} in {e['wall']:.1f} s (the "
-                  f"whole process; its manifest says {e['wall_manifest']:.1f} s); phases "
+            print(f"{name}: {e['rows_scored']} rows scored by `air-ray score` with {how} in "
+                  + " and ".join(f"{w:.1f}" for w in e["walls"]) + f" s ({len(e['walls'])} runs; the whole process; table: their mean; "
+                  f"its manifest says {e['wall_manifest']:.1f} s on average); phases of the last "
                   + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in e["phases"].items())
                   + f"; placement {e['placement'].get('why', '?')}; peak RSS is the sampled sum over its process "
                   "tree")
