@@ -609,8 +609,9 @@ def main(argv=None) -> int:
         if name in res:
             e = res[name]
             print(f"{name}: {e['rows_scored']} rows scored by `air-ray score` with {how} in "
-                  + " and ".join(f"{w:.1f}" for w in e["walls"]) + f" s ({len(e['walls'])} runs; the whole process; table: their mean; "
-                  f"its manifest says {e['wall_manifest']:.1f} s on average); phases of the last "
+                  + " and ".join(f"{w:.1f}" for w in e["walls"])
+                  + f" s ({len(e['walls'])} runs; the whole process; table: their mean; its manifest says "
+                  f"{e['wall_manifest']:.1f} s on average); phases of the last "
                   + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in e["phases"].items())
                   + f"; placement {e['placement'].get('why', '?')}; peak RSS is the sampled sum over its process "
                   "tree")

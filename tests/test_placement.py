@@ -43,11 +43,11 @@ def test_executor_auto_in_process_only_for_a_small_single_scorer_run():
     def gpus(n):
         return lambda: asked.append(n) or n
 
-    small = dict(actors=None, backend="hf", total_bytes=1000, cluster_to_join=False)
+    small = dict(actors=None, backend="hf", total_bytes=1000, ray_named=None)
     assert choose_executor("auto", **small, local_gpus=gpus(0))[0] == "in-process"
     assert choose_executor("auto", **small, local_gpus=gpus(1))[0] == "in-process"  # one GPU: used in-process
     assert choose_executor("auto", **small, local_gpus=gpus(2)) == ("ray", "several GPUs")
-    assert choose_executor("auto", **dict(small, cluster_to_join=True), local_gpus=gpus(0)) == \
+    assert choose_executor("auto", **dict(small, ray_named="a Ray cluster to join"), local_gpus=gpus(0)) == \
         ("ray", "a Ray cluster to join")
     assert choose_executor("auto", **dict(small, actors=2), local_gpus=gpus(0))[0] == "ray"
     assert choose_executor("auto", **dict(small, actors=1), local_gpus=gpus(0))[0] == "in-process"
@@ -56,5 +56,5 @@ def test_executor_auto_in_process_only_for_a_small_single_scorer_run():
     assert choose_executor("auto", **dict(small, total_bytes=SMALL_CORPUS_BYTES + 1), local_gpus=gpus(0))[0] == "ray"
     assert asked == [0, 1, 2, 0, 0]  # the GPUs are looked at last, only when everything else says in-process
     for given in ("ray", "in-process"):
-        assert choose_executor(given, **dict(small, cluster_to_join=True, actors=4), local_gpus=gpus(9)) == \
+        assert choose_executor(given, **dict(small, ray_named="--address local", actors=4), local_gpus=gpus(9)) == \
             (given, "--executor as given")

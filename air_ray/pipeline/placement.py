@@ -82,15 +82,16 @@ def plan(nodes: list[dict], *, actors: int | None, gpus_per_actor: float | None,
     return Placement(actors=int(actors), gpus_per_actor=float(gpus_per_actor), cpus_per_actor=float(cpus), why=why)
 
 
-def choose_executor(executor: str, *, actors: int | None, backend: str, total_bytes: int, cluster_to_join: bool,
+def choose_executor(executor: str, *, actors: int | None, backend: str, total_bytes: int, ray_named: str | None,
                     local_gpus: Callable[[], int]) -> tuple[str, str]:
     """``("ray" | "in-process", why)``. ``executor`` as given unless ``auto``; ``auto``: in-process for a corpus of at
-    most ``SMALL_CORPUS_BYTES`` scored by one hf scorer when there is no Ray cluster to join and this machine has
-    at most one GPU (``local_gpus()``, asked last); Ray for a cluster, several actors or GPUs, a large corpus, vllm."""
+    most ``SMALL_CORPUS_BYTES`` scored by one hf scorer when no Ray cluster was named (``ray_named``: why one was, e.g.
+    "a Ray cluster to join", "--address local") and this machine has at most one GPU (``local_gpus()``, asked last);
+    Ray for a named cluster, several actors or GPUs, a large corpus, vllm."""
     if executor != "auto":
         return executor, "--executor as given"
-    if cluster_to_join:
-        return "ray", "a Ray cluster to join"
+    if ray_named:
+        return "ray", ray_named
     if (actors or 1) > 1:
         return "ray", "--actors above 1"
     if backend != "hf":

@@ -319,20 +319,23 @@ def _task(fn, threads: int, *args):
 
 
 def _executor(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
-    """``placement.choose_executor`` with this machine's facts: a Ray cluster to join (``--address``, RAY_ADDRESS,
-    a `ray start` cluster here) and its GPUs (looked at only when it matters)."""
-    if cfg.executor == "auto" and cfg.address == "local":
-        return "ray", "--address local: an embedded Ray cluster"
-    join = cfg.executor == "auto" and (cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
-                                       or _ray_start_cluster() is not None)
-
-    def gpus() -> int:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
+    """``placement.choose_executor`` with this machine's facts: a Ray cluster named (``--address local``: an
+    embedded one; one to join: ``--address``, RAY_ADDRESS, a `ray start` cluster here) and its GPUs (each looked at
+    only when it matters)."""
+    named = None
+    if cfg.executor == "auto":
+        if cfg.address == "local":
+            named = "--address local: an embedded Ray cluster"
+        elif cfg.address is not None or os.environ.get("RAY_ADDRESS") or _ray_start_cluster() is not None:
+            named = "a Ray cluster to join"
     return choose_executor(cfg.executor, actors=cfg.actors, backend=cfg.backend, total_bytes=total_bytes,
-                           cluster_to_join=join, local_gpus=gpus)
+                           ray_named=named, local_gpus=_local_gpus)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _score_in_process(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: dict, committed: dict,
@@ -395,9 +398,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         phases["cluster_s"] = time.time() - t
     try:
         if in_process:
-            import torch
-
-            nodes = [{"CPU": physical, "GPU": min(1, torch.cuda.device_count())}]
+            nodes = [{"CPU": physical, "GPU": min(1, _local_gpus())}]
         else:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
