@@ -1,7 +1,8 @@
 """Scoring throughput: the air_ray engine, end to end through ``air-ray score``, and the naive way, in one run.
 
-    .venv/bin/python bench/throughput.py [--rows 256] [--dtype float32|bfloat16] [--long] [--ideas]
+    .venv/bin/python bench/throughput.py [--rows 256] [--dtype float32|bfloat16] [--long] [--ideas [LIST]]
     make bench BENCH_ARGS="--rows 32 --ideas --long"
+    make bench BENCH_ARGS="--rows 96 --ideas noheap --skip e2e-ray"
 
 Rows: ``--rows`` rows of the bundled GSM8K sample (cycled, with fresh ids, past its 200 rows); model: the
 default (SmolLM2-135M); heads: ``--heads FILE`` or a fixed list of the default model's critical heads.
@@ -17,8 +18,9 @@ which Linux carries across fork + exec) is its own:
   position;
 * ``--ideas``: the engine with one idea taken away at a time: ``plain`` (two full passes), ``fullhead`` (LM
   head over [batch, pos, vocab] at every position), ``unbucketed`` (rows in file order, 8 per batch: padding),
-  ``single`` (one row per batch), ``eager`` (eager attention instead of SDPA); and ``sdpa``: which SDPA kernel
-  an unpadded and a padded batch get (torch profiler);
+  ``single`` (one row per batch), ``eager`` (eager attention instead of SDPA), ``noheap`` (freed memory given
+  back to the OS as glibc does by default, instead of kept: ``air_ray.engine.heap``); and ``sdpa``: which SDPA
+  kernel an unpadded and a padded batch get (torch profiler). ``--ideas a,b``: only those (no ``sdpa``);
 * ``e2e``:     ``air-ray score`` as a user runs it, in a subprocess: default flags (only ``--heads``,
   ``--input``, ``--output`` and the bench's ``--dtype``); its wall time is the whole process (interpreter, Ray
   start if it starts Ray, model load, id pass, scoring, writing); tokens and the phases from its
@@ -67,7 +69,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (when imported rather than run)
 from common import DATA, DEFAULT_HEADS, MODEL, REPO, count_flops, dims, load_rows, reset_peak, status_kb  # noqa: E402
 
-IDEAS = ("plain", "fullhead", "unbucketed", "single", "eager")
+IDEAS = ("plain", "fullhead", "unbucketed", "single", "eager", "noheap")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +113,10 @@ def _engine(spec: dict, variant: str | None = None):
     from air_ray.engine.scorer import Scorer
 
     _setup_threads(spec)
+    if variant == "noheap":  # this process only (each part has its own)
+        from air_ray.engine import heap
+
+        heap.hold = lambda: False
     scorer = Scorer(model=MODEL, heads=spec["heads"], dtype=spec["dtype"], device="cpu",
                     batch_tokens=spec["batch_tokens"], share_prefix=variant != "plain")
     if variant == "eager":
@@ -483,7 +489,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every part")
     ap.add_argument("--long", action="store_true", help="also score one ~16k-token response (memory)")
     ap.add_argument("--long-tokens", type=int, default=16384)
-    ap.add_argument("--ideas", action="store_true", help="also the engine with each idea taken away, and SDPA")
+    ap.add_argument("--ideas", nargs="?", const=",".join(IDEAS) + ",sdpa", default="",
+                    help="also the engine with each idea taken away, and SDPA; or only those listed (a,b)")
     ap.add_argument("--skip", default="", help="comma list of parts not to run: e2e, e2e-ray, naive")
     ap.add_argument("--ray-lock", default=os.environ.get("AIR_RAY_BENCH_LOCK"),
                     help="flock this file while the e2e part runs Ray (one cluster at a time)")
@@ -536,8 +543,11 @@ def main(argv=None) -> int:
     parts = {"ceiling": ("ceiling", spec), "engine": ("engine", spec)}
     if "naive" not in skip:
         parts["naive"] = ("naive", spec)
-    if a.ideas:
-        parts.update({f"engine-{v}": ("engine", dict(spec, variant=v)) for v in IDEAS})
+    ideas = [v for v in a.ideas.split(",") if v]
+    unknown = sorted(set(ideas) - set(IDEAS) - {"sdpa"})
+    if unknown:
+        ap.error(f"--ideas: unknown {unknown}; known: {', '.join(IDEAS)}, sdpa")
+    parts.update({f"engine-{v}": ("engine", dict(spec, variant=v)) for v in IDEAS if v in ideas})
     # e2e: default flags, and the Ray pipeline on the same rows (which default flags may not start for them); the
     # runs are split before and after the interleaved rounds, so that a drift of the machine's speed falls on
     # both sides of the engine's and the naive way's measurement alike
@@ -559,7 +569,7 @@ def main(argv=None) -> int:
             mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731; tokens / wall = all tokens / all seconds
             res[n] = dict(rs[-1], tokens=mean("tokens"), wall=mean("wall"), wall_manifest=mean("wall_manifest"),
                           peak=max(r["peak"] for r in rs), walls=[r["wall"] for r in rs])
-    if a.ideas:
+    if "sdpa" in ideas:
         res["sdpa"] = run_part("sdpa", spec)
     if a.long:
         res["long"] = run_part("long", spec)

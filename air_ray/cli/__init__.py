@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if not supervise.supervised():  # the work runs in a child: a lost Ray cluster still ends in one line
                 return supervise.run_child(argv)
             supervise.report_normal_exit()
+            return supervise.exit_now(RUN[command](cfg))
         return RUN[command](cfg)
     except AirRayError as e:
         if debug:

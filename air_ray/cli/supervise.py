@@ -12,6 +12,9 @@ and exits ``LOST_EXIT`` (3): a scheduler can tell "rerun" from a bad command (2)
 the child's exit code, stdout and stderr (inherited, so progress bars and ordering are as without the parent).
 SIGTERM and SIGHUP are passed on; the child dies with this process (``PR_SET_PDEATHSIG``), so a killed driver
 takes its embedded cluster down as before.
+
+A child whose command returned ends without the interpreter's teardown (``exit_now``): its work is written and
+closed, and freeing a loaded model's objects one by one took ~1 s of every run.
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ def report_normal_exit() -> None:
             pass
 
     atexit.register(done)
+
+
+def exit_now(code: int) -> int:
+    """In the child, after its command returned ``code``: run the exit handlers (the pipe's report, logging's flush,
+    Ray's shutdown), flush stdout and stderr and end the process without the interpreter's teardown (the garbage
+    collection of every object, modules one by one: ~1 s with a model loaded). Returns ``code`` (a normal exit)
+    where a non-daemon thread is still running, since the interpreter would wait for it."""
+    import atexit
+    import threading
+
+    main = threading.main_thread()
+    if any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        return code
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def run_child(argv: list[str]) -> int:

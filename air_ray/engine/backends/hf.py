@@ -3,14 +3,17 @@
 The reference pass is the same model with the critical heads' attention made uniform for the duration of the
 pass (``air_ray.engine.ablation.HeadAblation``: the model's own attention kernel, wrapped; no weight changes).
 Rows are batched by token budget (sorted by length); per batch the layers below the first ablated layer run once
-for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``).
+for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``). On the CPU the process
+keeps freed memory while the backend is open (``air_ray.engine.heap``: no page faults on each batch's blocks).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 from air_ray.data.rows import PreparedRow
+from air_ray.engine import heap
 from air_ray.engine.ablation import HeadAblation
 from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.engine.losses import batch_by_tokens, token_nll_pair
@@ -28,6 +31,9 @@ class HFBackend:
         self.pad_id = spec.pad_id
         self.share_prefix = bool(spec.share_prefix)
         self.batcher = batch_by_tokens  # (lengths, budget) -> [[row index]]; the bench swaps it to measure
+        self.heap_held = str(spec.device) == "cpu" and heap.hold()
+        # a backend dropped without close() lets go of the heap when it is collected
+        self._release_heap = weakref.finalize(self, heap.release) if self.heap_held else None
 
     def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
         out: list = [None] * len(prepared)
@@ -48,10 +54,13 @@ class HFBackend:
         cuda = any(p.is_cuda for p in self.model.parameters())
         self.ablation.disable()
         self.model = self.ablation = None
-        import gc
+        if cuda:  # the CUDA caching allocator returns memory only for tensors already collected
+            import gc
 
-        gc.collect()
-        if cuda:
             import torch
 
+            gc.collect()
             torch.cuda.empty_cache()
+        if self._release_heap is not None:
+            self.heap_held = False
+            self._release_heap()  # once: a finalizer runs at most once
