@@ -50,6 +50,7 @@ def torch_dtype(dtype: str):
 
 
 _TOKENIZERS = threading.local()  # .loaded: {(path, fingerprint, trust_remote_code, files): tokenizer}, per thread
+_TOKENIZERS_KEPT = 2  # per thread: a run uses one model; a process that goes through many keeps the last two
 _TOKENIZER_FILES = ("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "chat_template", "spiece")
 
 
@@ -67,6 +68,8 @@ def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
         if not getattr(tok, "is_fast", False):
             raise AirRayError(f"model {ref.name!r}: air_ray needs a fast tokenizer (character offsets)")
+        while len(loaded) >= _TOKENIZERS_KEPT:  # the oldest goes (dicts keep insertion order)
+            del loaded[next(iter(loaded))]
         loaded[key] = tok
     return loaded[key]
 
