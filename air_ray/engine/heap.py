@@ -22,6 +22,7 @@ changes.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -34,8 +35,10 @@ _lock = threading.Lock()
 _holders = 0
 
 
+@functools.cache
 def _libc():
-    """glibc's mallopt and malloc_trim, or None elsewhere."""
+    """glibc's mallopt and malloc_trim, or None elsewhere (looked up once: ``platform.libc_ver`` reads the
+    interpreter's executable)."""
     import ctypes
     import platform
 

@@ -61,8 +61,8 @@ def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     loaded = _TOKENIZERS.__dict__.setdefault("loaded", {})
-    files = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(ref.path).iterdir()
-                   if p.name.startswith(_TOKENIZER_FILES) and p.is_file())
+    files = sorted((p.name, st.st_mtime_ns, st.st_size) for p in Path(ref.path).iterdir()
+                   if p.name.startswith(_TOKENIZER_FILES) and p.is_file() for st in [p.stat()])
     key = (str(ref.path), ref.fingerprint, trust_remote_code, tuple(files))
     if key not in loaded:
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)

@@ -31,9 +31,14 @@ class HFBackend:
         self.pad_id = spec.pad_id
         self.share_prefix = bool(spec.share_prefix)
         self.batcher = batch_by_tokens  # (lengths, budget) -> [[row index]]; the bench swaps it to measure
-        self.heap_held = str(spec.device) == "cpu" and heap.hold()
         # a backend dropped without close() lets go of the heap when it is collected
-        self._release_heap = weakref.finalize(self, heap.release) if self.heap_held else None
+        self._release_heap = (weakref.finalize(self, heap.release) if str(spec.device) == "cpu" and heap.hold()
+                              else None)
+
+    @property
+    def heap_held(self) -> bool:
+        """Whether this backend holds the process's freed memory (``air_ray.engine.heap``) now."""
+        return self._release_heap is not None and self._release_heap.alive
 
     def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
         out: list = [None] * len(prepared)
@@ -62,5 +67,4 @@ class HFBackend:
             gc.collect()
             torch.cuda.empty_cache()
         if self._release_heap is not None:
-            self.heap_held = False
             self._release_heap()  # once: a finalizer runs at most once
