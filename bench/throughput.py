@@ -19,7 +19,8 @@ which Linux carries across fork + exec) is its own:
 * ``--ideas``: the engine with one idea taken away at a time: ``plain`` (two full passes), ``fullhead`` (LM
   head over [batch, pos, vocab] at every position), ``unbucketed`` (rows in file order, 8 per batch: padding),
   ``single`` (one row per batch), ``eager`` (eager attention instead of SDPA), ``noheap`` (freed memory given
-  back to the OS as glibc does by default, instead of kept: ``air_ray.engine.heap``); and ``sdpa``: which SDPA
+  back to the OS as glibc does by default, instead of kept: ``air_ray.engine.heap``), ``batch8192`` (the GPU's
+  token budget per batch instead of the CPU's default 4096); and ``sdpa``: which SDPA
   kernel an unpadded and a padded batch get (torch profiler). ``--ideas a,b``: only those (no ``sdpa``);
 * ``e2e``:     ``air-ray score`` as a user runs it, in a subprocess: default flags (only ``--heads``,
   ``--input``, ``--output`` and the bench's ``--dtype``); its wall time is the whole process (interpreter, Ray
@@ -69,7 +70,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (when imported rather than run)
 from common import DATA, DEFAULT_HEADS, MODEL, REPO, count_flops, dims, load_rows, reset_peak, status_kb  # noqa: E402
 
-IDEAS = ("plain", "fullhead", "unbucketed", "single", "eager", "noheap")
+IDEAS = ("plain", "fullhead", "unbucketed", "single", "eager", "noheap", "batch8192")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +119,8 @@ def _engine(spec: dict, variant: str | None = None):
 
         heap.hold = lambda: False
     scorer = Scorer(model=MODEL, heads=spec["heads"], dtype=spec["dtype"], device="cpu",
-                    batch_tokens=spec["batch_tokens"], share_prefix=variant != "plain")
+                    batch_tokens=8192 if variant == "batch8192" else spec["batch_tokens"],
+                    share_prefix=variant != "plain")
     if variant == "eager":
         scorer.model.set_attn_implementation("eager")
     if variant == "fullhead":  # logits at every position, [batch, pos, vocab] at once (as the naive way)
@@ -485,7 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--heads", help="heads.json of the default model (default: a fixed list of its heads)")
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, help="token budget of one batch (default: the product's on the CPU)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every part")
     ap.add_argument("--long", action="store_true", help="also score one ~16k-token response (memory)")
     ap.add_argument("--long-tokens", type=int, default=16384)
@@ -511,7 +513,11 @@ def main(argv=None) -> int:
         print(json.dumps(PARTS[a.child](json.loads(a.spec))))
         return 0
 
+    from air_ray.engine.losses import default_batch_tokens
     from air_ray.models import model_shape, load_config, prepare_model
+
+    if a.batch_tokens is None:  # what the e2e part's default flags get
+        a.batch_tokens = default_batch_tokens("cpu")
 
     skip = {s for s in a.skip.split(",") if s}
     ref = prepare_model(MODEL)

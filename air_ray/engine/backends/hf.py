@@ -16,7 +16,7 @@ from air_ray.data.rows import PreparedRow
 from air_ray.engine import heap
 from air_ray.engine.ablation import HeadAblation
 from air_ray.engine.backends import BackendSpec, TokenLosses
-from air_ray.engine.losses import batch_by_tokens, token_nll_pair
+from air_ray.engine.losses import batch_by_tokens, default_batch_tokens, token_nll_pair
 from air_ray.models.load import load_model, token_limit
 
 
@@ -26,7 +26,7 @@ class HFBackend:
         self.model = load_model(spec.ref, dtype=spec.dtype, device=spec.device, allow_pickle=opts.allow_pickle,
                                 trust_remote_code=opts.trust_remote_code, shard=spec.shard)
         self.ablation = HeadAblation(self.model, spec.heads)
-        self.batch_tokens = int(opts.batch_tokens)
+        self.batch_tokens = int(opts.batch_tokens or default_batch_tokens(spec.device))
         self.max_tokens = token_limit(opts.max_tokens, spec.config)  # --max-tokens, within the model's context
         self.pad_id = spec.pad_id
         self.share_prefix = bool(spec.share_prefix)
