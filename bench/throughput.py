@@ -27,8 +27,11 @@ which Linux carries across fork + exec) is its own:
   start if it starts Ray, model load, id pass, scoring, writing); tokens and the phases from its
   ``_manifest.json``; peak RSS = the largest sampled sum of RSS over its process tree (Ray's workers are not
   where VmHWM looks). Default flags score a small corpus in-process (``--executor auto``), so
-* ``e2e-ray``: the same with ``--executor ray``: the Ray Data pipeline on an embedded cluster. Each e2e part runs
-  ``--e2e-runs`` times (default 2), half before the interleaved rounds below and half after;
+* ``e2e-ray``: the same with ``--executor ray``: the Ray Data pipeline on an embedded cluster;
+* ``script``:  ``bench/naive.py`` run as a script, the whole process (imports, both model loads, scoring): the
+  plain two-copy script as a user runs it, beside ``air-ray score`` as a user runs it. Each of these whole-process
+  parts runs ``--e2e-runs`` times (default 2), half before the interleaved rounds below and half after, in
+  mirrored order (e2e, script | rounds | script, e2e): a drift of the machine's speed falls on both alike;
 * ``long`` (``--long``): the engine on one synthetic ~16k-token response: memory beyond the loaded weights
   (peak RSS while scoring - RSS before it).
 
@@ -51,8 +54,9 @@ Model FLOPs, counted explicitly for what each part executes, over real (not padd
 
 The last line is ``speedup=<engine/naive tokens/s> mfu=<engine MFU> rss_ratio=<engine/naive peak RSS>
 e2e_vs_plain=<air-ray score tokens/s, whole process / naive tokens/s> e2e_vs_engine=<the same / engine tokens/s>
-e2e_ray_vs_engine=<the same with --executor ray / engine tokens/s>``
-(the naive and engine rates count scoring time only, model load excluded: the e2e ratios are conservative).
+e2e_ray_vs_engine=<the same with --executor ray / engine tokens/s> e2e_vs_script=<air-ray score / bench/naive.py,
+both whole processes>`` (the naive and engine rates count scoring time only, model load excluded: e2e_vs_plain
+and e2e_vs_engine are conservative; e2e_vs_script counts start-up on both sides).
 """
 
 from __future__ import annotations
@@ -345,27 +349,21 @@ def part_sdpa(spec: dict) -> dict:
     return out
 
 
-def part_e2e(spec: dict) -> dict:
-    """``air-ray score`` on the rows with default flags (``spec["executor"]``: with ``--executor`` that); peak =
-    largest sampled RSS sum of the process tree."""
+def _run_watched(cmd: list[str], lock_path: str | None = None, env: dict | None = None) -> tuple[int, str, float, int]:
+    """Run ``cmd`` to its end: (return code, output, wall seconds, peak RSS = the largest sampled sum over its
+    process tree). ``lock_path``: flock this file meanwhile (one Ray cluster at a time on this machine)."""
     import psutil
 
-    work = Path(spec["workdir"])
-    out = work / f"e2e_out_{spec.get('executor') or 'default'}_{spec.get('run', 0)}"  # fresh: nothing to resume
-    cmd = [str(Path(sys.executable).with_name("air-ray")), "score", "--heads", spec["heads_file"], "--input",
-           spec["rows_file"], "--output", str(out), "--dtype", spec["dtype"]]
-    if spec.get("executor"):
-        cmd += ["--executor", spec["executor"]]
     lock = None
-    if spec.get("ray_lock"):  # one Ray cluster at a time on this machine
+    if lock_path:
         import fcntl
 
-        lock = open(spec["ray_lock"], "w")
+        lock = open(lock_path, "w")
         fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         peak = {"v": 0}
 
         def watch():
@@ -388,23 +386,46 @@ def part_e2e(spec: dict) -> dict:
         w.start()
         log, _ = proc.communicate()
         w.join()
-        wall_cli = time.perf_counter() - t
+        return proc.returncode, log, time.perf_counter() - t, peak["v"]
     finally:
         if lock:
             lock.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"air-ray score failed ({proc.returncode}):\n{log[-3000:]}")
+
+
+def part_e2e(spec: dict) -> dict:
+    """``air-ray score`` on the rows with default flags (``spec["executor"]``: with ``--executor`` that)."""
+    work = Path(spec["workdir"])
+    out = work / f"e2e_out_{spec.get('executor') or 'default'}_{spec.get('run', 0)}"  # fresh: nothing to resume
+    cmd = [str(Path(sys.executable).with_name("air-ray")), "score", "--heads", spec["heads_file"], "--input",
+           spec["rows_file"], "--output", str(out), "--dtype", spec["dtype"]]
+    if spec.get("executor"):
+        cmd += ["--executor", spec["executor"]]
+    rc, log, wall_cli, peak = _run_watched(cmd, spec.get("ray_lock"))
+    if rc != 0:
+        raise RuntimeError(f"air-ray score failed ({rc}):\n{log[-3000:]}")
     man = json.loads((out / "_manifest.json").read_text())
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "scores", columns=["id", "score"])
-    return {"tokens": man["tokens"], "wall": wall_cli, "wall_manifest": man["wall_s"], "peak": peak["v"],
+    return {"tokens": man["tokens"], "wall": wall_cli, "wall_manifest": man["wall_s"], "peak": peak,
             "rows_scored": man["counts"]["rows_scored"], "phases": man.get("phases", {}),
             "placement": man.get("placement", {}),
             "scores": dict(zip(table.column("id").to_pylist(), table.column("score").to_pylist()))}
 
 
-PARTS = {"long": part_long, "e2e": part_e2e, "sdpa": part_sdpa}
+def part_script(spec: dict) -> dict:
+    """``bench/naive.py`` run as a user runs a script: the whole process (imports, both model loads, scoring)."""
+    cmd = [sys.executable, str(REPO / "bench" / "naive.py"), "--rows", str(spec["rows"]), "--dtype", spec["dtype"],
+           "--heads", spec["heads_file"], "--data", spec["rows_file"]]
+    rc, log, wall, peak = _run_watched(cmd, env=_child_env())
+    if rc != 0:
+        raise RuntimeError(f"bench/naive.py failed ({rc}):\n{log[-3000:]}")
+    res = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return {"tokens": sum(r["tokens"] for r in res), "wall": wall, "peak": peak,
+            "scores": {r["id"]: r["score"] for r in res}}
+
+
+PARTS = {"long": part_long, "e2e": part_e2e, "script": part_script, "sdpa": part_sdpa}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +514,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-tokens", type=int, default=16384)
     ap.add_argument("--ideas", nargs="?", const=",".join(IDEAS) + ",sdpa", default="",
                     help="also the engine with each idea taken away, and SDPA; or only those listed (a,b)")
-    ap.add_argument("--skip", default="", help="comma list of parts not to run: e2e, e2e-ray, naive")
+    ap.add_argument("--skip", default="", help="comma list of parts not to run: e2e, e2e-ray, script, naive")
     ap.add_argument("--ray-lock", default=os.environ.get("AIR_RAY_BENCH_LOCK"),
                     help="flock this file while the e2e part runs Ray (one cluster at a time)")
     ap.add_argument("--rounds", type=int, default=4, help="slices of the rows, each scored by every part in turn")
@@ -554,27 +575,31 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--ideas: unknown {unknown}; known: {', '.join(IDEAS)}, sdpa")
     parts.update({f"engine-{v}": ("engine", dict(spec, variant=v)) for v in IDEAS if v in ideas})
-    # e2e: default flags, and the Ray pipeline on the same rows (which default flags may not start for them); the
-    # runs are split before and after the interleaved rounds, so that a drift of the machine's speed falls on
-    # both sides of the engine's and the naive way's measurement alike
-    e2e_parts = [(n, dict(spec, executor=x)) for n, x in (("e2e", None), ("e2e-ray", "ray")) if n not in skip]
-    runs: dict[str, list] = {n: [] for n, _ in e2e_parts}
+    # whole processes: default flags, the Ray pipeline on the same rows (which default flags may not start for
+    # them), and the naive way run as a script. The runs are split before and after the interleaved rounds, in
+    # mirrored order (e2e, script | rounds | script, e2e), so that a drift of the machine's speed falls on both
+    # sides alike
+    whole = [(n, part, sp) for n, part, sp in (("e2e", "e2e", spec), ("e2e-ray", "e2e", dict(spec, executor="ray")),
+                                               ("script", "script", spec)) if n not in skip]
+    runs: dict[str, list] = {n: [] for n, _, _ in whole}
 
-    def e2e_round(k: int) -> None:
-        for n, sp in e2e_parts:
-            runs[n].append(run_part("e2e", dict(sp, run=k)))
+    def whole_round(k: int, order: list) -> None:
+        for n, part, sp in order:
+            runs[n].append(run_part(part, dict(sp, run=k)))
 
     before = a.e2e_runs // 2
     for k in range(before):
-        e2e_round(k)
+        whole_round(k, whole if k % 2 == 0 else whole[::-1])
     res: dict = interleaved(parts, a.rows, max(1, min(a.rounds, a.rows)), work)
     for k in range(before, a.e2e_runs):
-        e2e_round(k)
+        whole_round(k, whole[::-1] if (a.e2e_runs - 1 - k) % 2 == 0 else whole)
     for n, rs in runs.items():
         if rs:
             mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731; tokens / wall = all tokens / all seconds
-            res[n] = dict(rs[-1], tokens=mean("tokens"), wall=mean("wall"), wall_manifest=mean("wall_manifest"),
-                          peak=max(r["peak"] for r in rs), walls=[r["wall"] for r in rs])
+            res[n] = dict(rs[-1], tokens=mean("tokens"), wall=mean("wall"), peak=max(r["peak"] for r in rs),
+                          walls=[r["wall"] for r in rs])
+            if "wall_manifest" in rs[-1]:
+                res[n]["wall_manifest"] = mean("wall_manifest")
     if "sdpa" in ideas:
         res["sdpa"] = run_part("sdpa", spec)
     if a.long:
@@ -597,7 +622,7 @@ def main(argv=None) -> int:
           f"{min(samples) / 1e9:.1f}); {other} {res['ceiling'][other] / 1e9:.1f} GFLOP/s")
     print(f"{'part':<18}{'tokens/s':>9}{'x naive':>8}{'MFU':>7}{'layers':>7}{'peak RSS':>10}{'scoring':>10}"
           f"{'wall s':>8}{'tok/cpu-s':>10}{'load':>6}")
-    order = ["engine", "e2e", "e2e-ray", "naive"] + [f"engine-{v}" for v in IDEAS]
+    order = ["engine", "e2e", "e2e-ray", "naive", "script"] + [f"engine-{v}" for v in IDEAS]
     for name in order:
         r = res.get(name)
         if not r:
@@ -617,7 +642,7 @@ def main(argv=None) -> int:
                for n in order if n in res and "slices" in res[n] and n != "naive"}
         print("x naive per round (median): " + "; ".join(
             f"{n} {statistics.median(v):.2f}" for n, v in per.items()))
-    for name in ("naive", "e2e", "e2e-ray"):
+    for name in ("naive", "e2e", "e2e-ray", "script"):
         if name in res:
             d = max(abs(eng["scores"][k] - v) for k, v in res[name]["scores"].items())
             print(f"max |score engine - {name}| = {d:.2e}")
@@ -631,6 +656,11 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in e["phases"].items())
                   + f"; placement {e['placement'].get('why', '?')}; peak RSS is the sampled sum over its process "
                   "tree")
+    if "script" in res:
+        print("script: bench/naive.py as a user runs it (imports, both model loads, scoring) in "
+              + " and ".join(f"{w:.1f}" for w in res["script"]["walls"])
+              + " s (the whole process; runs mirrored around the rounds with the e2e runs: e2e, script | rounds | "
+              "script, e2e)")
     if "sdpa" in res:
         for k, v in ((k, v) for k, v in res["sdpa"].items() if isinstance(v, dict)):
             print(f"sdpa {k:<9} kernels {', '.join(v['kernels']) or '?'}; sdpa {v['sdpa_ms_profiled']:.0f} ms "
@@ -651,9 +681,11 @@ def main(argv=None) -> int:
     vs_engine = rate(e2e) / rate(eng) if e2e else float("nan")
     e2e_ray = res.get("e2e-ray")
     ray_vs_engine = rate(e2e_ray) / rate(eng) if e2e_ray else float("nan")
+    script = res.get("script")
+    vs_script = rate(e2e) / rate(script) if e2e and script else float("nan")
     print(f"speedup={fmt(rate(eng) / rate(naive)) if naive else 'nan'} mfu={eng['flops'] / eng['wall'] / ceil:.3f} "
           f"rss_ratio={fmt(eng['peak'] / naive['peak']) if naive else 'nan'} e2e_vs_plain={fmt(vs_plain)} "
-          f"e2e_vs_engine={fmt(vs_engine)} e2e_ray_vs_engine={fmt(ray_vs_engine)}")
+          f"e2e_vs_engine={fmt(vs_engine)} e2e_ray_vs_engine={fmt(ray_vs_engine)} e2e_vs_script={fmt(vs_script)}")
     return 0
 
 
