@@ -17,6 +17,7 @@ Ray wiring lives in ``air_ray.pipeline.runner``; these classes run the same in a
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import time
@@ -49,7 +50,7 @@ def rejected_row(source: str, line: int | None, reason: str, detail: str = "", i
     return {"source": source, "line": line, "id": id, "reason": reason, "detail": detail[:1000]}
 
 
-class Stage:
+class Stage(abc.ABC):
     """``resources`` (Ray resources of one worker), ``setup()`` once, ``process(item)`` per item, ``teardown()``
     at the end (release what ``setup`` took)."""
 
@@ -58,8 +59,9 @@ class Stage:
     def setup(self) -> None:
         pass
 
+    @abc.abstractmethod
     def process(self, item):
-        raise NotImplementedError
+        """One item in, its result out."""
 
     def teardown(self) -> None:
         pass
