@@ -122,8 +122,9 @@ def _engine(spec: dict, variant: str | None = None):
         from air_ray.engine import heap
 
         heap.hold = lambda: False
-    scorer = Scorer(model=MODEL, heads=spec["heads"], dtype=spec["dtype"], device="cpu",
-                    batch_tokens=8192 if variant == "batch8192" else spec["batch_tokens"],
+    # batch8192: the GPU's default budget on the CPU
+    budget = losses.default_batch_tokens("cuda") if variant == "batch8192" else spec["batch_tokens"]
+    scorer = Scorer(model=MODEL, heads=spec["heads"], dtype=spec["dtype"], device="cpu", batch_tokens=budget,
                     share_prefix=variant != "plain")
     if variant == "eager":
         scorer.model.set_attn_implementation("eager")
