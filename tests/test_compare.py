@@ -1,7 +1,7 @@
-"""``air-ray compare`` (issue #17): the statistics and answer extraction as plain functions, then the command end
-to end on a tiny scale (real Ray scoring run, real default model as the student, one optimiser step, one seed),
-its files, that every student moved away from the initial weights, the report section, resume and the
-held-out overlap check."""
+"""``air-ray compare`` (issues #17, #25): the null statistics and answer extraction as plain functions, the run plan,
+then the command end to end on a tiny scale (a real scoring run of a tiny checkpoint and of its placebo heads, the
+real default model as the student, one optimiser step, two random and two matched subsets), its files, that every
+student moved away from the initial weights, the report section, resume and the held-out overlap check."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from air_ray.evaluation.compare import paired, summarise, t95
+from air_ray.evaluation.compare import NULLS, Run, plan, summarise
 from air_ray.evaluation.students import final_answer, normalise_answer, predicted_answer
+from air_ray.outputs.stats import null_position
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,31 +36,64 @@ def test_answers():
     assert normalise_answer(" -3.50 ") == "-3.5" and normalise_answer("72.0") == "72"
 
 
-def test_t_interval_against_known_quantiles():
-    assert t95(1) == pytest.approx(12.7062) and t95(2) == pytest.approx(4.3027)
-    for df, q in ((12, 2.1788), (20, 2.0860), (30, 2.0423), (100, 1.9840)):  # tables of Student's t
-        assert t95(df) == pytest.approx(q, abs=2e-3)
-    d = paired([1.0, 2.0, 4.0], [0.5, 1.0, 1.5])  # differences 0.5, 1, 2.5: mean 4/3, sd 1.0408
-    half = 4.3027 * math.sqrt(((0.5 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (2.5 - 4 / 3) ** 2) / 2) / math.sqrt(3)
-    assert d["mean"] == pytest.approx(4 / 3) and d["n"] == 3
-    assert d["ci95"] == pytest.approx([4 / 3 - half, 4 / 3 + half])
-    assert paired([1.0], [0.0])["ci95"] is None  # one seed: no interval
-    # seeds needed for the interval to exclude 0 at this mean and sd: t(n-1) * sd / sqrt(n) < |mean|
-    n = d["seeds_to_separate"]
-    assert t95(n - 1) * d["sd"] / math.sqrt(n) < 4 / 3 <= t95(n - 2) * d["sd"] / math.sqrt(n - 1)
+def test_null_position_by_hand():
+    null = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]  # ten random-subset students' held-out losses
+    p = null_position(2.5, null, lower_is_better=True)  # better (lower) than 8 of 10
+    assert p["n"] == 10 and p["percentile"] == pytest.approx(80.0)
+    assert p["p_better"] == pytest.approx((1 + 2) / 11)  # null draws at least as good: 1.0, 2.0
+    assert p["p_worse"] == pytest.approx((1 + 8) / 11)
+    sd = math.sqrt(sum((x - 5.5) ** 2 for x in null) / 9)
+    assert p["z"] == pytest.approx((5.5 - 2.5) / sd)  # positive: better
+    # ties count half; the best possible value gives the smallest p of N = 10: 1 / 11
+    assert null_position(3.0, null, True)["percentile"] == pytest.approx(100 * (7 + 0.5) / 10)
+    best = null_position(0.0, null, True)
+    assert best["percentile"] == 100.0 and best["p_better"] == pytest.approx(1 / 11) and best["p_worse"] == 1.0
+    # higher is better (accuracy): mirrored
+    acc = null_position(8.5, null, lower_is_better=False)
+    assert acc["percentile"] == pytest.approx(80.0) and acc["z"] == pytest.approx((8.5 - 5.5) / sd)
+    assert null_position(None, null, True)["percentile"] is None
+    assert null_position(1.0, [None, None], True) == {"n": 0, "percentile": None, "p_better": None,
+                                                     "p_worse": None, "z": None}
+    assert null_position(1.0, [2.0], True)["z"] is None  # one draw: no spread
 
 
-def test_summary_pairs_by_seed():
-    def run(s, k, loss, acc):
-        return {"strategy": s, "seed": k, "eval": {"loss": loss, "accuracy": acc}, "weights_delta": 0.1 + k}
+def test_plan():
+    from air_ray.config import CompareConfig
 
-    runs = [run("score", 0, 1.0, 0.2), run("score", 1, 2.0, 0.3), run("random", 0, 1.5, 0.1),
-            run("random", 1, 2.2, 0.1)]
-    s = summarise(runs, ["score", "random"], 2)
-    assert s["score"]["loss"]["mean"] == pytest.approx(1.5) and s["score"]["n_seeds"] == 2
-    assert s["score"]["loss"]["vs_random"]["mean"] == pytest.approx(((1.0 - 1.5) + (2.0 - 2.2)) / 2)
-    assert s["score"]["accuracy"]["vs_random"]["mean"] == pytest.approx(0.15)
-    assert "vs_random" not in s["random"]["loss"] and s["random"]["weights_delta_min"] == pytest.approx(0.1)
+    cfg = CompareConfig(scores="s", input=["p"], eval_input=["h"], strategies=["score", "random", "matched_random"],
+                        seeds=2, random_subsets=3, matched_subsets=1).validate()
+    runs = plan(cfg)
+    assert [(r.strategy, r.index, r.train_seed) for r in runs] == [
+        ("score", 0, 0), ("random", 0, 0), ("matched_random", 0, 0), ("score", 1, 1), ("random", 1, 1),
+        ("random", 2, 0)]
+    assert Run("score_weighted", 1, 1).selection_name == "score" and Run("random", 2, 0).selection_name == "random-2"
+    # the placebo strategy is in the default only with a placebo run; asked for without one: an error
+    from air_ray.errors import AirRayError
+
+    assert "placebo" not in CompareConfig(scores="s", input=["p"], eval_input=["h"]).validate().strategies
+    assert "placebo" in CompareConfig(scores="s", input=["p"], eval_input=["h"], placebo_scores="q").validate().strategies
+    with pytest.raises(AirRayError, match="needs --placebo-scores"):
+        CompareConfig(scores="s", input=["p"], eval_input=["h"], strategies=["placebo", "random"]).validate()
+    assert CompareConfig(scores="s", input=["p"], eval_input=["h"], random_subsets=4).validate().matched_subsets == 4
+
+
+def test_summary_places_each_strategy_in_the_nulls():
+    def run(s, k, loss, acc=None):
+        return {"strategy": s, "seed": k, "eval": {"loss": loss, "accuracy": acc}, "weights_delta": 0.1 + k,
+                "selected_loss_base": 0.9}
+
+    results = [run("score", 0, 1.0), run("score", 1, 1.2)]
+    results += [run("random", j, 1.0 + 0.05 * j) for j in range(6)]
+    results += [run("matched_random", j, 1.3 - 0.1 * j) for j in range(3)]
+    s = summarise(results, ["score", "random", "matched_random"])
+    assert s["score"]["loss"]["mean"] == pytest.approx(1.1) and s["score"]["students"] == 2
+    assert s["score"]["loss"]["vs_random"] == null_position(1.1, [1.0 + 0.05 * j for j in range(6)], True)
+    assert s["score"]["loss"]["vs_matched_random"] == null_position(1.1, [1.3, 1.2, 1.1], True)
+    assert s["random"]["loss"]["min"] == pytest.approx(1.0) and s["random"]["loss"]["max"] == pytest.approx(1.25)
+    assert "vs_random" not in s["random"]["loss"] and "vs_matched_random" in s["random"]["loss"]
+    assert s["score"]["accuracy"]["mean"] is None and s["score"]["accuracy"]["vs_random"]["percentile"] is None
+    assert s["score"]["weights_delta_min"] == pytest.approx(0.1) and s["score"]["selected_loss_base"] == 0.9
+    assert set(NULLS) == {"random", "matched_random"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,17 +109,23 @@ def _cli(*args) -> subprocess.CompletedProcess:
 def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     model_dir, heads = tiny_model
     pool, held = tmp_path / "pool.jsonl", tmp_path / "heldout.jsonl"
-    pool.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:8]))
+    pool.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:12]))
     held.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[100:104]) + "{not json\n")
-    run = tmp_path / "run"
-    # the scoring run (real Ray, a tiny real checkpoint: the scores only have to exist)
-    p = _cli("score", "--input", pool, "--heads", heads, "--model", model_dir, "--output", run, "--dtype", "float32",
-             "--address", "local")
+    run, placebo_run = tmp_path / "run", tmp_path / "placebo_run"
+    # the scoring runs (the tiny checkpoint with its heads, and with placebo heads: the scores only have to exist;
+    # the first through real Ray)
+    p = _cli("heads", "--placebo", "--from", heads, "--output", tmp_path / "placebo.json")
     assert p.returncode == 0, p.stdout + p.stderr
+    for out, h, extra in ((run, heads, ["--address", "local"]), (placebo_run, tmp_path / "placebo.json", [])):
+        p = _cli("score", "--input", pool, "--heads", h, "--model", model_dir, "--output", out, "--dtype", "float32",
+                 *extra)
+        assert p.returncode == 0, p.stdout + p.stderr
 
+    strategies = ["score", "score_balanced", "delta_balanced", "placebo", "score_weighted", "random", "matched_random"]
     args = ["compare", "--scores", run, "--input", pool, "--eval-input", held, "--model", smol_ref.name,
-            "--strategies", "score", "score_weighted", "random", "--top-k", "3", "--seeds", "1", "--max-steps", "1",
-            "--batch-size", "3", "--lr", "1e-4", "--max-length", "256", "--max-new-tokens", "8", "--device", "cpu"]
+            "--strategies", *strategies, "--placebo-scores", placebo_run, "--random-subsets", "3",
+            "--matched-subsets", "2", "--balance-bins", "2", "--top-k", "4", "--seeds", "1", "--max-steps", "1",
+            "--batch-size", "4", "--lr", "1e-4", "--max-length", "256", "--max-new-tokens", "4", "--device", "cpu"]
     p = _cli(*args)
     assert p.returncode == 0, p.stdout + p.stderr
     out = run / "compare"  # the default: beside the run, where the report finds it
@@ -94,40 +134,66 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     doc = json.loads((out / "compare.json").read_text())
     assert doc["held_out"]["rows_used"] == 4 and doc["held_out"]["rows_unparsable"] == 1
     assert doc["held_out"]["n_checkable"] == 4  # GSM8K's #### N
-    assert [(r["strategy"], r["seed"]) for r in doc["runs"]] == [("score", 0), ("score_weighted", 0), ("random", 0)]
+    names = [(r["strategy"], r["seed"], r["train_seed"]) for r in doc["runs"]]
+    assert names == [(s, 0, 0) for s in strategies] + [("random", 1, 0), ("matched_random", 1, 0), ("random", 2, 0)]
     initial = doc["initial"]["eval"]
     for r in doc["runs"]:
-        assert r["train"]["steps"] == 1 and r["train"]["rows"] == 3
+        assert r["train"]["steps"] == 1 and r["train"]["rows"] == 4
         assert r["train"]["step_weights"] == (r["strategy"] == "score_weighted")
         assert r["weights_delta"] > 1e-6, r  # the student really moved
         assert r["eval"]["loss"] != initial["loss"] and math.isfinite(r["eval"]["loss"])
         assert r["eval"]["n_checkable"] == 4 and 0 <= r["eval"]["accuracy"] <= 1
         sel = json.loads((Path(r["selection"]) / "selection.json").read_text())
-        assert sel["counts"]["rows_selected"] == 3
-        assert sel["config"]["by"] == ("score" if r["strategy"] == "score_weighted" else r["strategy"])
+        assert sel["counts"]["rows_selected"] == 4 and sel["bias"]["selected_mean"]["loss_base"] == \
+            pytest.approx(r["selected_loss_base"])
+        c = sel["config"]
+        assert c["by"] == {"delta_balanced": "delta", "random": "random", "matched_random": "random"}.get(
+            r["strategy"], "score")
+        assert c["balance"] == ("loss_base" if r["strategy"] in ("score_balanced", "delta_balanced",
+                                                                  "matched_random") else None)
+        if c["balance"]:
+            assert [g["rows_selected"] for g in sel["balance"]] == [[2, 2]]  # 12 rows in 2 bins: 2 from each
+        assert c["scores"] == str(placebo_run if r["strategy"] == "placebo" else run)
+    by = {(r["strategy"], r["seed"]): r for r in doc["runs"]}
+    # the random subsets differ from each other; the placebo run selects by its own scores
+    import pyarrow.parquet as pq
+
+    subsets = {tuple(sorted(pq.read_table(Path(by[("random", j)]["selection"]) / "selection.parquet")
+                            .column("id").to_pylist())) for j in range(3)}
+    assert len(subsets) >= 2  # seeded subsets of 4 of 12 rows: not all the same
     # weighted and plain training on the same rows give different students
-    by = {r["strategy"]: r for r in doc["runs"]}
-    assert by["score"]["eval"]["loss"] != by["score_weighted"]["eval"]["loss"]
-    assert doc["summary"]["score"]["loss"]["vs_random"]["mean"] == pytest.approx(
-        by["score"]["eval"]["loss"] - by["random"]["eval"]["loss"])
+    assert by[("score", 0)]["eval"]["loss"] != by[("score_weighted", 0)]["eval"]["loss"]
+    # each strategy placed in the nulls of its students' results
+    null = [by[("random", j)]["eval"]["loss"] for j in range(3)]
+    matched = [by[("matched_random", j)]["eval"]["loss"] for j in range(2)]
+    e = doc["summary"]["score"]["loss"]
+    assert e["vs_random"] == null_position(by[("score", 0)]["eval"]["loss"], null, True)
+    assert e["vs_matched_random"] == null_position(by[("score", 0)]["eval"]["loss"], matched, True)
+    assert doc["summary"]["random"]["students"] == 3 and doc["summary"]["random"]["loss"]["min"] == min(null)
     md = (out / "compare.md").read_text()
-    assert "| score_weighted | 1 |" in md and "initial model" in md
+    assert "| score_weighted | 1 |" in md and "initial model" in md and "| random | 3 |" in md
 
     # the report shows the comparison
     rep = tmp_path / "report"
     p = _cli("report", "--scores", run, "--output", rep)
     assert p.returncode == 0, p.stdout + p.stderr
     html = (rep / "index.html").read_text()
-    assert "Selection strategies compared" in html and "score_weighted" in html
+    assert "Selection strategies compared" in html and "matched_random" in html
     assert (rep / "compare.png").exists()
 
     # a rerun resumes: nothing is trained again, the results are the same files
-    before = {r: (out / "runs" / r / "result.json").read_text() for r in ("score-seed0", "score_weighted-seed0",
-                                                                         "random-seed0", "initial")}
+    before = {r: (out / "runs" / r / "result.json").read_text() for r in ("score-seed0", "random-seed2", "initial")}
     p = _cli(*args)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("done before") == 3 and "trained" not in p.stdout
+    assert p.stdout.count("done before") == len(doc["runs"]) and "trained" not in p.stdout
     assert before == {r: (out / "runs" / r / "result.json").read_text() for r in before}
+
+    # loss only (--max-new-tokens 0): no decoding, no exact-match column
+    p = _cli(*args[:-4], "--max-new-tokens", "0", "--device", "cpu", "--strategies", "score", "random",
+             "--random-subsets", "2", "--output", tmp_path / "loss_only")
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc0 = json.loads((tmp_path / "loss_only" / "compare.json").read_text())
+    assert all(r["eval"]["accuracy"] is None for r in doc0["runs"]) and "exact match" not in doc0["table"]["header"]
 
     # held-out rows that are in the pool are refused, before any training
     p = _cli(*args[:5], "--eval-input", pool, *args[7:], "--output", tmp_path / "bad")

@@ -18,7 +18,7 @@ ALLOWED = {
     "fsio": {"errors"},
     "influence": set(),
     "models": {"errors"},
-    "config": {"errors", "models"},  # models: the default model's name; data.steps: the step-rule check
+    "config": {"errors", "influence", "models"},  # influence: the step weighting; models: the default model's name
     "data": {"errors", "fsio", "config"},
     "engine": {"errors", "config", "influence", "data", "models", "heads.artifact"},
     "heads": {"errors", "fsio", "config", "models", "engine"},

@@ -71,6 +71,32 @@ def test_counts_reconcile_and_both_actors_work(two_actor_run, corpus):
     assert saved["counts"] == c and saved["model_fingerprint"] and saved["heads"]
 
 
+def test_manifest_step_weight_statistics(two_actor_run):
+    """The manifest's step-weight statistics (merged from the units' summaries) equal those recomputed from the
+    partitions: the effective token share of every row's weights at p10 / median (rank ceil(q n)), and the largest
+    weight; the default rule's weights average 1 per token in every row."""
+    import math
+
+    import numpy as np
+
+    from air_ray.influence import effective_token_share
+
+    out, m = two_actor_run
+    rows = _read_dir(out / "scores")
+    shares = sorted(round(effective_token_share(r["step_token_counts"], r["step_weights"]), 3) for r in rows)
+    w = m["step_weights"]
+    assert w["rule"] == "bounded" and w["rows"] == len(rows) and w["rows_without_stats"] == 0
+    q = w["effective_token_share"]
+    assert q["min"] == shares[0]
+    assert q["p10"] == shares[math.ceil(0.1 * len(shares)) - 1] and q["median"] == shares[math.ceil(0.5 * len(shares)) - 1]
+    assert w["max_weight"] == pytest.approx(max(max(r["step_weights"]) for r in rows))
+    for r in rows:
+        n, wt = np.array(r["step_token_counts"], float), np.array(r["step_weights"])
+        if n.sum():
+            assert (n * wt).sum() / n.sum() == pytest.approx(1.0), r["id"]
+            assert 0.5 - 1e-9 <= wt[n > 0].min() and wt.max() <= 2.0 + 1e-9
+
+
 def test_every_row_exactly_once(two_actor_run, corpus):
     out, m = two_actor_run
     scores = _read_dir(out / "scores")

@@ -29,8 +29,8 @@ DOMAINS = ["math", "code", None, "science", "Zeta", "été"]
 # helpers
 
 
-def scores_table(ids, scores, domains) -> pa.Table:
-    """A SCORES-schema table with the given id / score / domain columns (other columns filled in)."""
+def scores_table(ids, scores, domains, loss_base=None, loss_ref=None) -> pa.Table:
+    """A SCORES-schema table with the given id / score / domain (and loss) columns (other columns filled in)."""
     n = len(ids)
     ids = pa.array(ids, pa.string())
     cols = {
@@ -39,14 +39,14 @@ def scores_table(ids, scores, domains) -> pa.Table:
         "source": pa.repeat("train.jsonl", n).cast(pa.string()),
         "n_prompt_tokens": pa.array(np.full(n, 12, np.int32)),
         "n_response_tokens": pa.array(np.full(n, 40, np.int32)),
-        "loss_base": pa.array(np.ones(n)),
-        "loss_ref": pa.array(np.ones(n)),
+        "loss_base": pa.array(np.ones(n) if loss_base is None else np.asarray(loss_base, np.float64)),
+        "loss_ref": pa.array(np.ones(n) if loss_ref is None else np.asarray(loss_ref, np.float64)),
         "score": pa.array(np.asarray(scores, np.float64)),
         "truncated": pa.array(np.zeros(n, bool)),
         "entropy_base": pa.array(np.full(n, 2.0)),
     }
-    for name in ("step_spans", "step_token_counts", "step_scores", "step_weights", "step_kinds"):
-        cols[name] = pa.nulls(n, SCORES.field(name).type)
+    for f in SCORES:  # the step columns and every later optional column: null
+        cols.setdefault(f.name, pa.nulls(n, f.type))
     return pa.Table.from_pydict(cols, schema=SCORES)
 
 
@@ -57,7 +57,9 @@ def write_partitions(root: Path, rows: list[tuple], n_parts: int, rng, hidden: b
     bounds = [0, *cuts, len(rows)]
     for i in range(n_parts):
         part = rows[bounds[i]:bounds[i + 1]]
-        t = scores_table([r[0] for r in part], [r[1] for r in part], [r[2] for r in part])
+        losses = {} if not part or len(part[0]) < 5 else \
+            {"loss_base": [r[3] for r in part], "loss_ref": [r[4] for r in part]}
+        t = scores_table([r[0] for r in part], [r[1] for r in part], [r[2] for r in part], **losses)
         pq.write_table(t, root / f"part-{i:05d}.parquet")
     pq.write_table(scores_table([], [], []), root / "part-empty.parquet")
     if hidden:
@@ -329,7 +331,8 @@ def test_outputs_readable_everywhere(tmp_path):
     doc = json.loads((out / "selection.json").read_text())
     assert doc == summary
     assert doc["config"] == {"scores": str(tmp_path / "s"), "output": str(out), "top_k": None, "top_frac": 0.3,
-                             "per_domain": False, "min_score": -1.0, "by": "score", "seed": None}
+                             "per_domain": False, "min_score": -1.0, "by": "score", "balance": None,
+                             "balance_bins": None, "seed": None}
     cands = np.array([r[1] for r in rows if not math.isnan(r[1]) and r[1] >= -1.0])
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, reported as null
         q = dict(zip(["p0", "p10", "p25", "p50", "p75", "p90", "p99", "p100"],
@@ -517,3 +520,165 @@ def test_select_by_a_baseline(tmp_path, by):
 def test_select_by_unknown_column(tmp_path):
     with pytest.raises(AirRayError, match="--by"):
         select(SelectConfig(scores=str(tmp_path), output=str(tmp_path / "o"), top_k=1, by="length"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# --by delta, --balance (issue #25)
+
+
+def balanced_brute_force(rows, top_k=None, top_frac=None, per_domain=False, min_score=None, bins=4, by="score"):
+    """Reference of --balance loss_base: rows (id, score, domain, loss_base, loss_ref). Candidates per domain group
+    cut at the j/bins quantiles of loss_base (numpy's default interpolation; a row equal to an edge goes up), k
+    split over the bins in proportion to their sizes (largest remainder, ties to the lower bin), the best of
+    each bin by (value desc, id asc), then all ranked together."""
+    def value(r):
+        return r[4] - r[3] if by == "delta" else r[1]
+
+    cands = [r for r in rows if not math.isnan(value(r)) and not math.isnan(r[3])
+             and (min_score is None or value(r) >= min_score)]
+    groups: dict = {}
+    for r in cands:
+        groups.setdefault(r[2] if per_domain else "*", []).append(r)
+    chosen = []
+    for rs in groups.values():
+        k = top_k if top_k is not None else math.ceil(Fraction(str(top_frac)) * len(rs))
+        k = min(k, len(rs))
+        edges = np.quantile([r[3] for r in rs], [j / bins for j in range(1, bins)])
+        per_bin: dict = {b: [] for b in range(bins)}
+        for r in rs:
+            per_bin[sum(1 for e in edges if r[3] >= e)].append(r)
+        exact = {b: Fraction(k * len(per_bin[b]), len(rs)) for b in per_bin}
+        quota = {b: math.floor(e) for b, e in exact.items()}
+        for b in sorted(per_bin, key=lambda b: (-(exact[b] - quota[b]), b))[:k - sum(quota.values())]:
+            quota[b] += 1
+        for b, members in per_bin.items():
+            members.sort(key=lambda r: (-value(r), r[0]))
+            chosen += members[:quota[b]]
+    chosen.sort(key=lambda r: (-value(r), r[0]))
+    return [(r[0], value(r), i + 1, r[2]) for i, r in enumerate(chosen)]
+
+
+def rows_with_losses(rng, n: int) -> list[tuple]:
+    """random_rows plus loss_base (many ties, some NaN) and loss_ref."""
+    out = []
+    for r in random_rows(rng, n):
+        lb = float(rng.integers(0, 12)) / 4 if rng.random() > 0.03 else math.nan
+        out.append((*r, lb, lb + float(rng.integers(-3, 9)) / 8))
+    return out
+
+
+BALANCED = [dict(top_k=12), dict(top_frac=0.3), dict(top_k=9, per_domain=True), dict(top_frac=0.5, min_score=0.0),
+            dict(top_k=1000), dict(top_k=0)]
+
+
+@pytest.mark.parametrize("opts", BALANCED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("by", ["score", "delta"])
+def test_balance_matches_brute_force(tmp_path, opts, by, small_batches, monkeypatch):
+    monkeypatch.setattr(sel, "_plot", lambda *a: b"")
+    for seed, bins in ((0, 4), (1, 3), (2, 1)):
+        rng = np.random.default_rng(seed)
+        rows = rows_with_losses(rng, int(rng.integers(150, 300)))
+        src, out = tmp_path / f"s{seed}", tmp_path / f"o{seed}"
+        write_partitions(src / "scores", rows, n_parts=3, rng=rng)
+        summary = select(SelectConfig(scores=str(src), output=str(out), by=by, balance="loss_base",
+                                      balance_bins=bins, **opts))
+        want = balanced_brute_force(rows, bins=bins, by=by, **opts)
+        got = read_selection(out / "selection.parquet")
+        assert [r[0] for r in got] == [r[0] for r in want], (opts, seed)
+        assert [r[1] for r in got] == pytest.approx([r[1] for r in want])
+        assert summary["counts"]["rows_nan"] == sum(math.isnan(r[3]) or math.isnan(r[4] - r[3] if by == "delta"
+                                                                                   else r[1]) for r in rows)
+        for g in summary["balance"]:
+            assert sum(g["rows_selected"]) == sum(g["k"]) and len(g["rows_candidates"]) == bins
+            assert all(s <= n for s, n in zip(g["rows_selected"], g["rows_candidates"]))
+        assert sum(sum(g["rows_selected"]) for g in summary["balance"]) == len(want)
+
+
+def test_split_quota():
+    assert sel.split_quota(10, np.array([5, 5, 5, 5])).tolist() == [3, 3, 2, 2]  # remainders tie: lower bins
+    assert sel.split_quota(3, np.array([1, 0, 9])).tolist() == [0, 0, 3]
+    assert sel.split_quota(7, np.array([2, 2, 2])).tolist() == [2, 2, 2]  # never more than a bin holds
+    assert sel.split_quota(0, np.array([4, 4])).tolist() == [0, 0]
+    for k in range(0, 40):
+        q = sel.split_quota(k, np.array([7, 3, 11, 0, 5]))
+        assert q.sum() == min(k, 26) and (q <= [7, 3, 11, 0, 5]).all()
+
+
+def test_select_by_delta(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = rows_with_losses(rng, 120)
+    write_partitions(tmp_path / "s", rows, n_parts=2, rng=rng)
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "o"), top_k=10, by="delta"))
+    want = sorted((r for r in rows if not math.isnan(r[4] - r[3])), key=lambda r: (-(r[4] - r[3]), r[0]))[:10]
+    got = read_selection(tmp_path / "o" / "selection.parquet")
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert [r[1] for r in got] == pytest.approx([r[4] - r[3] for r in want])
+    assert summary["config"]["by"] == "delta" and summary["bias"]["value"] == "delta"
+
+
+def hand_spearman(x, y):
+    """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) for values without ties."""
+    rank = lambda v: {val: i + 1 for i, val in enumerate(sorted(v))}  # noqa: E731
+    rx, ry = rank(x), rank(y)
+    d2 = sum((rx[a] - ry[b]) ** 2 for a, b in zip(x, y))
+    n = len(x)
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def test_bias_audit_against_hand_computation(tmp_path, capsys):
+    # 8 rows: the score falls as loss_base rises (an inverse-loss ranking), one NaN score is no candidate
+    lb = [0.2, 0.4, 0.5, 0.9, 1.3, 1.7, 2.2, 3.0, 1.0]
+    lr = [1.2, 1.3, 1.1, 1.5, 1.9, 2.0, 2.5, 3.1, 1.0]
+    sc = [5.0, 2.25, 1.2, 0.66, 0.46, 0.2, 0.15, 0.03, math.nan]
+    ids = [f"r{i}" for i in range(9)]
+    lengths = [40, 90, 10, 60, 70, 20, 80, 30, 50]
+    t = scores_table(ids, sc, ["a"] * 4 + ["b"] * 5, loss_base=lb, loss_ref=lr)
+    t = t.set_column(t.schema.get_field_index("n_response_tokens"), "n_response_tokens",
+                     pa.array(lengths, pa.int32()))
+    (tmp_path / "s").mkdir()
+    pq.write_table(t, tmp_path / "s" / "p.parquet")
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "o"), top_k=3))
+    b = summary["bias"]
+    assert b["rows_candidates"] == 8 and b["rows_sampled"] == 8
+    assert b["spearman"]["loss_base"] == pytest.approx(hand_spearman(sc[:8], lb[:8]), abs=1e-4) == -1.0
+    assert b["spearman"]["n_response_tokens"] == pytest.approx(hand_spearman(sc[:8], lengths[:8]), abs=1e-4)
+    assert b["spearman"]["entropy_base"] is None  # constant: no correlation defined
+    assert b["pool_mean"]["loss_base"] == pytest.approx(sum(lb[:8]) / 8)
+    assert b["pool_mean"]["score"] == pytest.approx(sum(sc[:8]) / 8)
+    assert b["selected_mean"]["loss_base"] == pytest.approx((0.2 + 0.4 + 0.5) / 3)
+    assert b["selected_mean"]["n_response_tokens"] == pytest.approx((40 + 90 + 10) / 3)
+    # several domains: the same per domain
+    dom = {d["domain"]: d for d in b["domains"]}
+    assert dom["a"]["spearman"]["loss_base"] == pytest.approx(-1.0)
+    assert dom["b"]["pool_mean"]["loss_base"] == pytest.approx(sum(lb[4:8]) / 4)
+    assert dom["b"]["selected_mean"]["loss_base"] is None  # none of b selected
+    assert dom["a"]["selected_mean"]["loss_base"] == pytest.approx((0.2 + 0.4 + 0.5) / 3)
+    # |rho| >= 0.5 with loss_base: one warning line naming the option that removes it
+    assert "Spearman -1.00 with loss_base" in b["warning"] and "--balance loss_base" in b["warning"]
+    err = capsys.readouterr().err
+    assert err.count("air-ray: warning:") == 1 and "--balance loss_base" in err
+    # balanced: no warning, the selection follows the pool's loss_base
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "o2"), top_k=4,
+                                  balance="loss_base", balance_bins=4))
+    assert "warning" not in summary["bias"] and "air-ray: warning" not in capsys.readouterr().err
+    assert [g["rows_selected"] for g in summary["balance"]] == [[1, 1, 1, 1]]
+    # --by delta: rho of delta with loss_base
+    delta = [r - b_ for r, b_ in zip(lr, lb)]
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "o3"), top_k=2, by="delta"))
+    assert summary["bias"]["spearman"]["loss_base"] == pytest.approx(hand_spearman(delta[:9], lb[:9]), abs=1e-4)
+    assert summary["bias"]["pool_mean"]["delta"] == pytest.approx(sum(delta) / 9)
+
+
+def test_bias_sample_is_evenly_spaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(sel, "BIAS_SAMPLE", 10)
+    n = 97
+    lb = np.linspace(0.1, 3.0, n)
+    t = scores_table([f"r{i:03d}" for i in range(n)], 1.0 / lb, [None] * n, loss_base=lb, loss_ref=lb + 0.5)
+    (tmp_path / "s").mkdir()
+    pq.write_table(t.slice(0, 50), tmp_path / "s" / "a.parquet")
+    pq.write_table(t.slice(50), tmp_path / "s" / "b.parquet")
+    summary = select(SelectConfig(scores=str(tmp_path / "s"), output=str(tmp_path / "o"), top_k=5))
+    b = summary["bias"]
+    assert b["rows_sampled"] == 10 and "10 evenly spaced rows of 97" in b["sample"]
+    assert b["spearman"]["loss_base"] == pytest.approx(-1.0)
+    assert b["pool_mean"]["loss_base"] == pytest.approx(lb.mean())  # the means are over every candidate

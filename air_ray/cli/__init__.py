@@ -172,8 +172,12 @@ def _fetch(cfg: FetchConfig) -> int:
 
 
 def _heads(cfg: HeadsConfig) -> int:
-    from air_ray.heads.run import probe_inputs, run_heads
+    from air_ray.heads.run import probe_inputs, run_heads, run_placebo
     from air_ray.pipeline.runner import detect_heads_on_cluster
+
+    if cfg.placebo:  # no model, no cluster: drawn from the heads file
+        print(json.dumps({"heads": run_placebo(cfg)["heads"], "placebo": True}))
+        return 0
 
     probe_inputs(cfg)  # a bad model or probes file: one line, before any cluster starts
     # the detection runs as a Ray task with the GPUs it asks for (on a GPU worker of a cluster), not here
@@ -212,7 +216,7 @@ def _report(cfg: ReportConfig) -> int:
     from air_ray.outputs.report import write_report
 
     print(write_report(cfg.scores, cfg.heads, cfg.output, selection=cfg.selection, corpus=cfg,
-                       compare=cfg.compare))
+                       compare=cfg.compare, placebo_scores=cfg.placebo_scores))
     return 0
 
 

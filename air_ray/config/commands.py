@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from air_ray.config.options import Opt, Options
 from air_ray.errors import AirRayError
+from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -21,7 +22,9 @@ FORMATS = ("chat", "raw")  # air_ray.data.rows: how a row's prompt becomes token
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
 # select --by: the AIR score, or a heuristic from the same scoring run (each ranked descending; random = a
 # seeded hash of the id)
-SELECT_BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random")
+SELECT_BY = ("score", "delta", "loss_base", "entropy_base", "n_response_tokens", "random")
+# select --balance: the column whose pool quantile bins each get their share of the selection
+BALANCE_BY = ("loss_base", "entropy_base", "n_response_tokens")
 EXPORT_STYLES = ("messages", "prompt-completion")
 COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
@@ -89,10 +92,18 @@ class EngineOptions(ModelOptions, CorpusOptions):
     heads: str = HEADS()
     format: str = FORMAT()
     steps: str = Opt("lines", help="lines | paragraphs | think | regex:PATTERN")()
-    step_temperature: float = Opt(1.0, help="temperature of the step weights' softmax")()
-    base_loss_floor: float = Opt(1e-6, help="floor of L_base (nats) in every relative score (L_ref - L_base) / "
-                                            "max(L_base, floor); raise it (e.g. 0.05) so that near-zero base losses "
-                                            "cannot blow up scores and step weights")()
+    step_weighting: str = Opt("bounded", choices=WEIGHTINGS,
+                              help="bounded: w = clip(1 + strength * z, min, max), z the step's mean divergence "
+                                   "(nats per token) standardised within the row, renormalised to a token-weighted "
+                                   "mean of 1; softmax: n * softmax(step_scores / temperature) (the earlier "
+                                   "default; it can put a row's whole weight on one step)")()
+    step_strength: float = Opt(StepWeighting.strength, help="bounded: weight change per standard deviation")()
+    step_weight_min: float = Opt(StepWeighting.w_min, help="bounded: the smallest step weight, in [0, 1]")()
+    step_weight_max: float = Opt(StepWeighting.w_max, help="bounded: the largest step weight, >= 1")()
+    step_temperature: float = Opt(StepWeighting.temperature, help="softmax: temperature of the step weights")()
+    base_loss_floor: float = Opt(EPS, help="floor of L_base (nats) in every relative score (L_ref - L_base) / "
+                                           "max(L_base, floor); raise it (e.g. 0.05) so that near-zero base losses "
+                                           "cannot blow up scores and step weights")()
     backend: str = Opt("hf", choices=BACKENDS,
                        help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
     batch_tokens: int | None = Opt(None, help="token budget of one model batch (default: 4096 on CPU, where smaller "
@@ -117,8 +128,16 @@ class EngineOptions(ModelOptions, CorpusOptions):
             raise AirRayError("--max-tokens must be >= 2")
         if not self.step_temperature > 0:
             raise AirRayError("--step-temperature must be > 0")
+        if not (self.step_strength >= 0 and 0 <= self.step_weight_min <= 1 <= self.step_weight_max
+                and math.isfinite(self.step_strength) and math.isfinite(self.step_weight_max)):
+            raise AirRayError("need --step-strength >= 0, --step-weight-min in [0, 1] and --step-weight-max >= 1")
         if not (self.base_loss_floor > 0 and math.isfinite(self.base_loss_floor)):
             raise AirRayError("--base-loss-floor must be a number > 0")
+
+    @property
+    def weighting(self) -> StepWeighting:
+        return StepWeighting(self.step_weighting, self.step_strength, self.step_weight_min, self.step_weight_max,
+                             self.step_temperature)
 
     def scoring_key(self, model_fingerprint: str, heads) -> str:
         """A short hash of everything that changes a partition's contents for the same input: the model,
@@ -142,6 +161,10 @@ class EngineOptions(ModelOptions, CorpusOptions):
             doc["rows"] = rows
         if self.base_loss_floor != EngineOptions.base_loss_floor:  # keys made before the option stay valid
             doc["base_loss_floor"] = self.base_loss_floor
+        if self.step_weighting != "softmax":  # softmax (the rule before the option) keeps the keys made with it
+            del doc["step_temperature"]
+            doc["step_weighting"] = {"rule": self.step_weighting, "strength": self.step_strength,
+                                     "min": self.step_weight_min, "max": self.step_weight_max}
         return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -166,6 +189,11 @@ class HeadsConfig(ModelOptions):
     probe_tokens: int = PROBE_TOKENS()
     seed: int = SEED(help="seed of the synthetic probes and of the random-heads check")
     top_frac: float = TOP_FRAC(default=0.05, help="fraction of all (layer, head) pairs that are critical")
+    placebo: bool = Opt(False, help="write a placebo heads file instead of detecting: as many heads as --from marks "
+                                    "critical, drawn at random (--seed) among the others; score with it like any "
+                                    "heads file to see how much of a ranking any disabled heads would give")()
+    from_: str | None = Opt(None, metavar="HEADS.json", help="with --placebo: the heads.json the placebo is drawn "
+                                                             "against (no model is loaded, nothing is detected)")()
     gpus: float | None = Opt(None, help="GPUs of the detection task on the Ray cluster (default: 1 if the cluster "
                                         "has GPUs, else 0)")()
     cpus: float | None = Opt(None, help="CPUs (and torch threads) of the detection task (default: 1 with a GPU, "
@@ -177,6 +205,8 @@ class HeadsConfig(ModelOptions):
             raise AirRayError("--gpus must be >= 0 and --cpus > 0")
         if not 0 < self.top_frac <= 1:
             raise AirRayError("--top-frac must be in (0, 1]")
+        if self.placebo != (self.from_ is not None):
+            raise AirRayError("heads: --placebo and --from go together (--placebo --from HEADS.json)")
         if self.num_probes < 1 or self.probe_tokens < 32:
             raise AirRayError("--num-probes must be >= 1 and --probe-tokens >= 32")
 
@@ -229,7 +259,14 @@ class SelectConfig(Options):
     per_domain: bool = Opt(False, help="apply --top-k / --top-frac within each domain (ranks stay global)")()
     min_score: float | None = Opt(None, help="rows scoring below this are never selected")()
     by: str = Opt("score", choices=SELECT_BY,
-                  help="the value ranked (descending): the AIR score, or a heuristic baseline from the same run")()
+                  help="the value ranked (descending): score (the AIR score, relative: (L_ref - L_base) / L_base), "
+                       "delta (the absolute divergence L_ref - L_base, nats per token), or a heuristic baseline from "
+                       "the same run")()
+    balance: str | None = Opt(None, choices=BALANCE_BY,
+                              help="rank within quantile bins of this column over the pool (per domain with "
+                                   "--per-domain) and take each bin's share of the selection, so the selection keeps "
+                                   "the pool's profile of it (loss_base: its difficulty)")()
+    balance_bins: int = Opt(8, help="quantile bins of --balance")()
     seed: int = SEED(help="seed of --by random")
 
     def check(self) -> None:
@@ -241,6 +278,8 @@ class SelectConfig(Options):
             raise AirRayError(f"select: top_frac must be in (0, 1], got {self.top_frac!r}")
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise AirRayError(f"select: min_score must be a finite number, got {self.min_score!r}")
+        if self.balance_bins < 1:
+            raise AirRayError(f"select: balance_bins must be >= 1, got {self.balance_bins!r}")
 
 
 # the keys of rescore's nested `select:` and `detect:` mappings
@@ -296,6 +335,9 @@ class ReportConfig(CorpusOptions):
     selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection or "
                                            "<scores>/../selection when there)")()
     compare: str | None = Opt(None, help="output of `air-ray compare` (default: <scores>/compare when there)")()
+    placebo_scores: str | None = Opt(None, metavar="URI",
+                                     help="the same corpus scored with placebo heads (air-ray heads --placebo): "
+                                          "the report shows how much of the ranking they share")()
 
 
 @dataclass
@@ -358,16 +400,16 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
             raise AirRayError("--output must be a local directory (the checkpoint is written with save_pretrained)")
 
 
-# air-ray compare: the selection strategies; each is a `select --by` value trained as plain SFT, and
-# score_weighted is the score selection trained with its step weights
-COMPARE_STRATEGIES = (*(b for b in SELECT_BY if b != "random"), "score_weighted", "random")
+# air-ray compare: the selection strategies (air_ray.evaluation.compare.STRATEGIES says how each selects and trains)
+COMPARE_STRATEGIES = ("score", "score_balanced", "delta", "delta_balanced", "placebo", "loss_base", "entropy_base",
+                      "n_response_tokens", "score_weighted", "random", "matched_random")
 
 
 @dataclass
 class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
     """``air-ray compare``: equal-size selections by several strategies from one scoring run, one student
-    fine-tuned on each (same initial weights, hyperparameters and seed), every student evaluated on held-out rows
-    (``air_ray.evaluation``)."""
+    fine-tuned on each (same initial weights and hyperparameters), every student evaluated on held-out rows, each
+    strategy placed in the null of many random subsets (``air_ray.evaluation``)."""
 
     command = "compare"
     dtype: str = DTYPE(default="float32", help="the student's weights dtype (float32; --bf16 for mixed precision)")
@@ -378,9 +420,18 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
     output: str | None = OUTPUT(help="local directory for compare.json, compare.md, compare.png and runs/ "
                                      "(default: <scores>/compare, where `air-ray report` finds it)")
     strategies: list[str] = Opt(factory=lambda: list(COMPARE_STRATEGIES), choices=COMPARE_STRATEGIES,
-                                help="the selections compared (random is the reference of the paired differences)")()
+                                help="the selections compared: deterministic ones train once per --seeds; random and "
+                                     "matched_random are the nulls (--random-subsets students each); placebo needs "
+                                     "--placebo-scores and is left out of the default without it")()
+    placebo_scores: str | None = Opt(None, metavar="URI", help="the pool scored with placebo heads (air-ray heads "
+                                                               "--placebo): the placebo strategy selects from it")()
+    random_subsets: int = Opt(10, help="random subsets, one student each: the null every strategy is placed in")()
+    matched_subsets: int | None = Opt(None, help="difficulty-matched random subsets (random within loss_base bins; "
+                                                 "default: --random-subsets)")()
+    balance_bins: int = Opt(8, help="loss_base bins of the balanced strategies and of matched_random")()
     top_k: int = Opt(64, help="rows selected by every strategy")()
-    seeds: int = Opt(3, help="seeds 0..N-1; each seeds the training and the random selection")()
+    seeds: int = Opt(1, help="training seeds 0..N-1 of each deterministic strategy (random subset j trains with seed "
+                             "j mod N): the spread that matters is which subset, not the training order")()
     max_steps: int | None = Opt(None, help="optimiser steps (default: one pass over the selection)")()
     lr: float = Opt(5e-5, help="learning rate")()
     batch_size: int = Opt(8, help="rows per step")()
@@ -392,7 +443,14 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
         super().check()
         if not self.strategies or len(set(self.strategies)) != len(self.strategies):
             raise AirRayError("compare: --strategies must name each strategy once")
-        for name in ("top_k", "seeds", "eval_batch_size"):
+        if self.placebo_scores is None and "placebo" in self.strategies:
+            if self.strategies != list(COMPARE_STRATEGIES):
+                raise AirRayError("compare: the placebo strategy needs --placebo-scores (the pool scored with "
+                                  "`air-ray heads --placebo` heads)")
+            self.strategies = [s for s in self.strategies if s != "placebo"]  # the default, without a placebo run
+        if self.matched_subsets is None:
+            self.matched_subsets = self.random_subsets
+        for name in ("top_k", "seeds", "eval_batch_size", "random_subsets", "matched_subsets", "balance_bins"):
             if getattr(self, name) < 1:
                 raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_new_tokens < 0 or (self.eval_rows is not None and self.eval_rows < 1):

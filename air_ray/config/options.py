@@ -59,7 +59,8 @@ def warn(msg: str) -> None:
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """``--name-with-dashes``; a field named after a Python keyword ends in ``_`` (``from_``), its flag does not."""
+    return "--" + name.rstrip("_").replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class Options:
         """Every accepted key (option names and old spellings, with ``_``) -> the field name."""
         out = {}
         for f in cls.option_fields():
-            out[f.name] = f.name
+            out[f.name] = out[f.name.rstrip("_")] = f.name
             for a in opt_of(f).aliases:
                 out[a.replace("-", "_")] = f.name
         return out
@@ -203,8 +204,8 @@ class Options:
             key = str(k).replace("-", "_")
             if key not in keys:
                 raise AirRayError(f"{source}: unknown option {k!r}")
-            if keys[key] != key:
-                warn(f"{source}: {k!r} is deprecated; use {keys[key]!r}")
+            if key not in (keys[key], keys[key].rstrip("_")):
+                warn(f"{source}: {k!r} is deprecated; use {keys[key].rstrip('_')!r}")
             out[keys[key]] = v
         return out
 

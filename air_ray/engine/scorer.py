@@ -16,7 +16,7 @@ from air_ray.data.rows import PreparedRow, RowError, RowPreparer
 from air_ray.engine.ablation import check_heads
 from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
 from air_ray.errors import AirRayError
-from air_ray.influence import all_finite, influence
+from air_ray.influence import all_finite, copy_mask, influence
 from air_ray.models.families import family_of
 from air_ray.models.load import load_config, load_tokenizer, model_shape, resolve_device, resolve_dtype
 from air_ray.models.resolve import prepare_model
@@ -24,6 +24,7 @@ from air_ray.models.resolve import prepare_model
 SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
     "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base", "step_kinds",
+    "n_copy_tokens", "delta_copy",
 )
 
 
@@ -73,7 +74,6 @@ class Scorer:
             ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
             pad_id=pad_id, gpus=gpus, shard=shard, share_prefix=share_prefix))
         self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
-        self.step_temperature = float(opts.step_temperature)
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -116,8 +116,10 @@ class Scorer:
                 "n_prompt_tokens": p.n_prompt_tokens,
                 "n_response_tokens": p.n_response_tokens,
             }
-            row.update(influence(base, ref, p.token_starts, p.step_spans, self.step_temperature,
-                                 self.options.base_loss_floor))
+            ids = p.input_ids
+            copied = copy_mask(ids[:p.n_prompt_tokens], ids[p.n_prompt_tokens:])
+            row.update(influence(base, ref, p.token_starts, p.step_spans, self.options.weighting,
+                                 self.options.base_loss_floor, copied))
             row["truncated"] = p.truncated
             # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
             row["entropy_base"] = None if ent is None else float(np.mean(ent))
@@ -152,7 +154,11 @@ class Scorer:
             "steps": o.steps,
             "dtype": self.dtype,
             "backend": o.backend,
-            "step_temperature": self.step_temperature,
+            "step_weighting": o.step_weighting,
+            "step_strength": o.step_strength,
+            "step_weight_min": o.step_weight_min,
+            "step_weight_max": o.step_weight_max,
+            "step_temperature": o.step_temperature,
             "base_loss_floor": o.base_loss_floor,
             "version": air_ray.__version__,
         }

@@ -34,11 +34,43 @@ def heads_doc(*, model: str, fingerprint: str, shape: tuple[int, int, int, int],
     }
 
 
+def heads_fingerprint(doc: dict) -> str:
+    """A short hash of a heads document's content (which heads, of which model, found how); where and when it was
+    detected (``detected_on``) is not part of it."""
+    import hashlib
+
+    content = {k: v for k, v in doc.items() if k != "detected_on"}
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def placebo_doc(source: dict, seed: int, source_uri: str | None = None) -> dict:
+    """A heads document with as many heads as ``source`` marks critical, drawn uniformly at random (numpy's
+    ``default_rng(seed)``) among the heads it does not mark: scoring with it disables heads that were *not* found,
+    so its ranking shows how much of the real one any disabled heads would give. ``placebo: true``; the source's
+    fingerprint, heads and ablation check are kept under ``placebo_of``."""
+    L, H = int(source["num_layers"]), int(source["num_heads"])
+    critical = {(int(l), int(h)) for l, h in source["heads"]}
+    others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in critical]
+    if len(others) < len(critical):
+        raise AirRayError(f"heads --placebo: {len(critical)} critical heads of {L * H}: too few others to draw "
+                          "as many at random")
+    pick = np.random.default_rng(seed).choice(len(others), size=len(critical), replace=False)
+    doc = {k: v for k, v in source.items() if k not in ("ablation_check", "detected_on", "heads")}
+    doc["heads"] = sorted([int(others[i][0]), int(others[i][1])] for i in pick)
+    doc["placebo"] = True
+    doc["placebo_of"] = {"heads_fingerprint": heads_fingerprint(source), "uri": source_uri, "seed": int(seed),
+                         "heads": sorted([int(l), int(h)] for l, h in critical),
+                         "ablation_check": source.get("ablation_check")}
+    return doc
+
+
 def save_heads(path: str | Path, doc: dict) -> None:
-    """Write heads.json (atomically) and heads.png beside it."""
+    """Write heads.json (atomically) and heads.png beside it (when the document has every head's retrieval score:
+    a placebo drawn from a hand-written heads file has none)."""
     path = Path(path).resolve()
     write_bytes_atomic(local_fs(), str(path), json.dumps(doc, indent=1).encode())
-    plot_heads(doc, path.with_suffix(".png"))
+    if doc.get("scores"):
+        plot_heads(doc, path.with_suffix(".png"))
 
 
 def plot_heads(doc: dict, out: str | Path) -> None:
@@ -55,7 +87,8 @@ def plot_heads(doc: dict, out: str | Path) -> None:
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"retrieval score — {doc['model']} (red: critical, top {doc['top_frac']:.0%})", fontsize=9)
+    marked = "placebo, random non-critical" if doc.get("placebo") else f"critical, top {doc['top_frac']:.0%}"
+    ax.set_title(f"retrieval score — {doc['model']} (red: {marked})", fontsize=9)
     fig.colorbar(im, ax=ax, label="retrieval score")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

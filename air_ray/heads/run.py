@@ -71,3 +71,15 @@ def run_heads(cfg: HeadsConfig, detect=detect_heads) -> dict:
     save_heads(cfg.output, doc)
     print(f"[air-ray heads] wrote {cfg.output} and {cfg.output.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
     return doc
+
+
+def run_placebo(cfg: HeadsConfig) -> dict:
+    """``air-ray heads --placebo --from HEADS.json``: the placebo heads document (``artifact.placebo_doc``) written
+    into ``cfg.output`` (heads.png beside it); no model is loaded."""
+    from air_ray.heads.artifact import load_heads, placebo_doc, save_heads
+
+    doc = placebo_doc(load_heads(cfg.from_), cfg.seed, cfg.from_)
+    save_heads(cfg.output, doc)
+    print(f"[air-ray heads] wrote {cfg.output}: {len(doc['heads'])} placebo heads (seed {cfg.seed}) drawn among the "
+          f"heads {cfg.from_} does not mark critical", file=sys.stderr, flush=True)
+    return doc

@@ -11,8 +11,10 @@ from air_ray.errors import AirRayError
 
 
 def float_column(batch, name: str = "score") -> np.ndarray:
-    """Column ``name`` as float64 numpy, nulls as NaN (zero-copy when there are no nulls)."""
+    """Column ``name`` as float64 numpy, nulls as NaN (zero-copy when it is float64 without nulls)."""
     col = batch.column(name)
+    if col.type != pa.float64():
+        col = pc.cast(col, pa.float64())
     if col.null_count:
         col = pc.fill_null(col, np.nan)
     return np.asarray(col.to_numpy(zero_copy_only=False), np.float64)

@@ -64,6 +64,10 @@ SCORES = pa.schema([
     pa.field("entropy_base", pa.float64(), nullable=True),
     # appended (issue #15): the kind of each step: think | answer (step rule think) or text
     pa.field("step_kinds", pa.list_(pa.string()), nullable=True),
+    # appended (issue #25): response tokens whose (previous, this) token pair occurs in the prompt (the copying a
+    # retrieval head does), and the mean L_ref - L_base over them (null when none); air_ray.influence.copy_mask
+    pa.field("n_copy_tokens", pa.int32(), nullable=True),
+    pa.field("delta_copy", pa.float64(), nullable=True),
 ])
 
 REJECTED = pa.schema([
@@ -387,6 +391,15 @@ def find_selection(scores: str, selection: str | None, who: str = "report") -> t
     if required:
         raise AirRayError(f"{who}: no {SELECTION_FILES[1]} at {selection} (run `air-ray select` first)")
     return None, None
+
+
+def selection_ids(sel_dir: str) -> pa.Array | None:
+    """The ids of ``<sel_dir>/selection.parquet`` (None when it cannot be read)."""
+    try:
+        fs, path = url_to_fs(selection_parquet(sel_dir))
+        return pq.read_table(path, filesystem=fs, columns=["id"]).column("id").combine_chunks()
+    except Exception:
+        return None
 
 
 def selected_among(sel_dir: str | None, ids: list[str]) -> set[str] | None:

@@ -48,7 +48,8 @@ _BATCH_ROWS = 65_536
 
 TOP_KEYS = [("score", "descending"), ("id", "ascending")]
 BOTTOM_KEYS = [("score", "ascending"), ("id", "ascending")]
-_PASS1 = ["id", "score", "domain", "n_response_tokens"]
+_PASS1 = ["id", "score", "domain", "n_response_tokens", "loss_base", "loss_ref", "entropy_base", "n_copy_tokens",
+          "delta_copy"]
 _DETAIL = ["id", "domain", "source", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
            "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated"]
 
@@ -67,6 +68,10 @@ class Scan:
     domains: list                 # domain values (None = no domain) in order of first appearance
     top: pa.Table                 # id, score: the best K rows, best first
     bottom: pa.Table              # id, score: the worst K rows, worst first
+    loss_base: np.ndarray = field(default_factory=lambda: np.empty(0))  # float64
+    entropy: np.ndarray = field(default_factory=lambda: np.empty(0))    # float64, NaN for null
+    selected: np.ndarray | None = None  # bool: in the selection (None: no selection)
+    copy: dict = field(default_factory=dict)  # sums for the copy-token divergence (see ``copy_divergence``)
     files: list[str] = field(default_factory=list)
     metadata: dict | None = None  # the air_ray metadata of the first partition
 
@@ -75,20 +80,34 @@ class Scan:
         return len(self.scores)
 
 
-def scan(scores: ScoreFiles | str, k: int = K) -> Scan:
-    """Pass 1 over every partition of ``scores`` (a URI, or the partitions opened; see the module doc)."""
+def scan(scores: ScoreFiles | str, k: int = K, selected_ids: pa.Array | None = None) -> Scan:
+    """Pass 1 over every partition of ``scores`` (a URI, or the partitions opened; see the module doc);
+    ``selected_ids``: the selection's ids, to mark the selected rows."""
     if isinstance(scores, str):
         scores = open_scores(scores, "report")
     keys = DomainCodes()
-    s_parts, l_parts, d_parts = [], [], []
+    s_parts, l_parts, d_parts, lb_parts, ent_parts, sel_parts = [], [], [], [], [], []
+    copy = dict.fromkeys(("rows", "tokens", "copy_tokens", "copy_delta_sum", "delta_sum"), 0.0)
     top = bottom = None
     for batch in scores.batches(_PASS1, batch_size=_BATCH_ROWS, use_threads=True):
         s = float_column(batch)
         s_parts.append(s)
         ln = batch.column("n_response_tokens")
-        l_parts.append(np.asarray((pc.fill_null(ln, 0) if ln.null_count else ln)
-                                  .to_numpy(zero_copy_only=False), np.int32))
+        lengths = np.asarray((pc.fill_null(ln, 0) if ln.null_count else ln).to_numpy(zero_copy_only=False), np.int32)
+        l_parts.append(lengths)
         d_parts.append(keys.encode(batch.column("domain")).astype(np.int32))
+        lb, lr = float_column(batch, "loss_base"), float_column(batch, "loss_ref")
+        lb_parts.append(lb)
+        ent_parts.append(float_column(batch, "entropy_base"))
+        if selected_ids is not None:
+            sel_parts.append(pc.is_in(batch.column("id"), value_set=selected_ids).to_numpy(zero_copy_only=False))
+        n_copy, d_copy = float_column(batch, "n_copy_tokens"), np.nan_to_num(float_column(batch, "delta_copy"))
+        measured = ~np.isnan(n_copy) & np.isfinite(lb) & np.isfinite(lr)  # rows scored with the copy columns
+        copy["rows"] += float(measured.sum())
+        copy["tokens"] += float(lengths[measured].sum())
+        copy["copy_tokens"] += float(n_copy[measured].sum())
+        copy["copy_delta_sum"] += float((n_copy * d_copy)[measured].sum())
+        copy["delta_sum"] += float((lengths * (lr - lb))[measured].sum())
         ok = ~np.isnan(s)
         if batch.column("id").null_count:
             ok &= batch.column("id").is_valid().to_numpy(zero_copy_only=False)
@@ -109,7 +128,18 @@ def scan(scores: ScoreFiles | str, k: int = K) -> Scan:
 
     return Scan(scores=cat(s_parts, np.float64), lengths=cat(l_parts, np.int32),
                 domain_codes=cat(d_parts, np.int32), domains=list(keys.keys), top=top, bottom=bottom,
+                loss_base=cat(lb_parts, np.float64), entropy=cat(ent_parts, np.float64),
+                selected=None if selected_ids is None else cat(sel_parts, bool), copy=copy,
                 files=scores.files, metadata=meta)
+
+
+def copy_divergence(copy: dict) -> dict:
+    """Mean L_ref - L_base (nats per token) over the response tokens that copy the prompt
+    (``air_ray.influence.copy_mask``) and over the other response tokens, from ``Scan.copy``'s sums."""
+    rest = copy["tokens"] - copy["copy_tokens"]
+    return {"rows": int(copy["rows"]), "copy_tokens": int(copy["copy_tokens"]), "other_tokens": int(rest),
+            "delta_copy": copy["copy_delta_sum"] / copy["copy_tokens"] if copy["copy_tokens"] else None,
+            "delta_other": (copy["delta_sum"] - copy["copy_delta_sum"]) / rest if rest else None}
 
 
 def _details(scores: ScoreFiles, wanted: list[tuple[str, float]]) -> dict[tuple[str, float], dict]:
@@ -270,6 +300,181 @@ def plot_scatter(sc: Scan, out: Path) -> None:
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
+
+
+def plot_score_vs_loss(sc: Scan, out: Path) -> None:
+    """Score against the base model's loss, the selected rows marked: what the bias table says, row by row."""
+    from air_ray.outputs.stats import spearman
+
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    idx = np.flatnonzero(np.isfinite(sc.scores) & np.isfinite(sc.loss_base))
+    sampled = len(idx) > SCATTER_POINTS
+    if sampled:
+        idx = np.sort(np.random.default_rng(0).choice(idx, SCATTER_POINTS, replace=False))
+    if len(idx):
+        x, y = sc.loss_base[idx], sc.scores[idx]
+        size = 12 if len(idx) < 2000 else 3
+        chosen = sc.selected[idx] if sc.selected is not None else np.zeros(len(idx), bool)
+        ax.scatter(x[~chosen], y[~chosen], s=size, alpha=0.5, color="#999999",
+                   label="not selected" if sc.selected is not None else "rows")
+        if chosen.any():
+            ax.scatter(x[chosen], y[chosen], s=size + 6, alpha=0.8, color="crimson", label="selected")
+        ax.legend(loc="upper right", fontsize=8)
+        rho = spearman(sc.scores, sc.loss_base)
+        if np.nanmin(y) > 0 and np.nanmax(y) / np.nanmin(y) > 100:
+            ax.set_yscale("log")
+        title = "score vs loss_base" + (f": Spearman {rho:+.2f}" if rho is not None else "")
+    else:
+        ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
+        title = "score vs loss_base"
+    ax.set_xlabel("loss_base (nats per response token, base model)")
+    ax.set_ylabel("score")
+    ax.set_title(title + (f" ({SCATTER_POINTS:,} sampled rows)" if sampled else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# what the score selects: bias, placebo, copy tokens, step weights (issue #25)
+
+
+BIAS_ROWS = ("loss_base", "entropy_base", "n_response_tokens")
+
+
+def run_bias(sc: Scan) -> dict:
+    """The bias audit of the ``score`` column over every row of the run (the shape of ``selection.json``'s
+    ``bias``), for a report without a selection."""
+    from air_ray.outputs.stats import spearman
+
+    cols = {"loss_base": sc.loss_base, "entropy_base": sc.entropy, "n_response_tokens": sc.lengths.astype(np.float64)}
+    ok = np.isfinite(sc.scores)
+
+    def mean(v):
+        v = v[ok & np.isfinite(v)]
+        return float(v.mean()) if len(v) else None
+
+    return {"value": "score", "rows_candidates": int(ok.sum()), "sample": "every row with a score",
+            "spearman": {c: spearman(sc.scores, v) for c, v in cols.items()},
+            "pool_mean": {"score": mean(sc.scores), **{c: mean(v) for c, v in cols.items()}}}
+
+
+def _bias_html(bias: dict, from_selection: bool) -> str:
+    value = bias["value"]
+    pool, chosen = bias.get("pool_mean") or {}, bias.get("selected_mean") or {}
+    head = ["", f"Spearman with {value}", "pool mean"] + (["selected mean"] if from_selection else [])
+    rows = [[value, "–", pool.get(value)] + ([chosen.get(value)] if from_selection else [])]
+    rows += [[c, bias["spearman"].get(c), pool.get(c)] + ([chosen.get(c)] if from_selection else [])
+             for c in BIAS_ROWS]
+    where = (f"the selection's ranked value <code>{_e(value)}</code> (from selection.json)" if from_selection
+             else "the <code>score</code> column (no selection found)")
+    out = [f'<p>How {where} relates to the base model\'s loss and entropy and to the response length, over '
+           f'{_e(_fmt(bias.get("rows_candidates")))} rows ({_e(bias.get("sample"))}). A strongly negative rho with '
+           "<code>loss_base</code> means the ranking mostly prefers rows the model already predicts well; "
+           "<code>select --balance loss_base</code> keeps the pool's difficulty, <code>select --by delta</code> "
+           "ranks by the absolute divergence.</p>", _table(head, rows)]
+    if bias.get("warning"):
+        out.append(f'<p class="warnbox">{_e(bias["warning"])}</p>')
+    if bias.get("domains"):
+        dh = ["domain", "rows"] + [f"rho {c}" for c in BIAS_ROWS] + ["pool loss_base", "selected loss_base"]
+        out.append(_table(dh, [[d["domain"] or "(no domain)", d.get("rows_sampled")]
+                               + [d["spearman"].get(c) for c in BIAS_ROWS]
+                               + [d["pool_mean"].get("loss_base"), d["selected_mean"].get("loss_base")]
+                               for d in bias["domains"]]))
+    out.append('<div class="plots"><img src="score_vs_loss.png" alt="score vs loss_base, selected rows marked">'
+               "</div>")
+    return "".join(out)
+
+
+def placebo_agreement(real: ScoreFiles, placebo: ScoreFiles, ks: list[int]) -> dict:
+    """The real and the placebo run joined by id: Spearman of their scores (and of their deltas), the top-k
+    overlap of their rankings (and what chance would give: k^2 / n), and the mean divergence of each."""
+    from air_ray.outputs.stats import spearman, top_overlap
+
+    cols = ["id", "score", "loss_base", "loss_ref"]
+    a = real.table(cols)
+    b = placebo.table(cols)
+    a = a.filter(pc.is_finite(a.column("score")))
+    b = b.filter(pc.is_finite(b.column("score")))
+    joined = a.join(b, keys="id", right_suffix="_placebo", join_type="inner").combine_chunks()
+    n = joined.num_rows
+    if n == 0:
+        raise AirRayError("report --placebo-scores: no row id is in both runs")
+    joined = joined.sort_by("id")  # ties broken by id in both rankings
+    sr, sp = float_column(joined, "score"), float_column(joined, "score_placebo")
+    dr = float_column(joined, "loss_ref") - float_column(joined, "loss_base")
+    dp = float_column(joined, "loss_ref_placebo") - float_column(joined, "loss_base_placebo")
+    lb = float_column(joined, "loss_base")
+    overlap = [{"k": k, "shared": top_overlap(sr, sp, k), "chance": k * k / n} for k in sorted(set(ks)) if 0 < k <= n]
+    return {"rows": n, "rows_real": real.rows, "rows_placebo": placebo.rows,
+            "spearman_score": spearman(sr, sp), "spearman_delta": spearman(dr, dp),
+            "spearman_placebo_score_loss_base": spearman(sp, lb), "spearman_score_loss_base": spearman(sr, lb),
+            "mean_delta": float(np.nanmean(dr)), "mean_delta_placebo": float(np.nanmean(dp)),
+            "top_overlap": overlap, "scores": (sr, sp)}
+
+
+def _placebo_html(agree: dict | None, uri: str | None, heads_info: str) -> str:
+    if agree is None:
+        return ('<p class="note">No placebo run given. <code>air-ray heads --placebo --from heads.json --output '
+                'placebo.json</code>, score the same corpus with <code>--heads placebo.json</code>, then '
+                '<code>air-ray report --placebo-scores RUN</code> shows how much of this ranking any disabled heads '
+                'would give.</p>')
+    rows = [["rows in both runs", agree["rows"]],
+            ["Spearman(score, placebo score)", agree["spearman_score"]],
+            ["Spearman(delta, placebo delta)", agree["spearman_delta"]],
+            ["Spearman(score, loss_base)", agree["spearman_score_loss_base"]],
+            ["Spearman(placebo score, loss_base)", agree["spearman_placebo_score_loss_base"]],
+            ["mean delta, critical heads (nats/token)", agree["mean_delta"]],
+            ["mean delta, placebo heads (nats/token)", agree["mean_delta_placebo"]]]
+    overlap = _table(["top k", "shared with the placebo's top k", "by chance (k²/n)"],
+                     [[o["k"], o["shared"], o["chance"]] for o in agree["top_overlap"]])
+    return (f'<p>The same rows scored with placebo heads (<code>{_e(uri)}</code>{heads_info}): as many heads, drawn at '
+            "random among the non-critical ones. The closer the two rankings, the less of this one is specific to the "
+            "critical heads.</p>" + _table(["", "value"], rows) + overlap +
+            '<div class="plots"><img src="placebo.png" alt="score against the placebo score"></div>')
+
+
+def plot_placebo(agree: dict, out: Path) -> None:
+    fig = _figure(6, 4.5)
+    ax = fig.add_subplot()
+    sr, sp = agree["scores"]
+    if len(sr) > SCATTER_POINTS:
+        i = np.sort(np.random.default_rng(0).choice(len(sr), SCATTER_POINTS, replace=False))
+        sr, sp = sr[i], sp[i]
+    ax.scatter(sp, sr, s=8, alpha=0.5)
+    ax.set_xlabel("placebo score (random non-critical heads disabled)")
+    ax.set_ylabel("score (critical heads disabled)")
+    rho = agree["spearman_score"]
+    ax.set_title("score vs placebo score" + (f": Spearman {rho:+.2f}" if rho is not None else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def _copy_html(sc: Scan) -> str:
+    c = copy_divergence(sc.copy)
+    if not c["rows"]:
+        return ('<p class="note">These scores have no copy-token columns (scored before they existed): rescore to '
+                "see whether disabling the heads hits copying harder than the rest.</p>")
+    rows = [["copying the prompt", c["copy_tokens"], c["delta_copy"]], ["the other tokens", c["other_tokens"],
+                                                                      c["delta_other"]]]
+    return ("<p>The heads were chosen for retrieval: copying a token from the prompt. A response token copies when "
+            "it and the token before it occur together in the prompt. If disabling the heads weakens the model where "
+            "the method says, the mean divergence L_ref − L_base is larger on those tokens "
+            f"({_e(_fmt(c['rows']))} of {_e(_fmt(sc.n))} rows measured).</p>"
+            + _table(["response tokens", "tokens", "mean L_ref − L_base (nats)"], rows))
+
+
+def _weights_html(manifest: dict | None) -> str:
+    w = (manifest or {}).get("step_weights")
+    if not w:
+        return '<p class="note">No step-weight statistics (no <code>_manifest.json</code> with them).</p>'
+    share = w.get("effective_token_share") or {}
+    rows = [[w.get("rule"), w.get("rows"), share.get("p10"), share.get("median"), share.get("min"),
+             w.get("max_weight")]]
+    return ("<p>Step weights scale each response token's loss in step-weighted training. The effective token share "
+            "of a row is (Σnw)²/(Σnw²)/Σn over its steps: 1.0 when every token counts the same, 1/k when one of k "
+            "equal steps takes all the weight.</p>"
+            + _table(["rule", "rows", "share p10", "share median", "share min", "largest weight"], rows))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -535,7 +740,7 @@ def _run_html(scores: str, sc: Scan) -> str:
     meta = sc.metadata or {}
     bits = [f"scores <code>{_e(scores)}</code> ({len(sc.files)} partition{'s' * (len(sc.files) != 1)}, "
             f"{sc.n:,} rows)"]
-    for k in ("model", "model_fingerprint", "format", "steps", "dtype", "step_temperature", "version"):
+    for k in ("model", "model_fingerprint", "format", "steps", "dtype", "step_weighting", "version"):
         if meta.get(k) is not None:
             bits.append(f"{_e(k)} <code>{_e(meta[k])}</code>")
     return '<p class="meta">' + " · ".join(bits) + "</p>"
@@ -546,22 +751,41 @@ def _run_html(scores: str, sc: Scan) -> str:
 
 
 def write_report(scores: str, heads: str | None, output: str | os.PathLike, selection: str | None = None,
-                 k: int = K, corpus=None, compare: str | None = None) -> str:
+                 k: int = K, corpus=None, compare: str | None = None, placebo_scores: str | None = None) -> str:
     """Write ``output/index.html`` (and its images) for the scores at ``scores``; returns the page's path.
     ``corpus``: options with the field map and think tags used for scoring (``ReportConfig``); ``compare``: the
-    output of ``air-ray compare`` (default: ``<scores>/compare`` when there)."""
+    output of ``air-ray compare`` (default: ``<scores>/compare`` when there); ``placebo_scores``: the same corpus
+    scored with placebo heads (``air-ray heads --placebo``)."""
     from air_ray.fsio import local_fs, write_bytes_atomic
     from air_ray.heads.artifact import load_heads, plot_heads
+    from air_ray.outputs.layout import RunLayout, selection_ids
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise AirRayError(f"report: output {output} is not a directory")
     heads_doc = load_heads(str(heads)) if heads else None
     files = open_scores(scores, "report")
-    sc = scan(files, k)
+    placebo = open_scores(placebo_scores, "report --placebo-scores") if placebo_scores else None
     sel, sel_dir = find_selection(scores, selection)
+    sc = scan(files, k, selection_ids(sel_dir) if sel_dir else None)
     out.mkdir(parents=True, exist_ok=True)
     compared = _compare_html(scores, compare, out)
+    bias = (sel or {}).get("bias")
+    bias_html = _bias_html(bias, True) if bias else _bias_html(run_bias(sc), False)
+    plot_score_vs_loss(sc, out / "score_vs_loss.png")
+    agree, heads_info = None, ""
+    if placebo is not None:
+        n_ok = int(np.isfinite(sc.scores).sum())
+        ks = [(sel or {}).get("counts", {}).get("rows_selected") or 0] + [math.ceil(f * n_ok) for f in (0.05, 0.1, 0.2)]
+        agree = placebo_agreement(files, placebo, ks)
+        plot_placebo(agree, out / "placebo.png")
+        pmeta = placebo.metadata() or {}
+        if pmeta.get("heads") is not None:
+            heads_info = "; heads " + ", ".join(f"L{int(l)}.H{int(h)}" for l, h in pmeta["heads"])
+    try:
+        manifest = RunLayout(scores).read_manifest()
+    except Exception:  # a folder of partitions without a run around it
+        manifest = None
 
     # plots
     heatmap = False
@@ -620,6 +844,14 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
 {_run_html(scores, sc)}
 <h2 id="selection">Selection</h2>
 {_selection_html(sel, sel_dir)}
+<h2 id="bias">What the ranking favours</h2>
+{bias_html}
+<h2 id="placebo">Placebo heads</h2>
+{_placebo_html(agree, placebo_scores, heads_info)}
+<h2 id="copy">Where disabling the heads hurts</h2>
+{_copy_html(sc)}
+<h2 id="weights">Step weights</h2>
+{_weights_html(manifest)}
 {compared}
 <h2 id="heads">Reasoning-critical heads</h2>
 {_heads_html(heads_doc, heads, heatmap, sc.metadata)}

@@ -25,21 +25,36 @@ Semantics
   restarts per domain.
 * ``threshold_score`` is the lowest selected score (null when nothing is selected); each domain entry has its
   own lowest selected score.
+* ``--by``: the value ranked (the ``score`` column of ``selection.parquet`` holds it): ``score`` (the AIR score),
+  ``delta`` (``loss_ref - loss_base``), a heuristic column, or ``random`` (a seeded hash of the id).
+* ``--balance COLUMN --balance-bins B``: the candidates of each domain group (one group unless ``per_domain``) are
+  cut at the ``j/B`` quantiles of ``COLUMN`` (numpy's linear interpolation; a row equal to an edge goes to the
+  upper bin); the group's ``k`` is split over its bins in proportion to their candidates (largest remainder, ties to
+  the lower bin, never more than a bin holds); each bin's best rows are selected; the union is ranked globally as
+  above. A row whose ``COLUMN`` is null is no candidate (counted in ``rows_nan``). ``selection.json["balance"]``
+  has each group's edges and per-bin candidates, k and rows selected.
+* ``bias`` (every run): Spearman's rho of the value ranked with ``loss_base``, ``entropy_base`` and
+  ``n_response_tokens`` over the candidates, the candidates' and the selected rows' means of each (and the same
+  per domain when there are several). rho is computed on every candidate among at most ``BIAS_SAMPLE`` (200,000)
+  evenly spaced rows of the footers' order (exact for smaller runs); the means are exact. When the value is
+  ``score`` or ``delta``, unbalanced, and ``|rho(value, loss_base)| >= 0.5``, ``bias.warning`` says so and
+  ``select`` prints it as one warning line naming ``--balance loss_base``.
 
 Algorithm and memory
 --------------------
 Two streaming passes over record batches, reading only the needed columns (never a Python object per row):
 
-1. ``score`` and ``domain``: counts per domain (total / NaN / below min_score / candidates) and the candidate
-   scores as float64 numpy: written straight into one array preallocated from the row count of the Parquet
-   footers (8 bytes per row, e.g. 80 MB for 10 M rows); with ``per_domain`` kept as chunks per domain and
-   then copied domain by domain into one array (up to 16 bytes per candidate for a moment). These give ``n`` per
-   group, hence ``k`` per group, and the exact ``k``-th largest score per group (``numpy.partition``, in place),
-   the exact quantiles (numpy's default linear interpolation) and the histogram (100 fixed bins between the
-   smallest and largest finite candidate score).
-2. ``id``, ``score`` and ``domain``: a row can only be selected if its score is >= its group's ``k``-th largest
-   score, so each batch is first cut down to those rows with a vectorised comparison. The survivors are
-   exactly the selected rows plus ties at the threshold score; when ties make a group's buffer exceed
+1. the value, ``domain`` and the bias columns: counts per domain (total / NaN / below min_score / candidates),
+   the bias sums and sample, and the candidate values as float64 numpy: written straight into one array
+   preallocated from the row count of the Parquet footers (8 bytes per row, e.g. 80 MB for 10 M rows); with
+   ``per_domain`` or ``balance`` kept as chunks of (value, domain code, balance value) and joined after the pass
+   (up to ~40 bytes per candidate while the groups are cut and sorted). These give ``n`` per group, hence ``k``
+   per group, and the exact ``k``-th largest value per group (``numpy.partition``, in place), the exact quantiles
+   (numpy's default linear interpolation) and the histogram (100 fixed bins between the smallest and largest
+   finite candidate value).
+2. ``id``, the value, ``domain`` and the bias columns: a row can only be selected if its value is >= its
+   group's ``k``-th largest, so each batch is first cut down to those rows with a vectorised comparison. The
+   survivors are exactly the selected rows plus ties at the threshold; when ties make a group's buffer exceed
    ``max(2k, 65536)`` rows it is reduced back to the exact top ``k`` with ``pyarrow.compute.select_k_unstable``
    on (score desc, id asc). Memory is therefore O(k) Arrow rows (ids included) + 8 bytes per candidate score
    + a few record batches, whatever the number of rows or the ties.
@@ -63,18 +78,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from air_ray.config.commands import SELECT_BY, SelectConfig
+from air_ray.config.commands import SelectConfig
+from air_ray.config.options import warn
 from air_ray.errors import AirRayError
 from air_ray.fsio import url_to_fs, with_protocol, write_bytes_atomic
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
 from air_ray.outputs.layout import SCORES, SELECTION, SELECTION_FILES, ScoreFiles, open_scores, \
     with_metadata, write_table_atomic
+from air_ray.outputs.stats import spearman
 
 QUANTILES = (("p0", 0.0), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90),
              ("p99", 0.99), ("p100", 1.0))
 HIST_BINS = 100
 SORT_KEYS = [("score", "descending"), ("id", "ascending")]
-BY = SELECT_BY
+BIAS_COLUMNS = ("loss_base", "entropy_base", "n_response_tokens")  # what the bias audit relates the ranking to
+BIAS_SAMPLE = 200_000  # Spearman's rho over at most this many evenly spaced candidate rows
+BIAS_WARN = 0.5  # |rho(value, loss_base)| from which select warns (ranking by score or delta, unbalanced)
+# the columns ``--by`` reads to make the value ranked ("random": a seeded hash of the id)
+_VALUE_COLUMNS = {"score": ("score",), "delta": ("loss_ref", "loss_base"), "random": ("id",)}
 
 # Streaming knobs (module level so tests can shrink them to exercise many batches and compactions).
 _BATCH_ROWS = 65_536
@@ -82,29 +103,30 @@ _COMPACT_MIN = 65_536
 _FRAGMENT_READAHEAD = 2
 _BATCH_READAHEAD = 4
 
-# The columns read, with the types of the SCORES schema (the scanner casts compatible physical types).
-_READ_SCHEMA = pa.schema([SCORES.field("id"), SCORES.field("domain"), SCORES.field("score")])
 
-
-def select(cfg: SelectConfig) -> dict:
+def select(cfg: SelectConfig, quiet: bool = False) -> dict:
     """Rank every scores partition globally, write the selection and return its summary (see module doc):
-    pass 1 (counts and candidate scores) -> thresholds per group -> pass 2 (rows at or above them) -> rank ->
-    summary -> files."""
+    pass 1 (counts, candidate values, bias sums and sample) -> thresholds per group -> pass 2 (rows at or above
+    them) -> rank -> summary -> files. ``quiet``: the bias warning goes into the summary only, not to stderr."""
     cfg = cfg.validate()
     by = (cfg.by, int(cfg.seed))
-    columns = _READ_SCHEMA.names + ([] if cfg.by in ("score", "random") else [cfg.by])
-    scores = open_scores(cfg.scores, "select", columns=columns, require=columns)
+    value_columns = list(_VALUE_COLUMNS.get(cfg.by, (cfg.by,)))
+    require = list(dict.fromkeys(["id", *value_columns] + ([cfg.balance] if cfg.balance else [])))
+    columns = list(dict.fromkeys(["id", "domain", *value_columns, *BIAS_COLUMNS]))
+    scores = open_scores(cfg.scores, "select", columns=columns, require=require)
     counted = _count(scores, cfg, by)
     groups = _thresholds(counted, cfg)
     kept = _keep(scores, cfg, by, counted.domains, groups) if groups.active.any() else {}
-    selection = _rank(kept, groups.k)
-    summary = _summary(cfg, scores, counted, groups, selection)
+    selection, covariates = _rank(kept, groups.k)
+    summary = _summary(cfg, scores, counted, groups, selection, covariates)
     _write(cfg.output, selection, summary)
+    if summary["bias"].get("warning") and not quiet:
+        warn(summary["bias"]["warning"])
     return summary
 
 
 # ------------------------------------------------------------------------------------------------------
-# pass 1: counts per domain and the candidate scores of each selection group
+# pass 1: counts per domain, the candidates' values (and group and balance value), the bias sums and sample
 
 
 @dataclass
@@ -113,33 +135,41 @@ class _Counted:
     totals: "_Counter"
     nans: "_Counter"
     belows: "_Counter"
-    group_n: np.ndarray  # [groups] candidates per selection group (one group unless per_domain)
-    scores: np.ndarray  # every candidate score, one contiguous slice per group (in group order)
+    scores: np.ndarray  # [candidates] the value ranked
+    dom: np.ndarray | None  # [candidates] domain code (per_domain or balance only)
+    bal: np.ndarray | None  # [candidates] the --balance column (balance only)
+    bias: "_Bias"
 
 
 def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
-    """Global: the candidate scores go straight into one preallocated float64 array (rows from the footers).
-    Per domain: numpy chunks per domain, then copied group by group into one array (chunks freed as copied)."""
+    """Unbalanced, not per domain: the candidate values go straight into one preallocated float64 array (rows
+    from the footers). Otherwise numpy chunks of value, domain code and balance value, joined at the end."""
     footer_rows = scores.rows
     min_score = cfg.min_score
     domains = DomainCodes()  # domain value (None for null) -> dense id
     totals, nans, belows = _Counter(), _Counter(), _Counter()
-    flat = None if cfg.per_domain else np.empty(footer_rows, np.float64)
+    grouped = cfg.per_domain or cfg.balance is not None
+    flat = None if grouped else np.empty(footer_rows, np.float64)
     n_flat = 0
-    chunks: dict[int, list[np.ndarray]] = {}  # domain id -> candidate scores (per_domain only)
-    for batch in _batches(scores, ["score", "domain"], by):
+    parts: list[tuple] = []  # (values, domain codes, balance values) of each batch's candidates (grouped only)
+    bias = _Bias(footer_rows)
+    for batch in _batches(scores, ["score", "domain", *BIAS_COLUMNS], by):
         s = float_column(batch)
         gid = domains.encode(batch.column("domain"))
         valid = ~np.isnan(s)
+        bal = None
+        if cfg.balance is not None:
+            bal = float_column(batch, cfg.balance)
+            valid &= ~np.isnan(bal)  # a row that cannot be put in a bin is no candidate (counted with the NaNs)
         cand = valid if min_score is None else valid & (s >= min_score)
         totals.add(gid)
         nans.add(gid[~valid])
         if min_score is not None:
             belows.add(gid[valid & ~cand])
-        if cfg.per_domain:
+        bias.add(batch, s, gid, cand)
+        if grouped:
             if cand.any():
-                for g, part in _split(gid[cand], s[cand]):
-                    chunks.setdefault(g, []).append(part)
+                parts.append((s[cand], gid[cand], None if bal is None else bal[cand]))
         else:
             m = int(np.count_nonzero(cand))
             if n_flat + m > footer_rows:
@@ -152,57 +182,124 @@ def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
         raise AirRayError("select --by entropy_base: no row has an entropy_base value (scores made with "
                           "--backend vllm have none: vLLM returns no full next-token distribution)")
     pa.default_memory_pool().release_unused()  # the allocator keeps freed batch memory otherwise
+    if not grouped:
+        return _Counted(domains, totals, nans, belows, flat[:n_flat], None, None, bias)
 
-    if not cfg.per_domain:
-        return _Counted(domains, totals, nans, belows, np.array([n_flat], np.int64), flat[:n_flat])
-    group_n = np.zeros(len(domains), np.int64)
-    for g, parts in chunks.items():
-        group_n[g] = sum(len(p) for p in parts)
-    allscores = np.empty(int(group_n.sum()), np.float64)
-    off = 0
-    for g in range(len(domains)):
-        parts = chunks.pop(g, [])
-        while parts:
-            p = parts.pop(0)
-            allscores[off:off + len(p)] = p
-            off += len(p)
-    return _Counted(domains, totals, nans, belows, group_n, allscores)
+    def cat(i, dtype):
+        return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype)
+
+    values, dom = cat(0, np.float64), cat(1, np.int64)
+    bal = cat(2, np.float64) if cfg.balance is not None else None
+    return _Counted(domains, totals, nans, belows, values, dom, bal, bias)
 
 
 # ------------------------------------------------------------------------------------------------------
-# thresholds: k per group and the k-th largest score
+# thresholds: the selection groups (domain x balance bin), k per group and its k-th largest value
 
 
 @dataclass
 class _Groups:
     k: np.ndarray  # [groups] rows to select
-    thresh: np.ndarray  # [groups] a row of group g is kept in pass 2 iff active[g] and score >= thresh[g]
+    thresh: np.ndarray  # [groups] a row of group g is kept in pass 2 iff active[g] and value >= thresh[g]
     active: np.ndarray  # [groups] k > 0
+    n: np.ndarray  # [groups] candidates
+    bins: int = 1  # balance bins per domain group (group = domain group * bins + bin)
+    edges: dict = field(default_factory=dict)  # domain group -> [bins - 1] inner bin edges of the balance column
     histogram: dict = field(default_factory=dict)
     quantiles: dict = field(default_factory=dict)
 
 
+def _k_of(cfg: SelectConfig, n: int) -> int:
+    if cfg.top_k is not None:
+        return min(cfg.top_k, n)
+    return min(n, math.ceil(Fraction(str(float(cfg.top_frac))) * n))
+
+
+def split_quota(k: int, sizes: np.ndarray) -> np.ndarray:
+    """``k`` split over bins in proportion to their ``sizes`` (largest remainder; ties to the lower bin), never
+    more than a bin holds."""
+    sizes = np.asarray(sizes, np.int64)
+    total = int(sizes.sum())
+    k = min(k, total)
+    if total == 0 or k <= 0:
+        return np.zeros(len(sizes), np.int64)
+    exact = [Fraction(k * int(n), total) for n in sizes]
+    quota = np.array([math.floor(e) for e in exact], np.int64)
+    left = k - int(quota.sum())
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - quota[i]), i))
+    for i in order[:left]:
+        quota[i] += 1
+    return quota
+
+
 def _thresholds(c: _Counted, cfg: SelectConfig) -> _Groups:
-    """The exact k-th largest score per group (``numpy.partition`` in place), then the histogram and the
-    quantiles from the same array, which is dropped after."""
-    frac = None if cfg.top_frac is None else Fraction(str(float(cfg.top_frac)))
-
-    def k_of(n: int) -> int:
-        return min(cfg.top_k, n) if cfg.top_k is not None else min(n, math.ceil(frac * n))
-
-    k = np.array([k_of(int(n)) for n in c.group_n], np.int64)
-    thresh = np.full(len(k), -np.inf if cfg.min_score is None else cfg.min_score)  # NaN compares False
-    off = 0
-    for g, n in enumerate(c.group_n.tolist()):
-        if 0 < k[g] < n:
-            view = c.scores[off:off + n]
-            view.partition(n - int(k[g]))  # in place: view[n - k] is the k-th largest score
-            thresh[g] = view[n - int(k[g])]
-        off += n
-    groups = _Groups(k=k, thresh=thresh, active=k > 0, histogram=_histogram(c.scores),
-                     quantiles=_quantiles(c.scores))
+    """The groups, k per group and the exact k-th largest value per group (``numpy.partition``, in place), then
+    the histogram and quantiles from the same array, which is dropped after."""
+    histogram, quantiles = _histogram(c.scores), None
+    floor = -np.inf if cfg.min_score is None else cfg.min_score  # NaN compares False
+    if c.dom is None:  # one group
+        n = len(c.scores)
+        k = np.array([_k_of(cfg, n)], np.int64)
+        thresh = np.array([floor])
+        if 0 < k[0] < n:
+            c.scores.partition(n - int(k[0]))  # in place: [n - k] is the k-th largest
+            thresh[0] = c.scores[n - int(k[0])]
+        groups = _Groups(k=k, thresh=thresh, active=k > 0, n=np.array([n], np.int64))
+    else:
+        groups = _grouped_thresholds(c, cfg, floor)
+    groups.histogram, groups.quantiles = histogram, quantiles or _quantiles(c.scores)
     c.scores = np.empty(0, np.float64)
+    c.dom = c.bal = None
     return groups
+
+
+def _grouped_thresholds(c: _Counted, cfg: SelectConfig, floor: float) -> _Groups:
+    n_dom = max(len(c.domains), 1)
+    dgroup = c.dom if cfg.per_domain else np.zeros(len(c.scores), np.int64)
+    n_d = np.bincount(dgroup, minlength=n_dom) if len(dgroup) else np.zeros(n_dom, np.int64)
+    k_d = np.array([_k_of(cfg, int(n)) for n in n_d], np.int64) if cfg.per_domain else \
+        np.array([_k_of(cfg, int(n_d.sum()))] + [0] * (n_dom - 1), np.int64)
+    bins = cfg.balance_bins if cfg.balance is not None else 1
+    edges: dict = {}
+    sub = dgroup * bins
+    if bins > 1:
+        for g in np.flatnonzero(n_d):
+            m = dgroup == g
+            edges[int(g)] = np.quantile(c.bal[m], [j / bins for j in range(1, bins)])
+            sub[m] += np.searchsorted(edges[int(g)], c.bal[m], side="right")
+    n_groups = n_dom * bins
+    n = np.bincount(sub, minlength=n_groups) if len(sub) else np.zeros(n_groups, np.int64)
+    k = np.zeros(n_groups, np.int64)
+    for g in range(n_dom):
+        k[g * bins:(g + 1) * bins] = split_quota(int(k_d[g]), n[g * bins:(g + 1) * bins])
+    order = np.argsort(sub, kind="stable")
+    values = c.scores[order]
+    del order
+    thresh = np.full(n_groups, floor)
+    off = 0
+    for g in range(n_groups):
+        size = int(n[g])
+        if 0 < k[g] < size:
+            view = values[off:off + size]
+            view.partition(size - int(k[g]))
+            thresh[g] = view[size - int(k[g])]
+        off += size
+    return _Groups(k=k, thresh=thresh, active=k > 0, n=n, bins=bins, edges=edges)
+
+
+def _group_of(batch, cfg: SelectConfig, domains: DomainCodes, groups: _Groups) -> tuple[np.ndarray, np.ndarray]:
+    """(selection group of each row of a pass-2 batch, whether the row can be a candidate at all)."""
+    rows = batch.num_rows
+    dgroup = domains.encode(batch.column("domain"), grow=False) if cfg.per_domain else np.zeros(rows, np.int64)
+    ok = np.ones(rows, bool)
+    sub = dgroup * groups.bins
+    if cfg.balance is not None:
+        bal = float_column(batch, cfg.balance)
+        ok = ~np.isnan(bal)
+        for g, inner in groups.edges.items():
+            m = dgroup == g
+            sub[m] += np.searchsorted(inner, bal[m], side="right")
+    return sub, ok
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -211,22 +308,24 @@ def _thresholds(c: _Counted, cfg: SelectConfig) -> _Groups:
 
 def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, groups: _Groups) -> dict[int, list]:
     """``{group: [tables]}`` holding that group's best ``k`` rows (and ties, cut back to ``k`` whenever a
-    group's buffer exceeds ``max(2k, _COMPACT_MIN)`` rows)."""
+    group's buffer exceeds ``max(2k, _COMPACT_MIN)`` rows), with the bias columns."""
     buffers: dict[int, list[pa.Table]] = {}
     buffered = np.zeros(len(groups.k), np.int64)
     seen = 0
-    for batch in _batches(scores, ["id", "score", "domain"], by):
+    single = len(groups.k) == 1
+    for batch in _batches(scores, ["id", "score", "domain", *BIAS_COLUMNS], by):
         seen += batch.num_rows
         s = float_column(batch)
-        if cfg.per_domain:
-            gid = domains.encode(batch.column("domain"), grow=False)
-            keep = groups.active[gid] & (s >= groups.thresh[gid])
-        else:
+        if single:
+            gid = None
             keep = s >= groups.thresh[0]
+        else:
+            gid, ok = _group_of(batch, cfg, domains, groups)
+            keep = ok & groups.active[gid] & (s >= groups.thresh[gid])
         if not keep.any():
             continue
         kept = pa.Table.from_batches([batch.filter(pa.array(keep))])
-        parts = _split(gid[keep], np.arange(kept.num_rows)) if cfg.per_domain else [(0, None)]
+        parts = [(0, None)] if single else _split(gid[keep], np.arange(kept.num_rows))
         for g, rows in parts:
             t = kept if rows is None else kept.take(pa.array(rows))
             buffers.setdefault(g, []).append(t)
@@ -240,45 +339,146 @@ def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, group
     return buffers
 
 
-def _rank(buffers: dict[int, list], k: np.ndarray) -> pa.Table:
-    """The kept rows, best ``k`` per group, sorted by (score desc, id asc) and numbered 1..N: SELECTION."""
-    picked = [top_k(buffers.pop(g), int(k[g]), SORT_KEYS) for g in sorted(buffers)]
+def _rank(buffers: dict[int, list], k: np.ndarray) -> tuple[pa.Table, dict]:
+    """The kept rows, best ``k`` per group, sorted by (value desc, id asc) and numbered 1..N: (SELECTION, the
+    selected rows' bias columns as numpy and their group)."""
+    picked = [_tag(top_k(buffers.pop(g), int(k[g]), SORT_KEYS), g) for g in sorted(buffers)]
     # one chunk: Arrow's multi-key sort is several times slower over many chunks
-    table = pa.concat_tables(picked).combine_chunks() if picked else _READ_SCHEMA.empty_table()
+    if picked:
+        table = pa.concat_tables(picked).combine_chunks()
+    else:
+        table = pa.schema([SCORES.field("id"), SCORES.field("domain"), pa.field("score", pa.float64()),
+                           *(SCORES.field(c) for c in BIAS_COLUMNS), pa.field("_group", pa.int64())]).empty_table()
     del picked
     table = table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
     if table.column("id").null_count:
         raise AirRayError("select: a selected row has a null id")
     n = table.num_rows
-    return pa.Table.from_arrays(
+    selection = pa.Table.from_arrays(
         [table.column("id").combine_chunks(), table.column("score").combine_chunks(),
          pa.array(np.arange(1, n + 1, dtype=np.int64)), table.column("domain").combine_chunks()],
         schema=SELECTION)
+    covariates = {c: float_column(table, c) for c in ("score", *BIAS_COLUMNS)}
+    covariates["_group"] = table.column("_group").to_numpy()
+    return selection, covariates
+
+
+def _tag(t: pa.Table, g: int) -> pa.Table:
+    return t.append_column("_group", pa.array(np.full(t.num_rows, g, np.int64)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the bias audit: how the value ranked relates to the base model's loss, entropy and the response length
+
+
+class _Bias:
+    """Pass 1's share of the audit: per domain, the candidates' sums and counts of the value and each bias column
+    (for the pool means), and an evenly spaced sample of at most ``BIAS_SAMPLE`` rows of the file footers' order,
+    kept where they are candidates (for Spearman's rho; exact when the pool is no larger)."""
+
+    def __init__(self, footer_rows: int):
+        self.total = footer_rows
+        self.m = min(footer_rows, BIAS_SAMPLE)
+        self.offset = 0
+        self.sums: dict[str, _Counter] = {c: _Counter(float) for c in ("score", *BIAS_COLUMNS)}
+        self.counts: dict[str, _Counter] = {c: _Counter() for c in ("score", *BIAS_COLUMNS)}
+        self.sample: list[dict] = []
+
+    def add(self, batch, s: np.ndarray, gid: np.ndarray, cand: np.ndarray) -> None:
+        cols = {"score": s, **{c: float_column(batch, c) for c in BIAS_COLUMNS}}
+        for c, v in cols.items():
+            ok = cand & np.isfinite(v)  # means of finite values (a +-inf score is ranked, not averaged)
+            self.sums[c].add(gid[ok], v[ok])
+            self.counts[c].add(gid[ok])
+        i = np.arange(self.offset, self.offset + len(s), dtype=np.int64)
+        self.offset += len(s)
+        if self.m < self.total:  # row i is sampled iff i = floor(j * N / m) for some j < m
+            j = (i * self.m + self.total - 1) // self.total
+            in_sample = (j < self.m) & ((j * self.total) // self.m == i)
+        else:
+            in_sample = np.ones(len(s), bool)
+        take = in_sample & cand
+        if take.any():
+            self.sample.append({"gid": gid[take], **{c: v[take] for c, v in cols.items()}})
+
+    def summary(self, cfg: SelectConfig, domains: DomainCodes, selected: dict, n_candidates: int) -> dict:
+        sample = {c: np.concatenate([p[c] for p in self.sample]) if self.sample else np.empty(0)
+                  for c in ("gid", "score", *BIAS_COLUMNS)}
+        sel_dom = domains.encode(pa.array(selected["domain"], pa.string()), grow=False) \
+            if len(selected["domain"]) else np.empty(0, np.int64)
+
+        def entry(gids: list[int] | None) -> dict:
+            m = np.ones(len(sample["gid"]), bool) if gids is None else np.isin(sample["gid"], gids)
+            ms = np.ones(len(sel_dom), bool) if gids is None else np.isin(sel_dom, gids)
+            rho = {c: _num4(spearman(sample["score"][m], sample[c][m])) for c in BIAS_COLUMNS}
+            pool = {}
+            for c in ("score", *BIAS_COLUMNS):
+                tot = sum(self.sums[c].get(g) for g in (range(len(domains)) if gids is None else gids))
+                cnt = sum(self.counts[c].get(g) for g in (range(len(domains)) if gids is None else gids))
+                pool[c] = _num(tot / cnt) if cnt else None
+            chosen = {}
+            for c in ("score", *BIAS_COLUMNS):
+                v = selected[c][ms]
+                v = v[np.isfinite(v)]
+                chosen[c] = _num(float(v.mean())) if len(v) else None
+            return {"rows_sampled": int(m.sum()), "spearman": rho,
+                    "pool_mean": _rename(pool, cfg.by), "selected_mean": _rename(chosen, cfg.by)}
+
+        out = {"value": cfg.by, "rows_candidates": n_candidates, "sample": "every candidate" if self.m >= self.total
+               else f"every candidate among {self.m:,} evenly spaced rows of {self.total:,}", **entry(None)}
+        if len(domains) > 1:
+            out["domains"] = [dict(domain=domains.keys[g], **entry([g])) for g in range(len(domains))]
+        rho = out["spearman"]["loss_base"]
+        if cfg.by in ("score", "delta") and cfg.balance is None and rho is not None and abs(rho) >= BIAS_WARN:
+            pool, chosen = out["pool_mean"]["loss_base"], out["selected_mean"]["loss_base"]
+            means = "" if pool is None or chosen is None else \
+                f" (selected mean loss_base {chosen:.3g}, the pool's {pool:.3g})"
+            out["warning"] = (f"select --by {cfg.by}: Spearman {rho:+.2f} with loss_base over the pool: the selection "
+                              f"favours rows the base model finds {'easy' if rho < 0 else 'hard'}{means}; "
+                              "--balance loss_base ranks within loss_base bins and keeps the pool's difficulty")
+        return out
+
+
+def _rename(means: dict, by: str) -> dict:
+    """The value's mean under its own name (``score``, ``delta``, ...) beside the bias columns."""
+    out = {c: v for c, v in means.items() if c != "score"}
+    if by not in BIAS_COLUMNS:
+        out = {by: means["score"], **out}
+    return out
+
+
+def _num4(x):
+    return None if x is None else round(float(x), 4)
 
 
 # ------------------------------------------------------------------------------------------------------
 # summary and files
 
 
-def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table) -> dict:
+def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table,
+             covariates: dict) -> dict:
     out_fs, out_root = url_to_fs(cfg.output)
     sel_by_domain = _selected_by_domain(selection)
+    bins = groups.bins
     dom_rows = []
     for d, key in enumerate(c.domains.keys):
         total, nan, below = c.totals.get(d), c.nans.get(d), c.belows.get(d)
         n_sel_d, thr_d = sel_by_domain.get(key, (0, None))
         dom_rows.append({
             "domain": key, "rows_total": total, "rows_nan": nan, "rows_below_min_score": below,
-            "rows_candidates": total - nan - below, "k": int(groups.k[d]) if cfg.per_domain else None,
+            "rows_candidates": total - nan - below,
+            "k": int(groups.k[d * bins:(d + 1) * bins].sum()) if cfg.per_domain else None,
             "rows_selected": n_sel_d, "threshold_score": _num(thr_d),
         })
     dom_rows.sort(key=lambda r: (r["domain"] is not None, r["domain"] or ""))
     n_sel = selection.num_rows
+    n_cand = int(groups.n.sum())
     threshold = float(pc.min(selection.column("score")).as_py()) if n_sel else None
-    return {
+    selected = dict(covariates, domain=selection.column("domain").to_pylist())
+    summary = {
         "counts": {
             "rows_total": int(c.totals.total()), "rows_nan": int(c.nans.total()),
-            "rows_below_min_score": int(c.belows.total()), "rows_candidates": int(c.group_n.sum()),
+            "rows_below_min_score": int(c.belows.total()), "rows_candidates": n_cand,
             "rows_selected": n_sel,
         },
         "k": int(groups.k.sum()),
@@ -286,9 +486,11 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
         "quantiles": groups.quantiles,
         "domains": dom_rows,
         "histogram": groups.histogram,
+        "bias": c.bias.summary(cfg, c.domains, selected, n_cand),
         "config": {"scores": cfg.scores, "output": cfg.output, "top_k": cfg.top_k,
                    "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
                    "per_domain": cfg.per_domain, "min_score": cfg.min_score, "by": cfg.by,
+                   "balance": cfg.balance, "balance_bins": cfg.balance_bins if cfg.balance else None,
                    "seed": int(cfg.seed) if cfg.by == "random" else None},
         "inputs": [with_protocol(scores.fs, f) for f in scores.files],
         "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name)) for name in SELECTION_FILES},
@@ -297,6 +499,31 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
                                                                if cfg.by == "random" else ""),
                     "top_frac_count": "ceil(F * n), F as written in decimal, n = candidates (per domain)"},
     }
+    if cfg.balance:
+        summary["ranking"]["balance"] = (f"{cfg.balance} cut into {bins} quantile bins over the candidates"
+                                         f"{' of each domain' if cfg.per_domain else ''}; k split over the bins in "
+                                         "proportion to their candidates (largest remainder); the best rows of each "
+                                         "bin selected, then ranked together")
+        summary["balance"] = _balance_summary(cfg, c.domains, groups, covariates["_group"])
+    return summary
+
+
+def _balance_summary(cfg: SelectConfig, domains: DomainCodes, groups: _Groups, selected_group: np.ndarray) -> list:
+    """Per domain group (one unless --per-domain): the inner bin edges, and candidates, k and rows selected per
+    bin."""
+    bins = groups.bins
+    picked = np.bincount(selected_group, minlength=len(groups.k)) if len(selected_group) else \
+        np.zeros(len(groups.k), np.int64)
+    out = []
+    for g in range(len(groups.k) // bins):
+        sl = slice(g * bins, (g + 1) * bins)
+        if not groups.n[sl].any():
+            continue
+        out.append({"domain": domains.keys[g] if cfg.per_domain else "(all)",
+                    "edges": [_num(float(e)) for e in groups.edges.get(g, [])],
+                    "rows_candidates": [int(x) for x in groups.n[sl]], "k": [int(x) for x in groups.k[sl]],
+                    "rows_selected": [int(x) for x in picked[sl]]})
+    return out
 
 
 def _write(output: str, selection: pa.Table, summary: dict) -> None:
@@ -323,16 +550,20 @@ def _changed(uri: str, before: int, now: int) -> AirRayError:
 def _batches(scores: ScoreFiles, columns: list[str], by: tuple[str, int] = ("score", 0)):
     """Record batches of ``columns``, where "score" is the value ranked (``--by``) as float64."""
     key, seed = by
-    read = list(columns)
-    if key != "score" and "score" in read:
-        read[read.index("score")] = "id" if key == "random" else key
-        read = list(dict.fromkeys(read))  # by=random with id already asked for
+    read = []
+    for c in columns:
+        read += list(_VALUE_COLUMNS.get(key, (key,))) if c == "score" else [c]
+    read = list(dict.fromkeys(read))
     for b in scores.batches(read, batch_size=_BATCH_ROWS, use_threads=True,
                             fragment_readahead=_FRAGMENT_READAHEAD, batch_readahead=_BATCH_READAHEAD):
-        if key == "score" or "score" not in columns:
-            yield b
-            continue
-        value = _random_keys(b.column("id"), seed) if key == "random" else pc.cast(b.column(key), pa.float64())
+        if key == "score":
+            value = b.column("score")
+        elif key == "random":
+            value = _random_keys(b.column("id"), seed)
+        elif key == "delta":
+            value = pc.subtract(pc.cast(b.column("loss_ref"), pa.float64()), pc.cast(b.column("loss_base"), pa.float64()))
+        else:
+            value = pc.cast(b.column(key), pa.float64())
         yield pa.RecordBatch.from_arrays([value if c == "score" else b.column(c) for c in columns], names=columns)
 
 
@@ -353,22 +584,24 @@ def _random_keys(ids: pa.Array, seed: int) -> pa.Array:
 
 
 class _Counter:
-    def __init__(self):
-        self.counts = np.zeros(0, np.int64)
+    """Per dense id: a count of rows, or (``dtype=float``) a sum of values."""
 
-    def add(self, ids: np.ndarray) -> None:
+    def __init__(self, dtype=np.int64):
+        self.counts = np.zeros(0, dtype)
+
+    def add(self, ids: np.ndarray, weights: np.ndarray | None = None) -> None:
         if not len(ids):
             return
-        c = np.bincount(ids)
+        c = np.bincount(ids, weights=weights)
         if len(c) > len(self.counts):
             self.counts = np.pad(self.counts, (0, len(c) - len(self.counts)))
-        self.counts[:len(c)] += c
+        self.counts[:len(c)] += c.astype(self.counts.dtype, copy=False)
 
-    def get(self, i: int) -> int:
-        return int(self.counts[i]) if i < len(self.counts) else 0
+    def get(self, i: int):
+        return self.counts[i].item() if i < len(self.counts) else 0
 
-    def total(self) -> int:
-        return int(self.counts.sum())
+    def total(self):
+        return self.counts.sum().item()
 
 
 def _split(ids: np.ndarray, values: np.ndarray):

@@ -4,6 +4,7 @@ per actor, timings) and its progress lines. Plain Python: the driver feeds it th
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections import Counter
@@ -58,6 +59,41 @@ def input_size(uri: str) -> int:
         return 0
 
 
+def merge_weight_stats(summaries) -> dict:
+    """The step weights of the whole run from the units' ``weight_stats``: the effective token share of a row's
+    weights (``air_ray.influence.effective_token_share``; 1.0 = uniform) at p10 / median / p90, its minimum, and
+    the largest weight. Units committed before these statistics existed are counted apart."""
+    shares: Counter = Counter()
+    rows = missing = 0
+    top = None
+    for s in summaries:
+        w = json.loads(s.get("weights") or "null")
+        if w is None:
+            missing += s.get("rows_scored", 0)
+            continue
+        rows += w["rows"]
+        shares.update({float(k): v for k, v in w["share"].items()})
+        if w["max"] is not None:
+            top = w["max"] if top is None else max(top, w["max"])
+    values = sorted(shares)
+    counts = [shares[v] for v in values]
+
+    def quantile(q: float):  # the value at rank ceil(q * n), ascending (the values are rounded to 3 decimals)
+        if not rows:
+            return None
+        need, seen = max(1, math.ceil(round(q * rows, 9))), 0
+        for v, c in zip(values, counts):
+            seen += c
+            if seen >= need:
+                return v
+        return values[-1]
+
+    return {"rule": None, "rows": rows, "rows_without_stats": missing,
+            "effective_token_share": {"min": values[0] if values else None, "p10": quantile(0.10),
+                                      "median": quantile(0.5), "p90": quantile(0.90)},
+            "max_weight": top}
+
+
 def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
     from dataclasses import asdict
 
@@ -97,6 +133,7 @@ def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
         },
         "per_actor_rows": dict(sorted(per_actor.items())),
         "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
+        "step_weights": dict(merge_weight_stats(summaries), rule=cfg.step_weighting),
         "wall_s": round(wall, 3),
         "tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,

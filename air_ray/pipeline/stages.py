@@ -198,7 +198,8 @@ class ScoreStage(Stage):
         self.run.write_partition(SCORES_DIR, chunk.unit, to_table(scored, SCORES, self.metadata))
         self.run.write_partition(REJECTED_DIR, chunk.unit, to_table(rejected, REJECTED))
         summary = summary_row(chunk, scored=len(scored), rejected=rejected,
-                              tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0)
+                              tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0,
+                              weights=weight_stats(scored))
         summary["setup_s"], self.setup_s = self.setup_s, 0.0
         self.run.write_commit(chunk.unit, chunk.key, summary)  # last: the unit is done
         return summary
@@ -222,8 +223,18 @@ def _stated_id(row, fields: FieldMap) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
+def weight_stats(scored: list[dict]) -> dict:
+    """The step weights of a unit's rows, in a form that merges across units (``manifest.merge_weight_stats``):
+    how many rows have each effective token share (rounded to 3 decimals) and the largest weight."""
+    from air_ray.influence import effective_token_share
+
+    shares = Counter(f"{effective_token_share(r['step_token_counts'], r['step_weights']):.3f}" for r in scored)
+    return {"rows": len(scored), "share": dict(sorted(shares.items())),
+            "max": max((max(r["step_weights"], default=1.0) for r in scored), default=None)}
+
+
 def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0, rejected: list | None = None,
-                tokens: int = 0, seconds: float = 0.0) -> dict:
+                tokens: int = 0, seconds: float = 0.0, weights: dict | None = None) -> dict:
     """One row per unit back to the driver (the same keys whether or not the unit was skipped)."""
     rejected = rejected or []
     return {
@@ -234,6 +245,7 @@ def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0,
         "rows_scored": scored,
         "rows_rejected": len(rejected),
         "reasons": json.dumps(Counter(r["reason"] for r in rejected)),
+        "weights": json.dumps(weights),  # weight_stats (a string: summaries travel as Arrow columns)
         "tokens": tokens,
         "nbytes": chunk.nbytes,
         "seconds": seconds,
