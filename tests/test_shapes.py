@@ -145,8 +145,8 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {
         "location": {"type": "string", "description": "The city and country, e.g. San Francisco, USA"},
         "format": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["location", "format"]}}}]
-CALL = {"id": "call_id", "type": "function",
-        "function": {"name": "get_current_weather", "arguments": "{\"location\": \"Paris, France\", \"format\": \"celsius\"}"}}
+CALL = {"id": "call_id", "type": "function", "function": {
+    "name": "get_current_weather", "arguments": "{\"location\": \"Paris, France\", \"format\": \"celsius\"}"}}
 WEATHER = "It is 18 degrees Celsius and cloudy in Paris."
 AGENT = {
     "messages": [
@@ -227,6 +227,6 @@ def test_agent_trace():
                                 {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
     assert e.value.reason == "bad_type"
     # Parquet-typed messages carry every key, null where a message has none: the same conversation
-    typed = {"messages": [dict({"name": None, "tool_calls": None, "tool_call_id": None}, **m) for m in AGENT["messages"]],
-             "tools": AGENT["tools"]}
+    empty = {"name": None, "tool_calls": None, "tool_call_id": None}
+    typed = {"messages": [dict(empty, **m) for m in AGENT["messages"]], "tools": AGENT["tools"]}
     assert parse_row(typed).prompt == c.prompt

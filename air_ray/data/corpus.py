@@ -31,7 +31,7 @@ from air_ray.fsio import open_uri, url_to_fs, with_protocol
 COMPRESSIONS = (".gz", ".zst", ".bz2")  # of JSON files, read as streams
 JSON_EXTENSIONS = tuple(e + c for e in (".jsonl", ".json") for c in ("", *COMPRESSIONS))
 EXTENSIONS = (*JSON_EXTENSIONS, ".parquet", ".arrow")
-_BLOCK = 1 << 16  # bytes read from a file at a time (a file that breaks off loses at most the records of its last block)
+_BLOCK = 1 << 16  # bytes read at a time (a file that breaks off loses at most the records of its last block)
 # files a dataset folder holds beside its rows (Hugging Face metadata, docs): never rows
 _NOT_ROWS = ("dataset_info.json", "state.json", "dataset_dict.json", ".gitattributes")
 _DOCS = ("readme", "license", "licence", "notice", "citation")
@@ -159,19 +159,23 @@ def _blocks(source: str) -> Iterator[bytes]:
 
 
 def _zstd_blocks(f) -> Iterator[bytes]:
+    """zstd frames decoded from ``f``; the input goes in 1 KiB at a time, so one output block is at most that
+    times the compression ratio."""
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
-    dobj, fed, data = dctx.decompressobj(), False, f.read(_BLOCK)
-    while data:
-        fed = True
-        out = dobj.decompress(data)
-        if out:
-            yield out
-        data = b""
-        if dobj.eof:  # a frame ended: what follows is the next frame (a zstd file may hold several)
-            data, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
-        data = data or f.read(_BLOCK)
+    dobj, fed = dctx.decompressobj(), False
+    while block := f.read(_BLOCK):
+        for i in range(0, len(block), 1024):
+            data = block[i:i + 1024]
+            while data:
+                fed = True
+                out = dobj.decompress(data)
+                if out:
+                    yield out
+                data = b""
+                if dobj.eof:  # a frame ended: what follows is the next frame (a zstd file may hold several)
+                    data, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
     if fed and not dobj.eof:
         raise ValueError("the zstd stream ends mid-frame (a truncated file)")
 
