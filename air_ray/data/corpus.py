@@ -159,23 +159,24 @@ def _blocks(source: str) -> Iterator[bytes]:
 
 
 def _zstd_blocks(f) -> Iterator[bytes]:
-    """zstd frames decoded from ``f``; the input goes in 1 KiB at a time, so one output block is at most that
-    times the compression ratio."""
+    """zstd frames decoded from ``f``, fed to the decoder a slice at a time so that one output block stays small:
+    256 bytes of input, down to 16 where a stream is so repetitive that a slice gives more than 1 MiB (a zstd block
+    is at most 128 KiB of output and takes a few bytes of input: 16 bytes give at most ~0.6 MiB)."""
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
-    dobj, fed = dctx.decompressobj(), False
-    while block := f.read(_BLOCK):
-        for i in range(0, len(block), 1024):
-            data = block[i:i + 1024]
-            while data:
-                fed = True
-                out = dobj.decompress(data)
-                if out:
-                    yield out
-                data = b""
-                if dobj.eof:  # a frame ended: what follows is the next frame (a zstd file may hold several)
-                    data, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+    dobj, fed, step, block = dctx.decompressobj(), False, 256, b""
+    while block or (block := f.read(_BLOCK)):
+        data, block = block[:step], block[step:]
+        while data:
+            fed = True
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            step = 16 if len(out) > 1 << 20 else min(256, step * 2)
+            data = b""
+            if dobj.eof:  # a frame ended: what follows is the next frame (a zstd file may hold several)
+                data, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
     if fed and not dobj.eof:
         raise ValueError("the zstd stream ends mid-frame (a truncated file)")
 
