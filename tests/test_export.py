@@ -461,3 +461,27 @@ def test_compressed_files_stream_and_corrupt_ones_are_quarantined(tmp_path):
         assert got == (rows * 20)[:len(got)], name
         if name.startswith("t.jsonl"):
             assert len(got) > 30_000, name  # a broken-off stream keeps what it had (all but its last block)
+
+
+def test_gsm8k_rows_keep_their_ids_and_token_ids(smol_tok, gsm8k_rows):
+    """The bundled GSM8K rows (prompt + response) are read as before issue #26: the id is the hash of
+    [prompt, response], the token ids the chat template's (or the plain prompt's) then the response's."""
+    import hashlib
+
+    from air_ray.data.rows import RowPreparer
+
+    for fmt in ("chat", "raw"):
+        prep = RowPreparer(smol_tok, format=fmt)
+        for row in gsm8k_rows[:16]:
+            p = prep.prepare(row)
+            key = json.dumps([row["prompt"], row["response"]], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            assert p.id == row["id"]
+            assert prep.prepare({"prompt": row["prompt"], "response": row["response"]}).id == \
+                hashlib.sha1(key.encode()).hexdigest()[:16]
+            if fmt == "chat":
+                ids = smol_tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                                   add_generation_prompt=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            else:
+                ids = list(smol_tok(row["prompt"])["input_ids"])
+            assert p.input_ids == ids + list(smol_tok(row["response"], add_special_tokens=False)["input_ids"])
