@@ -485,3 +485,18 @@ def test_gsm8k_rows_keep_their_ids_and_token_ids(smol_tok, gsm8k_rows):
             else:
                 ids = list(smol_tok(row["prompt"])["input_ids"])
             assert p.input_ids == ids + list(smol_tok(row["response"], add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.slow
+def test_report_shows_reasoning_rows(runs, tmp_path):
+    """`air-ray report` renders the scored text of reasoning rows of a chat run (it went through the code that
+    crashed export, issue #26)."""
+    import html
+
+    from air_ray.config import ReportConfig
+    from air_ray.outputs.report import write_report
+
+    d = runs["d"]
+    cfg = ReportConfig(scores=str(d / "chat"), output=str(tmp_path / "report"))
+    page = Path(write_report(str(d / "chat"), None, tmp_path / "report", corpus=cfg)).read_text()
+    assert html.escape("<think>") in page and "She sold 48 in April." in page
