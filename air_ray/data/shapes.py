@@ -49,7 +49,6 @@ REASONS = ("invalid_json", "invalid_utf8", "too_deep", "not_object", "missing_fi
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "system": "system", "tool": "tool"}
 REASONING_KEYS = ("reasoning_content", "reasoning")
-TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # kept on a message beside its role and content
 # the fields a detected shape builds its prompt from: a field flag naming some of them must name every non-empty one
 _PROMPT_SIBLINGS = {"alpaca": ("system", "history", "instruction", "input")}
 
