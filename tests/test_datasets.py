@@ -240,8 +240,8 @@ def test_export_loads_in_datasets_and_a_chat_template(shapes_run, smol_tok):
                                   rows_per_file=3))
     sel = pq.read_table(run / "selection" / "selection.parquet").to_pylist()
     assert summary["rows"] == len(sel) == 4 and len(summary["files"]) == 2
-    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (d / "export").glob("*.parquet")),
-                               split="train")
+    parts = sorted(str(p) for p in (d / "export" / "data").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=parts, split="train")
     assert sorted(ds["id"]) == sorted(r["id"] for r in sel)
     assert sorted(ds["rank"]) == [1, 2, 3, 4]
     scores = _rows(run / "scores")
@@ -255,7 +255,7 @@ def test_export_loads_in_datasets_and_a_chat_template(shapes_run, smol_tok):
     # prompt-completion style (chat scores: message lists, TRL's conversational form)
     export(ExportConfig(scores=str(run), input=[str(shapes_run["corpus"])], output=str(d / "pc"),
                         style="prompt-completion"))
-    pc = datasets.load_dataset("parquet", data_files=str(d / "pc" / "part-00000.parquet"), split="train")
+    pc = datasets.load_dataset("parquet", data_files=str(d / "pc" / "data" / "part-00000.parquet"), split="train")
     assert set(pc.column_names) >= {"prompt", "completion", "step_spans", "step_weights", "step_kinds"}
     assert all(r["completion"][0]["role"] == "assistant" for r in pc)
 

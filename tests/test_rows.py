@@ -170,3 +170,60 @@ def test_preparer_config_errors(smol_tok):
         RowPreparer(smol_tok, format="json")
     with pytest.raises(AirRayError):
         RowPreparer(smol_tok, steps="words")
+
+
+# ----------------------------------------------------------------------------------------------
+# agent traces through the chat template (issue #26)
+
+# renders tools and tool calls the way Qwen2.5's template does (a template with tool support)
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif m.role == 'assistant' %}<|im_start|>assistant\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}\n<tool_call>\n{\"name\": \"{{ c.function.name }}\", "
+    "\"arguments\": {% if c.function.arguments is string %}{{ c.function.arguments }}{% else %}"
+    "{{ c.function.arguments | tojson }}{% endif %}}\n</tool_call>{% endfor %}{% endif %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_agent_trace_through_a_template_with_tools(smol_tok):
+    import copy
+
+    from tests.test_shapes import AGENT, TOOLS, WEATHER
+
+    tok = copy.deepcopy(smol_tok)
+    tok.chat_template = TOOL_TEMPLATE
+    prep = RowPreparer(tok, steps="lines")
+    p = prep.prepare(AGENT)
+    msgs = parse_row(AGENT).prompt
+    want = list(tok.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=True)["input_ids"])
+    assert p.input_ids[: p.n_prompt_tokens] == want
+    text = tok.decode(want)
+    assert '"name": "get_current_weather"' in text and '"location": "Paris, France"' in text  # the tool and the call
+    assert "<tool_response>" in text and "cloudy" in text
+    assert p.input_ids[p.n_prompt_tokens:] == list(tok(WEATHER, add_special_tokens=False)["input_ids"])
+
+
+def test_agent_trace_where_the_template_has_no_tools(smol_tok):
+    """SmolLM2's template renders neither tools nor tool calls: they are written into the text, never dropped."""
+    from tests.test_shapes import AGENT, CALL, TOOLS
+
+    prep = RowPreparer(smol_tok, steps="lines")
+    p = prep.prepare(AGENT)
+    text = smol_tok.decode(p.input_ids[: p.n_prompt_tokens])
+    call = json.dumps({"name": "get_current_weather", "arguments": CALL["function"]["arguments"]})
+    assert f"<|im_start|>assistant\n<tool_call>\n{call}\n</tool_call><|im_end|>" in text
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in text
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant that can look up the weather.\n\n<tools>")
+    raw = RowPreparer(smol_tok, format="raw").prepare(AGENT)
+    raw_text = smol_tok.decode(raw.input_ids[: raw.n_prompt_tokens])
+    assert f"<tool_call>\n{call}\n</tool_call>" in raw_text and "<tools>" in raw_text
+    # a row without tools is untouched (the same ids as before tools were read)
+    plain = {"messages": [AGENT["messages"][1], AGENT["messages"][-1]]}
+    assert prep.prepare(plain).input_ids[: 999] == chat_ids(smol_tok, [AGENT["messages"][1]]) + \
+        list(smol_tok(AGENT["messages"][-1]["content"], add_special_tokens=False)["input_ids"])

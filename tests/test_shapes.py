@@ -133,3 +133,100 @@ def test_deep_and_broken_records():
         load_record(None)
     assert e.value.reason == "invalid_utf8"
     assert record_id(json.dumps(PLAIN["sharegpt"])) == parse(PLAIN["sharegpt"]).id
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #26: Alpaca, agent traces (OpenAI tool calls), several fields for one part
+
+# OpenAI's chat fine-tuning format with function calling: an assistant turn that only calls a tool (content null),
+# the tool's answer, the final answer; the tools offered; a user with a name; parallel_tool_calls as OpenAI writes it
+TOOLS = [{"type": "function", "function": {
+    "name": "get_current_weather", "description": "Get the current weather in a given location",
+    "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "The city and country, e.g. San Francisco, USA"},
+        "format": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["location", "format"]}}}]
+CALL = {"id": "call_id", "type": "function", "function": {
+    "name": "get_current_weather", "arguments": "{\"location\": \"Paris, France\", \"format\": \"celsius\"}"}}
+WEATHER = "It is 18 degrees Celsius and cloudy in Paris."
+AGENT = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant that can look up the weather."},
+        {"role": "user", "name": "alice", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_id", "content": "{\"temperature\": 18, \"condition\": \"cloudy\"}"},
+        {"role": "assistant", "content": WEATHER}],
+    "tools": TOOLS, "parallel_tool_calls": False}
+
+# LLaMA-Factory's Alpaca format (alpaca_en_demo.json; tatsu-lab/alpaca also has a "text" column)
+ALPACA = {"instruction": "Give three tips for staying healthy.", "input": "",
+          "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Get enough sleep."}
+ALPACA_INPUT = {"instruction": "Add the numbers.", "input": "48 and 24", "output": "48 + 24 = 72\n#### 72"}
+ALPACA_CHAT = {"instruction": "And times two?", "input": "", "output": "144", "system": "You are a calculator.",
+               "history": [["Add the numbers.\n48 and 24", "72"]]}
+
+
+def test_alpaca_is_detected_as_llamafactory_builds_it():
+    c = parse_row(ALPACA)
+    assert (c.shape, c.prompt, c.answer) == ("alpaca", ALPACA["instruction"], ALPACA["output"])
+    c = parse_row(ALPACA_INPUT)
+    assert c.prompt == "Add the numbers.\n48 and 24"
+    # the same content as a prompt+response row: the same id
+    assert c.id == parse_row({"prompt": "Add the numbers.\n48 and 24", "response": ALPACA_INPUT["output"]}).id
+    c = parse_row(ALPACA_CHAT)
+    assert c.prompt == [{"role": "system", "content": "You are a calculator."},
+                        {"role": "user", "content": "Add the numbers.\n48 and 24"},
+                        {"role": "assistant", "content": "72"}, {"role": "user", "content": "And times two?"}]
+    with pytest.raises(RowError) as e:
+        parse_row(dict(ALPACA, history=[["only one"]]))
+    assert e.value.reason == "bad_type"
+
+
+def test_several_fields_or_a_reason_never_a_silent_drop():
+    both = parse_row(ALPACA_INPUT, FieldMap(prompt="instruction,input", response="output"))
+    assert (both.prompt, both.answer, both.id) == ("Add the numbers.\n48 and 24", ALPACA_INPUT["output"],
+                                                   parse_row(ALPACA_INPUT).id)
+    # an empty input adds nothing (no trailing newline)
+    assert parse_row(ALPACA, FieldMap(prompt="instruction,input", response="output")).prompt == ALPACA["instruction"]
+    # naming instruction alone would drop the non-empty input: a rejected row with its own reason
+    with pytest.raises(RowError) as e:
+        parse_row(ALPACA_INPUT, FieldMap(prompt="instruction", response="output"))
+    assert e.value.reason == "dropped_field" and "'input'" in e.value.detail and "instruction,input" in e.value.detail
+    # ... but not when that sibling is empty, nor for fields of no detected shape (s1K, NuminaMath's problem)
+    assert parse_row(ALPACA, FieldMap(prompt="instruction", response="output")).prompt == ALPACA["instruction"]
+    with pytest.raises(RowError) as e:
+        parse_row(ALPACA_CHAT, FieldMap(prompt="instruction,input", response="output"))
+    assert e.value.reason == "dropped_field"
+    with pytest.raises(RowError) as e:
+        parse_row({"a": "", "b": None, "response": "x"}, FieldMap(prompt="a,b"))
+    assert e.value.reason == "missing_field"
+
+
+def test_agent_trace():
+    c = parse_row(AGENT)
+    assert c.shape == "messages" and c.answer == WEATHER and c.tools == TOOLS
+    call, tool = c.prompt[2], c.prompt[3]
+    assert call == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert tool == {"role": "tool", "content": AGENT["messages"][3]["content"], "tool_call_id": "call_id"}
+    assert c.prompt[1]["name"] == "alice"
+    # tools as JSON text (how Arrow-typed datasets and LLaMA-Factory keep them) read the same, same id
+    assert parse_row(dict(AGENT, tools=json.dumps(TOOLS))).tools == TOOLS
+    assert parse_row(dict(AGENT, tools=json.dumps(TOOLS))).id == c.id
+    # the tools and the call are part of the id; rows without them keep theirs (test_every_shape...)
+    assert parse_row(dict(AGENT, tools=None)).id != c.id
+    # a last turn that only calls a tool has nothing to score
+    with pytest.raises(RowError) as e:
+        parse_row({"messages": AGENT["messages"][:3]})
+    assert e.value.reason == "tool_call_only"
+    for bad in ({"tools": "not json"}, {"tools": ["get_current_weather"]}, {"tools": {"type": "function"}}):
+        with pytest.raises(RowError) as e:
+            parse_row(dict(AGENT, **bad))
+        assert e.value.reason == "bad_type"
+    with pytest.raises(RowError) as e:
+        parse_row({"messages": [AGENT["messages"][1], {"role": "assistant", "content": None,
+                                                       "tool_calls": [{"function": {"arguments": "{}"}}]},
+                                {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    assert e.value.reason == "bad_type"
+    # Parquet-typed messages carry every key, null where a message has none: the same conversation
+    empty = {"name": None, "tool_calls": None, "tool_call_id": None}
+    typed = {"messages": [dict(empty, **m) for m in AGENT["messages"]], "tools": AGENT["tools"]}
+    assert parse_row(typed).prompt == c.prompt

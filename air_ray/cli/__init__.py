@@ -30,8 +30,8 @@ SUBCOMMANDS = (
     ("rescore", RescoreConfig, "score only new or changed input files into a versioned output; refresh the "
                                "selection (for schedules)"),
     ("report", ReportConfig, "a static HTML report (heads, scores, top/bottom rows, selection) -> DIR/index.html"),
-    ("export", ExportConfig, "the selected rows as a training-ready dataset (Parquet: messages or prompt/completion, "
-                             "step weights)"),
+    ("export", ExportConfig, "the selected rows as a training-ready dataset (messages, prompt/completion or the "
+                             "original records, with scores and step weights; Parquet or JSON lines)"),
     ("train", TrainConfig, "step-weighted fine-tuning on a selection (step weights -> per-token loss weights)"),
     ("compare", CompareConfig, "train one student per selection strategy (AIR score vs heuristics) and evaluate "
                                "each on held-out rows -> compare.json, compare.md, compare.png"),

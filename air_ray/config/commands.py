@@ -25,7 +25,8 @@ BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses
 SELECT_BY = ("score", "delta", "loss_base", "entropy_base", "n_response_tokens", "random")
 # select --balance: the column whose pool quantile bins each get their share of the selection
 BALANCE_BY = ("loss_base", "entropy_base", "n_response_tokens")
-EXPORT_STYLES = ("messages", "prompt-completion")
+EXPORT_STYLES = ("messages", "prompt-completion", "original")
+EXPORT_FORMATS = ("parquet", "jsonl")
 COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +68,10 @@ class CorpusOptions(Options):
     """How to read a corpus row (``air_ray.data.shapes``): where its parts are when the row is not in a detected
     shape, and the tags around reasoning. Every command that reads the corpus has these."""
 
-    prompt_field: str | None = Opt(None, help="field holding the prompt (a string or a list of strings)")()
-    response_field: str | None = Opt(None, help="field holding the response (the answer)")()
-    reasoning_field: str | None = Opt(None, help="field holding reasoning given apart from the answer")()
+    prompt_field: str | None = Opt(None, help="field holding the prompt (a string or a list of strings); several, "
+                                              "a,b: the non-empty ones joined with a newline")()
+    response_field: str | None = Opt(None, help="field holding the response (the answer); several: a,b")()
+    reasoning_field: str | None = Opt(None, help="field holding reasoning given apart from the answer; several: a,b")()
     messages_field: str | None = Opt(None, help="field holding the conversation (OpenAI messages or ShareGPT turns)")()
     id_field: str | None = Opt(None, help="field holding the row id (default: id, else a hash of the content)")()
     domain_field: str | None = Opt(None, help="field holding the row's domain (default: domain)")()
@@ -473,15 +475,25 @@ class ExportConfig(CorpusOptions):
     scores: str = SCORES(required=True)
     selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection)")()
     input: list[str] = INPUT(required=True, help="the corpus that was scored")
-    output: str = OUTPUT(required=True, metavar="URI", help="directory for the Parquet files (any fsspec URI)")
+    output: str = OUTPUT(required=True, metavar="URI", help="directory of the export: data/ (the rows), "
+                                                          "dataset_info.json, .export.json (any fsspec URI)")
     style: str = Opt("messages", choices=EXPORT_STYLES,
-                     help="messages: a list of {role, content}; prompt-completion: prompt and completion columns")()
-    rows_per_file: int = Opt(10_000, help="rows per Parquet file")()
+                     help="messages: a messages column (OpenAI form: reasoning_content, tool_calls, tool messages, "
+                          "name) and a tools column; prompt-completion: prompt and completion columns (TRL); original: "
+                          "each source record as it is, every column, with the scores in air_* columns")()
+    inline_reasoning: bool = Opt(False, help="write reasoning given apart into the assistant's content as it was "
+                                             "scored (for templates and trainers that do not read reasoning_content)"
+                                 )()
+    output_format: str = Opt("parquet", choices=EXPORT_FORMATS, help="the files of DIR/data/: Parquet or JSON lines")()
+    rows_per_file: int = Opt(10_000, help="rows per file")()
 
     def check(self) -> None:
         super().check()
         if self.rows_per_file < 1:
             raise AirRayError("--rows-per-file must be >= 1")
+        if self.inline_reasoning and self.style == "original":
+            raise AirRayError("--inline-reasoning is for --style messages and prompt-completion (--style original "
+                              "keeps each record as it is; air_scored_response holds the scored text)")
 
 
 @dataclass

@@ -1,18 +1,24 @@
 """Corpus input: expanding URIs to files, and reading files as chunks of raw records.
 
-Files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON lines, or one JSON array), ``.parquet`` and ``.arrow`` (Arrow
-IPC stream or file, as ``datasets.save_to_disk`` writes them) on any fsspec URI. A directory is read recursively:
-a Hugging Face ``save_to_disk`` folder (``.arrow`` files beside ``dataset_info.json`` / ``state.json``) is a
-corpus like any other. Dataset metadata and documentation files (``dataset_info.json``, ``state.json``,
-``dataset_dict.json``, ``README*``, ``LICENSE*``, ``*.md``) are skipped; any other file of a kind that cannot be
-read fails the listing with one line naming it, so nothing is parsed as something it is not. A chunk is the unit of work and of output: ``rows_per_partition`` consecutive records of one file,
-named deterministically from the file and its index, so a rerun replaces a partition rather than adding one.
+Files: ``.jsonl`` and ``.json`` (JSON lines, or one JSON array), each also compressed (``.gz``, ``.zst``, ``.bz2``:
+``.jsonl.gz``, ``.json.zst``, ...), ``.parquet`` and ``.arrow`` (Arrow IPC stream or file, as
+``datasets.save_to_disk`` writes them) on any fsspec URI. Every file is streamed: JSON lines line by line, a JSON
+array element by element, Parquet and Arrow batch by batch, compressed files through a streaming decompressor, so
+memory holds one block and one record, never a whole file. A compressed file that is corrupt or breaks off ends
+its reading with ``file_error`` (its records read so far are kept), as any unreadable file does. A directory is
+read recursively: a Hugging Face ``save_to_disk`` folder (``.arrow`` files beside ``dataset_info.json`` /
+``state.json``) is a corpus like any other. Dataset metadata and documentation files (``dataset_info.json``,
+``state.json``, ``dataset_dict.json``, ``README*``, ``LICENSE*``, ``*.md``) are skipped; any other file of a kind
+that cannot be read fails the listing with one line naming it, so nothing is parsed as something it is not. A
+chunk is the unit of work and of output: ``rows_per_partition`` consecutive records of one file, named
+deterministically from the file and its index, so a rerun replaces a partition rather than adding one.
 Records stay raw text here (``None`` for a line that is not valid UTF-8); parsing and validation happen in
 the prepare step, where a bad record becomes a rejected row instead of an exception.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -22,7 +28,10 @@ from typing import Iterator
 from air_ray.errors import AirRayError
 from air_ray.fsio import open_uri, url_to_fs, with_protocol
 
-EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow")
+COMPRESSIONS = (".gz", ".zst", ".bz2")  # of JSON files, read as streams
+JSON_EXTENSIONS = tuple(e + c for e in (".jsonl", ".json") for c in ("", *COMPRESSIONS))
+EXTENSIONS = (*JSON_EXTENSIONS, ".parquet", ".arrow")
+_BLOCK = 1 << 16  # bytes read at a time (a file that breaks off loses at most the records of its last block)
 # files a dataset folder holds beside its rows (Hugging Face metadata, docs): never rows
 _NOT_ROWS = ("dataset_info.json", "state.json", "dataset_dict.json", ".gitattributes")
 _DOCS = ("readme", "license", "licence", "notice", "citation")
@@ -118,12 +127,7 @@ def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
     index = 0
     chunk = Chunk(unit_name(source, 0), source)
     try:
-        if source.endswith(".parquet"):
-            records = _parquet_records(source)
-        elif source.endswith(".arrow"):
-            records = _arrow_records(source)
-        else:
-            records = _text_records(source)
+        records = _arrow_records(source) if is_arrow_file(source) else _text_records(source)
         for line, text, nbytes in records:
             chunk.lines.append(line)
             chunk.texts.append(text)
@@ -132,62 +136,173 @@ def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
                 yield chunk
                 index += 1
                 chunk = Chunk(unit_name(source, index), source)
-    except Exception as e:  # corrupt gzip, bad parquet footer, vanished file ...
+    except Exception as e:  # corrupt or truncated compressed file, bad parquet footer, vanished file ...
         chunk.file_error = f"{type(e).__name__}: {e}"[:500]
     if chunk.lines or chunk.file_error or index == 0:
         yield chunk
 
 
+def is_arrow_file(source: str) -> bool:
+    """A Parquet or Arrow file (records are Arrow rows); else JSON text."""
+    return source.endswith((".parquet", ".arrow"))
+
+
+def _blocks(source: str) -> Iterator[bytes]:
+    """The file's bytes, decompressed (by its extension), a block at a time. A compressed stream that is corrupt
+    or ends mid-frame raises."""
+    with open_uri(source, "rb", compression=None if source.endswith(".zst") else "infer") as f:
+        if source.endswith(".zst"):  # fsspec's zstd reader ends silently at a truncated frame: decode it here
+            yield from _zstd_blocks(f)
+            return
+        while block := f.read(_BLOCK):
+            yield block
+
+
+def _zstd_blocks(f) -> Iterator[bytes]:
+    """zstd frames decoded from ``f``, fed to the decoder a slice at a time so that one output block stays small:
+    256 bytes of input, down to 16 where a stream is so repetitive that a slice gives more than 1 MiB (a zstd block
+    is at most 128 KiB of output and takes a few bytes of input: 16 bytes give at most ~0.6 MiB)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj, fed, step, block = dctx.decompressobj(), False, 256, b""
+    while block or (block := f.read(_BLOCK)):
+        data, block = block[:step], block[step:]
+        while data:
+            fed = True
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            step = 16 if len(out) > 1 << 20 else min(256, step * 2)
+            data = b""
+            if dobj.eof:  # a frame ended: what follows is the next frame (a zstd file may hold several)
+                data, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+    if fed and not dobj.eof:
+        raise ValueError("the zstd stream ends mid-frame (a truncated file)")
+
+
 def _text_records(source: str) -> Iterator[tuple[int, str | None, int]]:
-    with open_uri(source, "rb", compression="infer") as f:
-        head = f.read(1 << 16)
-        if source.endswith(".json") and head.lstrip()[:1] == b"[":
-            try:
-                rows = json.loads(head + f.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"not a valid JSON array: {e}") from None
-            for i, row in enumerate(rows, 1):
+    """JSON lines (line numbers 1-based, blank lines skipped), or the elements of one JSON array (a ``.json`` file,
+    compressed or not, whose first character is ``[``)."""
+    blocks = _blocks(source)
+    first = next(blocks, b"")
+    if source.endswith(tuple(".json" + c for c in ("", *COMPRESSIONS))):
+        while first and not first.removeprefix(codecs.BOM_UTF8).strip() and (block := next(blocks, None)):
+            first += block  # a file that starts with a lot of whitespace
+        if first.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
+            for i, row in enumerate(_json_array(_chain(first, blocks)), 1):
                 text = json.dumps(row, ensure_ascii=False)
                 yield i, text, len(text)
             return
-        f.seek(0)
-        for i, raw in enumerate(f, 1):  # streams: a huge file is never held whole
-            if not raw.strip():
-                continue  # blank lines are not rows
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            yield i, text, len(raw)
+    for i, raw in enumerate(_lines(_chain(first, blocks)), 1):
+        if not raw.strip():
+            continue  # blank lines are not rows
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        yield i, text, len(raw)
 
 
-def _parquet_records(source: str) -> Iterator[tuple[int, str | None, int]]:
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from rest
+
+
+def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines with their ``\\n`` (the last one without, if the file does not end with one)."""
+    tail = b""
+    for block in blocks:
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if tail:
+        yield tail
+
+
+def _json_array(blocks: Iterator[bytes]):
+    """The elements of one JSON array, decoded one at a time from a stream of blocks (memory: a block and the
+    element being read)."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()
+    buf, pos, eof = "", 0, False
+
+    def more() -> None:
+        nonlocal buf, pos, eof
+        block = next(blocks, None)
+        eof = block is None
+        buf, pos = buf[pos:] + utf8.decode(block or b"", final=eof), 0
+
+    def peek() -> str:
+        """The next character that is not white space ("" at the end of the file)."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos:pos + 1]
+            more()
+
+    if peek() != "[":
+        raise ValueError("not a valid JSON array: it does not start with [")
+    pos += 1
+    if peek() == "]":
+        pos += 1
+    else:
+        while True:
+            peek()
+            while True:  # one element; one that reaches the end of the buffer may go on in the next block
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise ValueError(f"not a valid JSON array: {e}") from None
+                more()
+            pos = end
+            yield value
+            c = peek()
+            pos += 1
+            if c == "]":
+                break
+            if c != ",":
+                raise ValueError("not a valid JSON array: " + ("it ends before its closing ]" if c == "" else
+                                                               f"{c!r} where , or ] belongs"))
+    if peek() != "":
+        raise ValueError("not a valid JSON array: text after its closing ]")
+
+
+def record_batches(source: str):
+    """The Arrow record batches of a Parquet or Arrow IPC file (the stream format ``datasets.save_to_disk``
+    writes, or the random-access file format), in order."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with open_uri(source, "rb") as f:
-        pf = pq.ParquetFile(f)
-        n = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                text = json.dumps(row, ensure_ascii=False, default=str)
-                yield n, text, len(text)
-
-
-def _arrow_records(source: str) -> Iterator[tuple[int, str | None, int]]:
-    """An Arrow IPC file: the stream format ``datasets.save_to_disk`` writes, or the random-access file format."""
-    import pyarrow as pa
-
-    with open_uri(source, "rb") as f:
+        if source.endswith(".parquet"):
+            yield from pq.ParquetFile(f).iter_batches(batch_size=1024)
+            return
         try:
             reader = pa.ipc.open_stream(f)
         except pa.ArrowInvalid:
             f.seek(0)
             file_reader = pa.ipc.open_file(f)
             reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
-        n = 0
-        for batch in reader:
-            for row in batch.to_pylist():
-                n += 1
-                text = json.dumps(row, ensure_ascii=False, default=str)
-                yield n, text, len(text)
+        yield from reader
+
+
+def record_text(row: dict) -> str:
+    """An Arrow row as the raw JSON record the rest of the pipeline reads (values JSON has no type for, such as
+    timestamps, as their text)."""
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _arrow_records(source: str) -> Iterator[tuple[int, str | None, int]]:
+    n = 0
+    for batch in record_batches(source):
+        for row in batch.to_pylist():
+            n += 1
+            text = record_text(row)
+            yield n, text, len(text)

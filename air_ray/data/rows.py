@@ -6,13 +6,20 @@ as the model's chat template renders an assistant turn carrying ``reasoning_cont
 else ``OPEN + "\\n" + reasoning + "\\n" + CLOSE + "\\n\\n" + answer`` with the think tags (default
 ``<think>``, ``</think>``). The same content in any shape gives the same token ids.
 
-Token ids: format ``chat`` = ``apply_chat_template(prompt_messages, add_generation_prompt=True)``; format
-``raw`` = ``tokenizer(prompt)`` (for conversations, the prompt contents joined by newlines); either followed
+Token ids: format ``chat`` = ``apply_chat_template(prompt_messages, tools=row tools, add_generation_prompt=True)``;
+format ``raw`` = ``tokenizer(prompt)`` (for conversations, the prompt contents joined by newlines); either followed
 by ``tokenizer(response, add_special_tokens=False)``.
+
+Tool calls and tool definitions (agent traces) go to the chat template as they are where it renders them. Where it
+does not (and in format ``raw``), they are written as text in the Hermes form many templates use, so that nothing
+the model saw is dropped: each call as ``<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`` after its
+message's content, the definitions as ``<tools>\n{one JSON object a line}\n</tools>`` at the end of the system
+message (a system message of their own where the row has none).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from air_ray.config.commands import FORMATS
@@ -20,7 +27,7 @@ from air_ray.data.shapes import Conversation, FieldMap, RowError, canonical_id, 
 from air_ray.data.steps import THINK_TAGS, Span, check_rule, steps_and_kinds
 
 __all__ = ["Conversation", "FieldMap", "PreparedRow", "RowError", "RowPreparer", "canonical_id", "parse_row",
-           "render_response"]
+           "raw_prompt", "render_response"]
 
 
 @dataclass
@@ -52,6 +59,40 @@ def render_response(conv: Conversation, think_tags: tuple[str, str] = THINK_TAGS
     return f"{open_tag}\n{conv.reasoning}\n{close_tag}\n\n{conv.answer}"
 
 
+def _call_text(call: dict) -> str:
+    fn = call["function"]
+    return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": fn.get("arguments")},
+                                        ensure_ascii=False) + "\n</tool_call>"
+
+
+def tools_as_text(messages: list[dict], tools: list[dict] | None, calls: bool = True) -> list[dict]:
+    """``messages`` with the tool calls (``calls``) and the tool definitions ``tools`` written into the text (the
+    module doc); messages without either are returned as they are."""
+    out = []
+    for m in messages:
+        if calls and m.get("tool_calls"):
+            blocks = "\n".join(_call_text(c) for c in m["tool_calls"])
+            m = {**{k: v for k, v in m.items() if k != "tool_calls"},
+                 "content": f"{m['content']}\n{blocks}" if m["content"] else blocks}
+        out.append(m)
+    if tools:
+        text = "<tools>\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + "\n</tools>"
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{text}" if out[0]["content"] else text}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def raw_prompt(prompt, tools: list[dict] | None = None) -> str:
+    """The prompt text of format ``raw``: a string prompt as it is, a conversation's contents joined by newlines
+    (tool calls and definitions written in, the module doc)."""
+    if isinstance(prompt, str) and not tools:
+        return prompt
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return "\n".join(m["content"] for m in tools_as_text(msgs, tools))
+
+
 class RowPreparer:
     """Tokenizes rows and splits their steps; the same ids in every backend."""
 
@@ -70,39 +111,68 @@ class RowPreparer:
         self.truncate = truncate  # cut an over-long response to fit max_tokens instead of rejecting the row
         self.fields = fields
         self.think_tags = tuple(think_tags)
-        self._template_reasoning: bool | None = None  # does the chat template render reasoning_content?
+        self._renders: dict[str, bool] = {}  # what the chat template renders (reasoning_content, tool calls, tools)
         self._token_chars: int | None = None
 
     @classmethod
-    def of(cls, tokenizer, options, max_tokens: int | None = None) -> "RowPreparer":
-        """From an options object (``air_ray.config``: format, steps, truncate, the field map, think tags)."""
-        return cls(tokenizer, format=options.format, steps=getattr(options, "steps", "lines"),
+    def of(cls, tokenizer, options, max_tokens: int | None = None, format: str | None = None) -> "RowPreparer":
+        """From an options object (``air_ray.config``: format, steps, truncate, the field map, think tags);
+        ``format`` for options that have none (export, report: the format the scores record)."""
+        return cls(tokenizer, format=format or options.format, steps=getattr(options, "steps", "lines"),
                    max_tokens=max_tokens, truncate=getattr(options, "truncate", False), fields=FieldMap.of(options),
                    think_tags=think_tags_of(options))
 
     # -- the response text ------------------------------------------------------------------------
 
-    def _renders_reasoning(self) -> bool:
-        if self._template_reasoning is None:
-            probe = [{"role": "user", "content": "q"},
-                     {"role": "assistant", "content": "a", "reasoning_content": "air-ray-reasoning-probe"}]
+    _PROBE = "air_ray_probe"
+    _PROBES = {  # what the template is asked to render, and whether the marker then appears
+        "reasoning": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                          "reasoning_content": _PROBE}], None),
+        "tool_calls": ([{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"id": "c0", "type": "function", "function": {"name": _PROBE, "arguments": {}}}]},
+                        {"role": "tool", "tool_call_id": "c0", "content": "r"}], None),
+        "tools": ([{"role": "user", "content": "q"}], [{"type": "function", "function": {
+            "name": _PROBE, "description": "d", "parameters": {"type": "object", "properties": {}}}}]),
+    }
+
+    def _template_renders(self, what: str) -> bool:
+        """Does the chat template render ``what`` (reasoning, tool_calls, tools)? Asked once per preparer."""
+        if what not in self._renders:
+            messages, tools = self._PROBES[what]
             try:
-                text = self.tokenizer.apply_chat_template(probe, tokenize=False)
-                self._template_reasoning = "air-ray-reasoning-probe" in text
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          **({"tools": tools} if tools else {}))
+                self._renders[what] = self._PROBE in text
             except Exception:  # a template that rejects the extra key
-                self._template_reasoning = False
-        return self._template_reasoning
+                self._renders[what] = False
+        return self._renders[what]
+
+    def _renders_reasoning(self) -> bool:
+        return self._template_renders("reasoning")
+
+    def template_input(self, prompt, tools: list[dict] | None = None) -> tuple[list[dict], list[dict] | None]:
+        """(messages, tools) as the chat template gets them: tool calls and definitions as they are where the
+        template renders them, else written into the text (the module doc)."""
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        calls = any(m.get("tool_calls") for m in msgs) and not self._template_renders("tool_calls")
+        defs = bool(tools) and not self._template_renders("tools")
+        if calls or defs:
+            msgs = tools_as_text(msgs, tools if defs else None, calls=calls)
+        return msgs, (tools or None) if not defs else None
+
+    def _apply(self, messages: list[dict], tools, **kw):
+        return self.tokenizer.apply_chat_template(messages, **kw, **({"tools": tools} if tools else {}))
 
     def _template_response(self, conv: Conversation) -> str | None:
         """The assistant turn as the chat template renders it with ``reasoning_content``, between the generation
         prompt and the end of the answer; None where the template does not render it that way."""
         if self.format != "chat" or not conv.answer or not self._renders_reasoning():
             return None
-        msgs = conv.messages()
-        tok = self.tokenizer
-        prefix = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": conv.answer,
-                                                "reasoning_content": conv.reasoning}], tokenize=False)
+        msgs, tools = self.template_input(conv.prompt, conv.tools)
+        prefix = self._apply(msgs, tools, tokenize=False, add_generation_prompt=True)
+        full = self._apply(msgs + [{"role": "assistant", "content": conv.answer, "reasoning_content": conv.reasoning}],
+                           tools, tokenize=False)
         if not full.startswith(prefix):
             return None
         rest = full[len(prefix):]
@@ -121,14 +191,12 @@ class RowPreparer:
             self._token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=16)
         return 4 * max(self._token_chars, 1) * tokens
 
-    def prompt_ids(self, prompt) -> list[int]:
-        tok = self.tokenizer
+    def prompt_ids(self, prompt, tools: list[dict] | None = None) -> list[int]:
         if self.format == "chat":
-            msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            out = tok.apply_chat_template(msgs, add_generation_prompt=True)
+            msgs, tools = self.template_input(prompt, tools)
+            out = self._apply(msgs, tools, add_generation_prompt=True)
             return list(out["input_ids"] if hasattr(out, "keys") else out)
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        return list(tok(text)["input_ids"])
+        return list(self.tokenizer(raw_prompt(prompt, tools))["input_ids"])
 
     def prepare(self, row) -> PreparedRow:
         conv = parse_row(row, self.fields)
@@ -138,7 +206,7 @@ class RowPreparer:
                 raise RowError("too_long", f"the response has {len(response):,} characters: more than "
                                            f"the limit of {self.max_tokens} tokens can hold")
             response = response[: self._max_chars(self.max_tokens + 64)]  # the kept prefix lies well inside
-        p_ids = self.prompt_ids(conv.prompt)
+        p_ids = self.prompt_ids(conv.prompt, conv.tools)
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         r_ids = list(enc["input_ids"])
         if not r_ids:

@@ -1,39 +1,56 @@
-"""Row shapes: any supported corpus record -> one ``Conversation`` (prompt, answer, reasoning, id, domain), or a
+"""Row shapes: any supported corpus record -> one ``Conversation`` (prompt, answer, reasoning, tools, id, domain), or a
 ``RowError`` with a stable reason. Plain Python: no tokenizer.
 
 Detected per row, in this order (unless fields are mapped, see ``FieldMap``):
 
-  messages        {"messages": [{"role", "content"}, ...]}; the last message is the assistant's answer
+  messages        {"messages": [{"role", "content"}, ...], "tools"?}; the last message is the assistant's answer
   conversations   ShareGPT: {"conversations": [{"from", "value"}, ...], "system"?}; from human/user, gpt/assistant/
                   model, system; a top-level "system" string becomes the system message
   prompt+completion   TRL: {"prompt", "completion"}, each a string or a list of messages
+  alpaca          {"instruction", "input"?, "output", "system"?, "history"?} (LLaMA-Factory's default): the prompt is
+                  instruction + "\n" + input when input is not empty; a system string and history pairs
+                  [[user, assistant], ...] make the prompt a conversation
   prompt+response     {"prompt": str, "response": str}
 
-A message's content is a string, or a list of parts ``[{"type": "text", "text": ...}]`` (joined with "\\n"; any
+A message's content is a string, or a list of parts ``[{"type": "text", "text": ...}]`` (joined with "\n"; any
 other part rejects the row: ``non_text_content``). Reasoning given apart from the answer is the
 ``reasoning_content`` (or ``reasoning``) of the last assistant message, or the ``--reasoning-field``.
+
+Agent traces (OpenAI form): an assistant message may carry ``tool_calls`` (its content then may be null), ``tool``
+messages answer them (``tool_call_id``), any message may carry a ``name``, and the row's ``tools`` (a list of tool
+definitions, or its JSON text) says what the model could call. They are kept on the messages and in
+``Conversation.tools`` for the chat template. The scored response is the last assistant turn's text: a last turn
+that only calls tools is rejected (``tool_call_only``).
+
+Mapped fields (``--prompt-field`` ...): a field may hold a string or a list of strings (joined with "\n"); the text
+flags take several fields, ``--prompt-field instruction,input``: those present and non-empty, joined with "\n". A
+flag naming one of a detected shape's fields but not a non-empty sibling of it (``--prompt-field instruction`` on
+an Alpaca row whose ``input`` is not empty) rejects the row (``dropped_field``) rather than drop that text.
 
 Ids: the row's ``id`` (an int becomes a string), else the first 16 hex characters of the sha1 of the canonical
 JSON of ``[prompt key, answer]`` (``[prompt key, answer, reasoning]`` when there is reasoning), where the prompt
 key is the prompt string, or the messages (the answer's message included) for conversation shapes: the same
-content gives the same id in ``prompt+response`` and TRL string rows, and in ``messages``, ShareGPT and TRL
-message rows.
+content gives the same id in ``prompt+response``, Alpaca (without system and history) and TRL string rows, and in
+``messages``, ShareGPT and TRL message rows. Tool calls, tool call ids, names and a row's ``tools`` are part of
+the key where a row has them (rows without them keep the ids they always had).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # every reason a row can be rejected for (README, "Bad input"); each RowError carries one
 REASONS = ("invalid_json", "invalid_utf8", "too_deep", "not_object", "missing_field", "bad_type", "bad_role",
            "non_text_content", "empty_response", "empty_tokens", "no_assistant_turn", "duplicate_id", "too_long",
-           "non_finite_loss", "unreadable_file")
+           "non_finite_loss", "unreadable_file", "tool_call_only", "dropped_field")
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "system": "system", "tool": "tool"}
 REASONING_KEYS = ("reasoning_content", "reasoning")
+# the fields a detected shape builds its prompt from: a field flag naming some of them must name every non-empty one
+_PROMPT_SIBLINGS = {"alpaca": ("system", "history", "instruction", "input")}
 
 
 class RowError(ValueError):
@@ -50,7 +67,8 @@ class FieldMap:
     """Where a row's parts are, when they are not in one of the detected shapes (``None``: detect).
 
     A mapped field may hold a string or a list of strings (joined with "\\n"); dotted names reach into nested
-    objects (``meta.source``). ``messages`` may hold OpenAI messages or ShareGPT turns."""
+    objects (``meta.source``); ``prompt``, ``response`` and ``reasoning`` may name several fields, ``a,b`` (the
+    present, non-empty ones joined with "\\n"). ``messages`` may hold OpenAI messages or ShareGPT turns."""
 
     prompt: str | None = None
     response: str | None = None
@@ -69,12 +87,15 @@ class FieldMap:
 class Conversation:
     """One row, whatever shape it came in."""
 
-    prompt: str | list[dict]  # a string prompt, or the messages before the answer ([{role, content}])
+    prompt: str | list[dict]  # a string prompt, or the messages before the answer ({role, content} and, where the
+    # row has them, reasoning_content, tool_calls, tool_call_id, name)
     answer: str  # the assistant's final answer
     reasoning: str | None  # reasoning given apart from the answer
     id: str
     domain: str | None
-    shape: str  # messages | conversations | prompt+completion | prompt+response | fields
+    shape: str  # messages | conversations | prompt+completion | alpaca | prompt+response | fields
+    tools: list[dict] | None = None  # the tool definitions the row offers (its ``tools``)
+    answer_keys: dict = field(default_factory=dict)  # tool_calls, name of the answer's message, where it has them
 
     def messages(self) -> list[dict]:
         """The prompt as messages (a string prompt is one user message)."""
@@ -139,8 +160,8 @@ def _content(value, where: str) -> str:
 
 
 def _messages(value, where: str) -> tuple[list[dict], bool]:
-    """OpenAI messages or ShareGPT turns -> ([{role, content, (reasoning_content)}], plain), where plain means
-    the list was already exactly that (its own form is then the id key, as before)."""
+    """OpenAI messages or ShareGPT turns -> ([{role, content, (reasoning_content, tool_calls, tool_call_id, name)}],
+    plain), where plain means the list was already exactly that (its own form is then the id key, as before)."""
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise RowError("bad_type", f"{where!r} must be a list of messages")
     out, plain = [], True
@@ -149,7 +170,9 @@ def _messages(value, where: str) -> tuple[list[dict], bool]:
             role_raw, content_raw, plain = m.get("from"), m.get("value"), False
         else:
             role_raw, content_raw = m.get("role"), m.get("content")
-        if not isinstance(role_raw, str) or content_raw is None and not any(m.get(k) for k in REASONING_KEYS):
+        calls = m.get("tool_calls") or None  # [] or null: no call
+        if not isinstance(role_raw, str) or content_raw is None and not calls and \
+                not any(m.get(k) for k in REASONING_KEYS):
             raise RowError("bad_type", f"{where!r} must be a list of {{role: str, content: str}}")
         role = ROLES.get(role_raw)
         if role is None:
@@ -162,16 +185,49 @@ def _messages(value, where: str) -> tuple[list[dict], bool]:
                 msg["reasoning_content"] = _text(m[key], f"{where}[{i}].{key}", lists=False)
                 plain = plain and key == "reasoning_content"
                 break
+        if calls is not None:
+            msg["tool_calls"] = _tool_calls(calls, f"{where}[{i}].tool_calls")
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                msg[key] = _text(m[key], f"{where}[{i}].{key}", lists=False)
         out.append(msg)
     return out, plain
 
 
-def _split_answer(msgs: list[dict], where: str) -> tuple[list[dict], str, str | None]:
+def _tool_calls(value, where: str) -> list[dict]:
+    """OpenAI tool calls: [{id?, type?, function: {name, arguments (JSON text or an object)}}], kept as given."""
+    ok = isinstance(value, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        for c in value)
+    if not ok:
+        raise RowError("bad_type", f"{where} must be a list of {{function: {{name: str, arguments}}}}")
+    return [dict(c) for c in value]
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The row's tool definitions (``tools``: a list of objects, or its JSON text), None when it has none."""
+    value = row.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise RowError("bad_type", "'tools' is a string but not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowError("bad_type", "'tools' must be a list of tool definitions (objects), or its JSON text")
+    return value or None
+
+
+def _split_answer(msgs: list[dict], where: str) -> tuple[list[dict], str, str | None, dict]:
+    """-> (the messages before the answer, the answer, its reasoning, its tool_calls / name)."""
     if not msgs or msgs[-1]["role"] != "assistant":
         raise RowError("no_assistant_turn", f"the last message of {where!r} is not an assistant turn")
     last = msgs[-1]
-    prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
-    return prompt, last["content"], last.get("reasoning_content")
+    if last.get("tool_calls") and not last["content"].strip():
+        raise RowError("tool_call_only", f"the last message of {where!r} only calls tools: it has no text to score")
+    keys = {k: last[k] for k in ("tool_calls", "name") if k in last}
+    return msgs[:-1], last["content"], last.get("reasoning_content"), keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,76 +241,153 @@ def parse_row(row, fields: FieldMap = FieldMap()) -> Conversation:
     domain = row.get("domain") if fields.domain is None else get_field(row, fields.domain)
     if domain is not None and not isinstance(domain, str):
         raise RowError("bad_type", f"the domain is {type(domain).__name__}, not a string")
-    prompt, answer, reasoning, key, shape = _parts(row, fields)
-    if not answer.strip() and not (reasoning or "").strip():
+    conv, key = _parts(row, fields)
+    if not conv.answer.strip() and not (conv.reasoning or "").strip():
         raise RowError("empty_response", "the response is empty")
     rid = row.get("id") if fields.id is None else get_field(row, fields.id)
     if rid is None:
-        rid = canonical_id(key, answer, reasoning)
+        rid = canonical_id(key, conv.answer, conv.reasoning)
     elif isinstance(rid, int) and not isinstance(rid, bool):
         rid = str(rid)
     elif not isinstance(rid, str) or not rid:
         raise RowError("bad_type", "the id must be a non-empty string")
-    return Conversation(prompt=prompt, answer=answer, reasoning=reasoning, id=rid, domain=domain, shape=shape)
+    conv.id, conv.domain = rid, domain
+    return conv
 
 
-def _parts(row: dict, f: FieldMap):
-    """-> (prompt, answer, reasoning, id key, shape)."""
+def _parts(row: dict, f: FieldMap) -> tuple[Conversation, object]:
+    """-> (the conversation without its id and domain, the id key of its prompt)."""
+    tools = _tools(row)
+
+    def conv(prompt, answer, reasoning, shape, keys=None):
+        c = Conversation(prompt, answer, reasoning, id="", domain=None, shape=shape, tools=tools,
+                         answer_keys=keys or {})
+        key = prompt if isinstance(prompt, str) else _key_messages(prompt, answer, reasoning, c.answer_keys)
+        return c, key
+
+    def with_tools(key):
+        return {"messages": key, "tools": tools} if tools else key
+
     if f.messages is not None or (f.prompt is None and f.response is None and row.get("messages") is not None):
         name = f.messages or "messages"
         value = get_field(row, name)
         if value is None:
             raise RowError("missing_field", f"no {name!r}")
         msgs, plain = _messages(value, name)
-        prompt, answer, reasoning = _split_answer(msgs, name)
+        prompt, answer, reasoning, keys = _split_answer(msgs, name)
         reasoning = _mapped_reasoning(row, f, reasoning)
-        key = value if plain and reasoning is None and f.messages is None else _key_messages(prompt, answer, reasoning)
-        return prompt, answer, reasoning, key, "messages"
+        c, key = conv(prompt, answer, reasoning, "messages", keys)
+        if plain and reasoning is None and f.messages is None:
+            key = value
+        return c, with_tools(key)
     if f.prompt is not None or f.response is not None:
-        prompt = _field(row, f.prompt or "prompt", f.prompt or "'prompt'", lists=f.prompt is not None)
-        answer = _field(row, f.response or "response", f.response or "'response'", lists=f.response is not None)
-        reasoning = _mapped_reasoning(row, f, None)
-        return prompt, answer, reasoning, prompt, "fields"
+        _check_siblings(row, f)
+        prompt = _mapped(row, f.prompt) if f.prompt is not None else _field(row, "prompt", "'prompt'")
+        answer = _mapped(row, f.response) if f.response is not None else _field(row, "response", "'response'")
+        c, key = conv(prompt, answer, _mapped_reasoning(row, f, None), "fields")
+        return c, with_tools(key)
     if row.get("conversations") is not None:
         msgs, _ = _messages(row["conversations"], "conversations")
         system = row.get("system")
         if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": system}] + msgs
-        prompt, answer, reasoning = _split_answer(msgs, "conversations")
-        reasoning = _mapped_reasoning(row, f, reasoning)
-        return prompt, answer, reasoning, _key_messages(prompt, answer, reasoning), "conversations"
+        prompt, answer, reasoning, keys = _split_answer(msgs, "conversations")
+        c, key = conv(prompt, answer, _mapped_reasoning(row, f, reasoning), "conversations", keys)
+        return c, with_tools(key)
     if "completion" in row and "prompt" in row:
-        p, c = row.get("prompt"), row.get("completion")
-        if p is None or c is None:
+        p, comp = row.get("prompt"), row.get("completion")
+        if p is None or comp is None:
             raise RowError("missing_field", "need 'prompt' and 'completion'")
-        if isinstance(c, str) and isinstance(p, str):
-            reasoning = _mapped_reasoning(row, f, None)
-            return p, c, reasoning, p, "prompt+completion"
+        if isinstance(comp, str) and isinstance(p, str):
+            c, key = conv(p, comp, _mapped_reasoning(row, f, None), "prompt+completion")
+            return c, with_tools(key)
         pm = [{"role": "user", "content": _text(p, "'prompt'", False)}] if isinstance(p, str) else \
             _messages(p, "prompt")[0]
-        cm = [{"role": "assistant", "content": c}] if isinstance(c, str) else _messages(c, "completion")[0]
-        prompt, answer, reasoning = _split_answer(pm + cm, "completion")
-        reasoning = _mapped_reasoning(row, f, reasoning)
-        return prompt, answer, reasoning, _key_messages(prompt, answer, reasoning), "prompt+completion"
+        cm = [{"role": "assistant", "content": comp}] if isinstance(comp, str) else _messages(comp, "completion")[0]
+        prompt, answer, reasoning, keys = _split_answer(pm + cm, "completion")
+        c, key = conv(prompt, answer, _mapped_reasoning(row, f, reasoning), "prompt+completion", keys)
+        return c, with_tools(key)
+    if _detected(row) == "alpaca":
+        c, key = conv(*_alpaca(row), _mapped_reasoning(row, f, None), "alpaca")
+        return c, with_tools(key)
     if "prompt" not in row and "response" not in row:
-        raise RowError("missing_field", "need 'prompt' and 'response', 'messages', 'conversations' or 'prompt' and "
-                                        "'completion' (or map fields: --prompt-field, --response-field, ...)")
+        raise RowError("missing_field", "need 'prompt' and 'response', 'messages', 'conversations', 'prompt' and "
+                                        "'completion', or 'instruction' and 'output' (or map fields: --prompt-field, "
+                                        "--response-field, ...)")
     prompt, answer = _field(row, "prompt", "'prompt'"), _field(row, "response", "'response'")
-    reasoning = _mapped_reasoning(row, f, None)
-    return prompt, answer, reasoning, prompt, "prompt+response"
+    c, key = conv(prompt, answer, _mapped_reasoning(row, f, None), "prompt+response")
+    return c, with_tools(key)
+
+
+def _detected(row: dict) -> str | None:
+    """The shape a row without field flags is read as, where it builds its prompt from several fields."""
+    if "instruction" in row and "output" in row and not any(
+            row.get(k) is not None for k in ("messages", "conversations", "prompt")):
+        return "alpaca"
+    return None
+
+
+def _alpaca(row: dict) -> tuple[str | list[dict], str]:
+    """(prompt, answer) of an Alpaca row, as LLaMA-Factory builds them."""
+    instruction = _field(row, "instruction", "'instruction'")
+    query = _field(row, "input", "'input'", required=False)
+    answer = _field(row, "output", "'output'")
+    text = f"{instruction}\n{query}" if query else instruction
+    system = _field(row, "system", "'system'", required=False)
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history):
+        raise RowError("bad_type", "'history' must be a list of [user, assistant] string pairs")
+    if not system and not history:
+        return text, answer
+    msgs = [{"role": "system", "content": system}] if system else []
+    for user, assistant in history:
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return msgs + [{"role": "user", "content": text}], answer
+
+
+def _check_siblings(row: dict, f: FieldMap) -> None:
+    """A --prompt-field naming some of the fields the detected shape builds its prompt from must name each of
+    them that is not empty (else that text would be dropped without a word)."""
+    shape = _detected(row)
+    siblings = _PROMPT_SIBLINGS.get(shape)
+    if not siblings or f.prompt is None:
+        return
+    named = {n.strip() for n in f.prompt.split(",")}
+    if not named & set(siblings):
+        return
+    for s in siblings:
+        if s not in named and row.get(s) not in (None, "", []):
+            want = ",".join(x for x in siblings if x in named or row.get(x) not in (None, "", []))
+            raise RowError("dropped_field", f"--prompt-field {f.prompt} leaves out the row's non-empty {s!r}, which "
+                                            f"the {shape} shape uses: name it too (--prompt-field {want}), or give "
+                                            f"no field flags ({shape} rows are detected)")
+
+
+def _mapped(row: dict, spec: str, required: bool = True) -> str | None:
+    """A mapped text field, or several (``a,b``): the present, non-empty ones joined with "\\n"."""
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) == 1:
+        return _field(row, names[0], names[0], lists=True, required=required)
+    parts = [p for n in names if (p := _field(row, n, n, lists=True, required=False))]
+    if not parts and required:
+        raise RowError("missing_field", f"none of {', '.join(map(repr, names))} is there")
+    return "\n".join(parts) if parts else None
 
 
 def _mapped_reasoning(row: dict, f: FieldMap, found: str | None) -> str | None:
     if f.reasoning is None:
         return found
-    return _field(row, f.reasoning, repr(f.reasoning), lists=True, required=False)
+    return _mapped(row, f.reasoning, required=False)
 
 
-def _key_messages(prompt: list[dict], answer: str, reasoning: str | None) -> list[dict]:
-    last = {"role": "assistant", "content": answer}
+def _key_messages(prompt: list[dict], answer: str, reasoning: str | None, keys: dict) -> list[dict]:
+    """The id key of a conversation: its messages without the reasoning of earlier turns (as ids were made before
+    those were kept), and the answer with its reasoning and tool keys."""
+    last = {"role": "assistant", "content": answer, **keys}
     if reasoning is not None:
         last["reasoning_content"] = reasoning
-    return prompt + [last]
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in prompt] + [last]
 
 
 def record_id(text: str | None, fields: FieldMap = FieldMap()) -> str | None:

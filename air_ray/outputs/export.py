@@ -1,68 +1,111 @@
-"""``air-ray export``: the selected rows as a training-ready dataset.
+"""``air-ray export``: the selected rows as a training-ready dataset, a faithful subset of the corpus.
 
     air-ray export --scores RUN [--selection RUN/selection] --input CORPUS... --output DIR
-                   [--style messages|prompt-completion] [--rows-per-file N] [the field flags used for scoring]
+                   [--style messages|prompt-completion|original] [--inline-reasoning] [--output-format parquet|jsonl]
+                   [--rows-per-file N] [the field flags used for scoring]
 
-Writes ``DIR/part-00000.parquet`` ... (``EXPORT_MESSAGES`` or ``EXPORT_PROMPT_COMPLETION``) and ``DIR/export.json``
-(counts, options, the files). Each selected id appears exactly once: the corpus is read in the scorer's order
-(sorted files, then lines) and the first row with the id is taken, as the scorer did; if an id cannot be found,
-the command fails naming the missing ids and leaves no new file behind (files are written under hidden names and
-renamed into place only once every id is found).
+Writes ``DIR/data/part-00000.parquet`` ... (or ``.jsonl``), ``DIR/dataset_info.json`` (an entry LLaMA-Factory can
+name, where a formatting of its fits the style) and ``DIR/.export.json`` (the summary: counts, options, files).
+The summary is a dot-file and the rows sit in ``data/`` so that ``datasets.load_dataset(DIR)``,
+``load_dataset("parquet", data_dir=DIR)`` and LLaMA-Factory (which reads every file of the folder it is given)
+find only rows.
 
-The assistant's content is the response that was scored (``air_ray.data.rows``: the reasoning rendered with the
-answer where the row has reasoning apart), so ``step_spans`` (character spans of that text), ``step_weights``
-and ``step_kinds`` describe it exactly. ``score`` is the AIR score of the row, ``rank`` its rank in the selection.
-Memory: the selected ids with their step lists, and one file's rows; the corpus is streamed and reading stops
-once every selected id is found.
+Styles:
+
+- ``messages``: ``id``, ``messages`` (OpenAI form: each message's ``role`` and ``content``, and where some row has
+  them ``reasoning_content``, ``tool_calls`` (``function.arguments`` as JSON text), ``tool_call_id``, ``name``),
+  ``tools`` (the row's tool definitions as JSON text, or null), then the score columns. The assistant's content is
+  the answer; reasoning given apart stays in its ``reasoning_content`` (``--inline-reasoning``: the content is the
+  reasoning and the answer as they were scored, and no ``reasoning_content``).
+- ``prompt-completion``: ``prompt`` and ``completion`` instead of ``messages`` (message lists for chat-formatted
+  scores, TRL's conversational form; strings for raw ones, with a ``reasoning_content`` column).
+- ``original``: each source record as it is, every column, nested types kept (a Parquet or Arrow source's rows
+  are taken from its Arrow batches, so their types are the source's), plus ``air_id``, ``air_domain``,
+  ``air_score``, ``air_rank``, ``air_step_spans``, ``air_step_weights``, ``air_step_kinds``,
+  ``air_scored_response``.
+
+Score columns of the first two styles: ``domain``, ``score`` (the AIR score), ``rank`` (in the selection),
+``step_spans``, ``step_weights``, ``step_kinds`` and ``scored_response``: the response exactly as it was scored
+(``air_ray.data.rows``: the answer, or the reasoning rendered with it), the text ``step_spans`` index.
+
+Each selected id appears exactly once: the corpus is read in the scorer's order (sorted files, then lines) and the
+first row with the id is taken, as the scorer did; if an id cannot be found, the command fails naming the missing
+ids and leaves no new file behind (files are written under hidden names and renamed into place only once every id
+is found). Memory: the selected ids with their step lists, one block of the corpus and one output file's rows;
+reading stops once every selected id is found.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
+from collections import Counter
 
 import pyarrow as pa
 
 from air_ray.config.commands import ExportConfig
 from air_ray.errors import AirRayError
-from air_ray.fsio import with_protocol, write_json_atomic
+from air_ray.fsio import with_protocol, write_bytes_atomic, write_json_atomic
 from air_ray.outputs.layout import SELECTION_DIR, RunLayout, open_scores, read_selection, write_table_atomic
 
-MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
-_STEPS = [pa.field("step_spans", pa.list_(pa.list_(pa.int32()))), pa.field("step_weights", pa.list_(pa.float64())),
-          pa.field("step_kinds", pa.list_(pa.string()))]
-_HEAD = [pa.field("id", pa.string(), nullable=False)]
-_TAIL = [pa.field("domain", pa.string()), pa.field("score", pa.float64()), pa.field("rank", pa.int64()), *_STEPS]
-EXPORT_MESSAGES = pa.schema(_HEAD + [pa.field("messages", pa.list_(MESSAGE))] + _TAIL)
+DATA_DIR = "data"
+SUMMARY_FILE = ".export.json"
+LEGACY_SUMMARY_FILE = "export.json"  # exports written before data/ (parts beside it)
+LLAMAFACTORY_FILE = "dataset_info.json"
+LLAMAFACTORY_NAME = "air_ray_export"
+_PART = "part-{:05d}.{}"
+_EXT = {"parquet": "parquet", "jsonl": "jsonl"}
 
-
-def prompt_completion_schema(chat: bool) -> pa.Schema:
-    """Chat-formatted scores: prompt and completion are message lists (TRL's conversational form); raw: strings."""
-    kind = pa.list_(MESSAGE) if chat else pa.string()
-    return pa.schema(_HEAD + [pa.field("prompt", kind), pa.field("completion", kind)] + _TAIL)
-
-
-EXPORT_FILE = "export.json"
-_PART = "part-{:05d}.parquet"
+_STEPS = {"step_spans": pa.list_(pa.list_(pa.int32())), "step_weights": pa.list_(pa.float64()),
+          "step_kinds": pa.list_(pa.string())}
+_SCORE_COLUMNS = {"domain": pa.string(), "score": pa.float64(), "rank": pa.int64(), **_STEPS,
+                  "scored_response": pa.string()}
+# the declared types of the columns export writes; the message structs are inferred (only keys some message has)
+COLUMN_TYPES = {"id": pa.string(), "tools": pa.string(), "reasoning_content": pa.string(), **_SCORE_COLUMNS}
+AIR_COLUMNS = {f"air_{k}": t for k, t in {"id": pa.string(), **_SCORE_COLUMNS}.items()}
+_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                "system_tag": "system", "observation_tag": "tool"}
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Write the export (see the module doc); returns the summary written to ``export.json``."""
+    """Write the export (see the module doc); returns the summary written to ``.export.json``."""
+    from air_ray.data.corpus import expand_inputs
+    from air_ray.data.shapes import FieldMap
+
     cfg = cfg.validate()
     ranks = read_selection(cfg.selection or RunLayout(cfg.scores).uri_of(SELECTION_DIR))
     steps, meta = _scored(cfg.scores, set(ranks))
     chat = (meta or {}).get("format", "chat") == "chat"
-    schema = EXPORT_MESSAGES if cfg.style == "messages" else prompt_completion_schema(chat)
+    rows = _Rows(cfg, chat, scored_text(cfg, meta))
     out = RunLayout(cfg.output)
-    writer = _Files(out, schema, cfg.rows_per_file)
-    render = scored_text(cfg, meta)
-    found, read = set(), 0
+    writer = _Files(out, cfg.output_format, cfg.rows_per_file,
+                    AIR_COLUMNS if cfg.style == "original" else COLUMN_TYPES)
+    fields = FieldMap.of(cfg)
+    found: set[str] = set()
+    counts: Counter = Counter()
+    unreadable: list[dict] = []
     try:
-        for conv in _conversations(cfg):
-            read += 1
-            if conv.id not in ranks or conv.id in found or conv.id not in steps:
-                continue
-            found.add(conv.id)
-            writer.add(_row(conv, render(conv), steps[conv.id], ranks[conv.id], cfg.style, chat))
+        for source in expand_inputs(cfg.input):
+            arrow = cfg.style == "original" and cfg.output_format == "parquet"
+            for texts, batch, error in _records(source, arrow):
+                picked = []
+                for i, text in enumerate(texts):
+                    counts["corpus_rows_read"] += 1
+                    conv = _parse(text, fields)
+                    if conv is None:
+                        counts["corpus_rows_not_scorable"] += 1  # the scorer rejected it: never selected
+                    elif conv.id in ranks and conv.id in steps:
+                        if conv.id in found:
+                            counts["corpus_rows_later_duplicates"] += 1  # the scorer kept the first
+                        else:
+                            found.add(conv.id)
+                            picked.append((i, text, conv))
+                for item in rows.build(picked, batch, steps, ranks):
+                    writer.add(item)
+                if error:
+                    unreadable.append({"source": source, "error": error})
+                if len(found) == len(ranks):
+                    break
             if len(found) == len(ranks):
                 break
         missing = [i for i in ranks if i not in found]
@@ -71,15 +114,30 @@ def export(cfg: ExportConfig) -> dict:
                    + ("scores" if any(i not in steps for i in missing) else "corpus"))
             raise AirRayError(f"export: {why} (e.g. {missing[:10]}); check --scores, --input and the field flags "
                               "(the same as for scoring)")
-        files = writer.commit()
+        files, file_rows, schema = writer.commit()
     except BaseException:
         writer.abort()
         raise
-    summary = {"rows": len(found), "selected": len(ranks), "corpus_rows_read": read, "style": cfg.style,
-               "format": "chat" if chat else "raw", "files": [with_protocol(out.fs, f) for f in files],
-               "schema": schema.to_string(show_schema_metadata=False), "config": cfg.__dict__}
-    write_json_atomic(out.fs, out.path(EXPORT_FILE), summary)
-    print(f"[air-ray export] {len(found):,} rows in {len(files)} files -> {cfg.output}", flush=True)
+    if not (len(found) == sum(file_rows) == len(ranks)):  # every selected id exactly once
+        raise AirRayError(f"export: internal error: {len(ranks)} selected, {len(found)} found, {sum(file_rows)} "
+                          "written")
+    entry = rows.llamafactory()
+    if entry:
+        write_json_atomic(out.fs, out.path(LLAMAFACTORY_FILE), {LLAMAFACTORY_NAME: entry})
+    elif out.fs.exists(out.path(LLAMAFACTORY_FILE)):
+        out.fs.rm(out.path(LLAMAFACTORY_FILE))
+    summary = {"rows": len(found), "selected": len(ranks), "style": cfg.style, "format": "chat" if chat else "raw",
+               "output_format": cfg.output_format, "inline_reasoning": cfg.inline_reasoning,
+               "files": [with_protocol(out.fs, f) for f in files], "file_rows": file_rows,
+               "corpus_rows_read": counts["corpus_rows_read"],
+               "corpus_rows_not_scorable": counts["corpus_rows_not_scorable"],
+               "corpus_rows_later_duplicates": counts["corpus_rows_later_duplicates"],
+               "unreadable_files": unreadable, "schema": schema,
+               "llamafactory": {"dataset_dir": cfg.output, "dataset": LLAMAFACTORY_NAME} if entry else None,
+               "config": cfg.__dict__}
+    write_json_atomic(out.fs, out.path(SUMMARY_FILE), summary)
+    print(f"[air-ray export] {len(found):,} rows in {len(files)} files -> {out.uri_of(DATA_DIR)} (summary "
+          f"{out.uri_of(SUMMARY_FILE)})", flush=True)
     return summary
 
 
@@ -97,22 +155,30 @@ def _scored(scores_uri: str, ids: set[str]) -> tuple[dict[str, dict], dict | Non
     return out, scores.metadata()
 
 
-def _conversations(cfg: ExportConfig):
-    """Every parseable corpus row as a Conversation, in the scorer's order (bad rows are skipped: the scorer
-    rejected them, so they were never selected)."""
-    from air_ray.data.corpus import expand_inputs, read_chunks
-    from air_ray.data.shapes import FieldMap, RowError, load_record, parse_row
+def _records(source: str, arrow: bool):
+    """(raw records, the Arrow batch they are (``arrow`` and a Parquet/Arrow source) or None, the file's error
+    or None) of one corpus file, block by block, in the scorer's order. A file that cannot be read (or breaks off)
+    gives its records so far, then its error, as the scorer read it."""
+    from air_ray.data.corpus import is_arrow_file, read_chunks, record_batches, record_text
 
-    fields = FieldMap.of(cfg)
-    for source in expand_inputs(cfg.input):
-        for chunk in read_chunks(source, 4096):
-            if chunk.file_error:
-                raise AirRayError(f"export: corpus {source} cannot be read: {chunk.file_error}")
-            for text in chunk.texts:
-                try:
-                    yield parse_row(load_record(text), fields)
-                except (RowError, RecursionError):
-                    continue
+    if arrow and is_arrow_file(source):
+        try:
+            for batch in record_batches(source):
+                yield [record_text(r) for r in batch.to_pylist()], batch, None
+        except Exception as e:
+            yield [], None, f"{type(e).__name__}: {e}"[:500]
+        return
+    for chunk in read_chunks(source, 1024):
+        yield chunk.texts, None, chunk.file_error
+
+
+def _parse(text, fields):
+    from air_ray.data.shapes import RowError, load_record, parse_row
+
+    try:
+        return parse_row(load_record(text), fields)
+    except (RowError, RecursionError):
+        return None
 
 
 def scored_text(options, meta: dict | None, need_model: bool = True):
@@ -134,7 +200,7 @@ def scored_text(options, meta: dict | None, need_model: bool = True):
                 from air_ray.models import load_tokenizer, prepare_model
 
                 try:
-                    preparer[0] = RowPreparer.of(load_tokenizer(prepare_model(meta["model"])), options)
+                    preparer[0] = RowPreparer.of(load_tokenizer(prepare_model(meta["model"])), options, format="chat")
                 except AirRayError:
                     if need_model:
                         raise
@@ -143,93 +209,314 @@ def scored_text(options, meta: dict | None, need_model: bool = True):
     return render
 
 
-def _row(conv, response: str, scored: dict, rank_score, style: str, chat: bool) -> dict:
-    spans = scored["step_spans"] or []
-    if spans and max(int(b) for _, b in spans) > len(response):
-        raise AirRayError(f"export: id {conv.id!r}: the corpus row does not match its scores (its steps end after "
-                          "its response; was it scored with other field flags or think tags?)")
-    rank, _ = rank_score
-    row = {"id": conv.id, "domain": scored["domain"], "score": scored["score"], "rank": rank,
-           "step_spans": spans, "step_weights": scored["step_weights"], "step_kinds": scored.get("step_kinds")}
-    answer = {"role": "assistant", "content": response}
-    if style == "messages":
-        row["messages"] = conv.messages() + [answer]
-    elif chat:
-        row["prompt"], row["completion"] = conv.messages(), [answer]
-    else:
-        row["prompt"] = conv.prompt if isinstance(conv.prompt, str) else "\n".join(m["content"] for m in conv.prompt)
-        row["completion"] = response
-    return row
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def _arrow_message(m: dict) -> dict:
+    """A message as the export stores it: tool call arguments as JSON text (one Arrow type for every row)."""
+    if not m.get("tool_calls"):
+        return dict(m)
+    calls = []
+    for c in m["tool_calls"]:
+        fn = c["function"]
+        args = fn.get("arguments")
+        call = {k: c[k] for k in ("id", "type") if c.get(k) is not None}
+        call["function"] = {"name": fn["name"],
+                            "arguments": args if isinstance(args, str) or args is None else
+                            json.dumps(args, ensure_ascii=False)}
+        calls.append(call)
+    return {**m, "tool_calls": calls}
+
+
+class _Rows:
+    """Picked corpus rows -> output rows (dicts) or Arrow tables, in the style asked for; notes what the export
+    holds for its LLaMA-Factory entry."""
+
+    def __init__(self, cfg: ExportConfig, chat: bool, render):
+        self.cfg, self.chat, self.render = cfg, chat, render
+        self.shapes: set[str] = set()
+        self.columns: set[str] = set()  # columns of the source records (original style)
+        self.tools = self.calls = False
+
+    def build(self, picked, batch, steps: dict, ranks: dict):
+        """Output items of ``picked`` ([(index in the block, raw record, conversation)])."""
+        if not picked:
+            return []
+        scores = []
+        for _, _, conv in picked:
+            response = self.render(conv)
+            scored = steps[conv.id]
+            spans = scored["step_spans"] or []
+            if spans and max(int(b) for _, b in spans) > len(response):
+                raise AirRayError(f"export: id {conv.id!r}: the corpus row does not match its scores (its steps end "
+                                  "after its response; was it scored with other field flags or think tags?)")
+            scores.append({"domain": scored["domain"], "score": scored["score"], "rank": ranks[conv.id][0],
+                           "step_spans": spans, "step_weights": scored["step_weights"],
+                           "step_kinds": scored.get("step_kinds"), "scored_response": response})
+            self.shapes.add(conv.shape)
+            self.tools = self.tools or bool(conv.tools)
+            self.calls = self.calls or any(m.get("tool_calls") for m in conv.messages()) or \
+                "tool_calls" in conv.answer_keys
+        if self.cfg.style != "original":
+            return [self._row(conv, s) for (_, _, conv), s in zip(picked, scores)]
+        air = [{"air_id": conv.id, **{f"air_{k}": v for k, v in s.items()}} for (_, _, conv), s in zip(picked, scores)]
+        if batch is not None:  # an Arrow source: its rows as they are, with the score columns appended
+            table = pa.Table.from_batches([batch]).take([i for i, _, _ in picked]).replace_schema_metadata(None)
+            self._own_columns(table.column_names)
+            extra = pa.Table.from_pylist(air, schema=pa.schema(list(AIR_COLUMNS.items())))
+            for name in extra.column_names:
+                table = table.append_column(name, extra[name])
+            return [table]
+        items = []
+        for (_, text, _), a in zip(picked, air):
+            record = json.loads(text)
+            self._own_columns(record)
+            items.append({**record, **a})
+        return items
+
+    def _own_columns(self, names) -> None:
+        clash = sorted(set(names) & set(AIR_COLUMNS))
+        if clash:
+            raise AirRayError(f"export --style original: the corpus already has a column {clash[0]!r}; the score "
+                              "columns would overwrite it (use --style messages or prompt-completion)")
+        self.columns.update(names)
+
+    def _row(self, conv, s: dict) -> dict:
+        from air_ray.data.rows import raw_prompt
+
+        inline = self.cfg.inline_reasoning or conv.reasoning is None
+        text = s["scored_response"] if inline else conv.answer
+        row = {"id": conv.id}
+        if self.cfg.style == "prompt-completion" and not self.chat:
+            row.update(prompt=raw_prompt(conv.prompt, conv.tools), completion=text,
+                       reasoning_content=None if inline else conv.reasoning)
+            return {**row, **s}
+        answer = {"role": "assistant", "content": text}
+        if not inline:
+            answer["reasoning_content"] = conv.reasoning
+        answer.update(conv.answer_keys)
+        prompt = [_arrow_message(m) for m in conv.messages()]
+        if self.cfg.style == "messages":
+            row["messages"] = prompt + [_arrow_message(answer)]
+        else:
+            row["prompt"], row["completion"] = prompt, [_arrow_message(answer)]
+        row["tools"] = json.dumps(conv.tools, ensure_ascii=False) if conv.tools else None
+        return {**row, **s}
+
+    def llamafactory(self) -> dict | None:
+        """The dataset_info.json entry (keys of LLaMA-Factory's data/README.md) for a formatting of LLaMA-Factory's
+        that reads this export as it is, or None."""
+        entry: dict = {"file_name": DATA_DIR}
+        style, cfg = self.cfg.style, self.cfg
+        if style == "messages" or (style == "original" and self.shapes == {"messages"} and cfg.messages_field is None
+                                   and cfg.prompt_field is None and cfg.response_field is None):
+            # OpenAI messages: sharegpt with OpenAI tags; assistant tool_calls are read by the "openai" converter
+            entry.update(formatting="openai" if self.calls else "sharegpt", columns={"messages": "messages"},
+                         tags=dict(_OPENAI_TAGS))
+            if self.tools:
+                entry["columns"]["tools"] = "tools"
+            return entry
+        if style == "prompt-completion" and not self.chat:
+            return {**entry, "columns": {"prompt": "prompt", "response": "completion"}}
+        if style == "original" and self.shapes == {"alpaca"}:
+            columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                       "history": "history", "tools": "tools"}
+            return {**entry, "columns": {k: v for k, v in columns.items() if v in self.columns}}
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# files
 
 
 class _Files:
-    """Rows -> hidden Parquet files of ``rows_per_file`` rows; ``commit`` renames them into place (and removes
-    parts of an earlier export that are not replaced), ``abort`` removes them."""
+    """Output items (row dicts, Arrow tables) -> hidden files of ``rows_per_file`` rows in ``DIR/data``;
+    ``commit`` gives every Parquet file one schema (the union of the files' columns and struct fields), renames
+    them into place and removes parts of an earlier export that are not replaced; ``abort`` removes them."""
 
-    def __init__(self, out: RunLayout, schema: pa.Schema, rows_per_file: int):
-        self.out, self.schema, self.n = out, schema, rows_per_file
-        self.rows: list[dict] = []
-        self.hidden: list[str] = []
+    def __init__(self, out: RunLayout, fmt: str, rows_per_file: int, types: dict):
+        self.out, self.fmt, self.n, self.types = out, fmt, rows_per_file, types
+        self.items: list = []
+        self.count = 0
+        self.hidden: list[tuple[str, int]] = []
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.n:
-            self._flush()
+    def add(self, item) -> None:
+        self.items.append(item)
+        self.count += item.num_rows if isinstance(item, pa.Table) else 1
+        while self.count >= self.n:
+            self._flush(self.n)
 
-    def _flush(self) -> None:
-        if not self.rows:
-            return
-        path = self.out.path("." + _PART.format(len(self.hidden)))
-        write_table_atomic(pa.Table.from_pylist(self.rows, schema=self.schema), self.out.fs, path)
-        self.hidden.append(path)
-        self.rows = []
+    def _path(self, i: int, hidden: bool) -> str:
+        return self.out.path(DATA_DIR, ("." if hidden else "") + _PART.format(i, _EXT[self.fmt]))
 
-    def commit(self) -> list[str]:
-        self._flush()
+    def _flush(self, n: int) -> None:
+        path = self._path(len(self.hidden), hidden=True)
+        if self.fmt == "jsonl":
+            rows, self.items = self.items[:n], self.items[n:]
+            write_bytes_atomic(self.out.fs, path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                          for r in rows).encode())
+        else:
+            table = _concat(self.items, self.types)
+            self.items = [table.slice(n)] if table.num_rows > n else []
+            write_table_atomic(table.slice(0, n), self.out.fs, path)
+        self.hidden.append((path, n))
+        self.count -= n
+
+    def commit(self) -> tuple[list[str], list[int], str | None]:
+        """-> (the files, their row counts, the schema of the Parquet files)."""
+        if self.count:
+            self._flush(self.count)
         fs = self.out.fs
-        final = [self.out.path(_PART.format(i)) for i in range(len(self.hidden))]
-        for old in fs.glob(self.out.path("part-*.parquet")):
+        schema = self._unify() if self.fmt == "parquet" and self.hidden else None
+        final = [self._path(i, hidden=False) for i in range(len(self.hidden))]
+        stale = fs.glob(self.out.path(DATA_DIR, "part-*")) + fs.glob(self.out.path("part-*.parquet"))
+        for old in stale:  # an earlier export's parts (and those of the layout before data/)
             if old not in final:
                 fs.rm(old)
-        for tmp, path in zip(self.hidden, final):
+        if fs.exists(self.out.path(LEGACY_SUMMARY_FILE)):
+            fs.rm(self.out.path(LEGACY_SUMMARY_FILE))
+        for (tmp, _), path in zip(self.hidden, final):
             fs.mv(tmp, path)
-        return final
+        return final, [n for _, n in self.hidden], schema.to_string(show_schema_metadata=False) if schema else None
+
+    def _unify(self) -> pa.Schema:
+        """One schema for every file (the files were written as their rows came: a later one may hold a message key
+        or a column an earlier one did not); files that differ are rewritten to it, one at a time."""
+        import pyarrow.parquet as pq
+
+        fs = self.out.fs
+        schemas = []
+        for path, _ in self.hidden:
+            with fs.open(path, "rb") as f:
+                schemas.append(pq.read_schema(f))
+        try:
+            schema = pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise _schema_error(e) from None
+        for (path, _), own in zip(self.hidden, schemas):
+            if not own.equals(schema):
+                with fs.open(path, "rb") as f:
+                    table = pq.read_table(f)
+                write_table_atomic(_conform(table, schema), fs, path)
+        return schema
 
     def abort(self) -> None:
-        for tmp in self.hidden:
+        for tmp, _ in self.hidden:
             try:
                 self.out.fs.rm(tmp)
             except Exception:
                 pass
 
 
+def _schema_error(e: Exception) -> AirRayError:
+    return AirRayError(f"export: the exported rows do not fit one Parquet schema ({str(e).splitlines()[0]}); "
+                       "--output-format jsonl keeps each record as it is")
+
+
+def _table(rows: list[dict], types: dict) -> pa.Table:
+    """Rows -> a table: the columns export declares get their types, the rest (messages, source columns) are
+    inferred."""
+    names = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys (from_pylist reads the first's)
+    try:
+        table = pa.table({n: pa.array([r.get(n) for r in rows], type=types.get(n)) for n in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise _schema_error(e) from None
+    return table
+
+
+def _concat(items: list, types: dict) -> pa.Table:
+    tables, run = [], []
+    for item in items:
+        if isinstance(item, pa.Table):
+            if run:
+                tables.append(_table(run, types))
+                run = []
+            tables.append(item)
+        else:
+            run.append(item)
+    if run:
+        tables.append(_table(run, types))
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise _schema_error(e) from None
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order (a column it lacks is null), each cast to its type."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading an export back
+
+
+def export_summary(uri: str) -> dict | None:
+    """The summary of the export at ``uri`` (``.export.json``, or ``export.json`` of the layout before data/), or
+    None when ``uri`` is no export."""
+    try:
+        out = RunLayout(uri)
+        for name in (SUMMARY_FILE, LEGACY_SUMMARY_FILE):
+            path = posixpath.join(out.root, name)
+            if out.fs.exists(path):
+                with out.fs.open(path, "rb") as f:
+                    return json.loads(f.read())
+    except Exception:
+        return None
+    return None
+
+
+def is_export(uri: str) -> bool:
+    return export_summary(uri) is not None
+
+
 def read_export(uri: str) -> list[dict]:
-    """The rows of an export as training examples ``{id, rank, prompt, response, step_spans, step_weights}``
+    """The rows of an export as training examples ``{id, rank, prompt, response, tools, step_spans, step_weights}``
     (in rank order): ``prompt`` a string or messages, ``response`` the scored response text."""
     import pyarrow.parquet as pq
 
+    from air_ray.data.shapes import FieldMap, RowError, parse_row
+
     out = RunLayout(uri)
-    files = sorted(p for p in out.fs.glob(out.path("part-*.parquet")))
+    summary = export_summary(uri) or {}
+    files = sorted(out.fs.glob(out.path(DATA_DIR, "part-*"))) or sorted(out.fs.glob(out.path("part-*.parquet")))
     if not files:
-        raise AirRayError(f"no export at {uri} (no part-*.parquet; run `air-ray export`)")
+        raise AirRayError(f"no export at {uri} (no data/part-*; run `air-ray export`)")
+    fields = FieldMap.of(_Namespace(summary.get("config") or {}))
     examples = []
     for path in files:
         with out.fs.open(path, "rb") as f:
-            for row in pq.read_table(f).to_pylist():
-                if "messages" in row:
-                    prompt, response = row["messages"][:-1], row["messages"][-1]["content"]
-                else:
-                    comp = row["completion"]
-                    prompt, response = row["prompt"], comp if isinstance(comp, str) else comp[-1]["content"]
-                examples.append({"id": row["id"], "rank": row["rank"], "prompt": prompt, "response": response,
-                                 "step_spans": row["step_spans"] or [], "step_weights": row["step_weights"] or []})
+            rows = pq.read_table(f).to_pylist() if path.endswith(".parquet") else \
+                [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        for row in rows:
+            if "air_rank" in row:  # style original: the source record, read as the scorer read it
+                try:
+                    conv = parse_row({k: v for k, v in row.items() if k not in AIR_COLUMNS}, fields)
+                except RowError as e:
+                    raise AirRayError(f"export {uri}: row {row['air_id']!r} no longer parses ({e})") from None
+                examples.append({"id": row["air_id"], "rank": row["air_rank"], "prompt": conv.prompt,
+                                 "tools": conv.tools, "response": row["air_scored_response"],
+                                 "step_spans": row["air_step_spans"] or [],
+                                 "step_weights": row["air_step_weights"] or []})
+                continue
+            if "messages" in row:
+                prompt, last = row["messages"][:-1], row["messages"][-1]
+            else:
+                comp = row["completion"]
+                prompt, last = row["prompt"], ({"content": comp} if isinstance(comp, str) else comp[-1])
+            if isinstance(prompt, list):  # Parquet gives every message every key: drop the empty ones
+                prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
+            tools = json.loads(row["tools"]) if row.get("tools") else None
+            examples.append({"id": row["id"], "rank": row["rank"], "prompt": prompt, "tools": tools,
+                             "response": row.get("scored_response") or last["content"],
+                             "step_spans": row["step_spans"] or [], "step_weights": row["step_weights"] or []})
     examples.sort(key=lambda e: e["rank"])
     return examples
 
 
-def is_export(uri: str) -> bool:
-    try:
-        out = RunLayout(uri)
-        return out.fs.exists(posixpath.join(out.root, EXPORT_FILE))
-    except Exception:
-        return False
+class _Namespace:
+    def __init__(self, d: dict):
+        self.__dict__.update(d)

@@ -249,9 +249,9 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
         if rid not in wanted:
             continue
         prompt, response = conv.prompt, render(conv)
-        if rid in found and found[rid] != (prompt, response):
+        if rid in found and found[rid][:2] != (prompt, response):
             raise AirRayError(f"the corpus holds id {rid!r} twice with different content")
-        found[rid] = (prompt, response)
+        found[rid] = (prompt, response, conv.tools)
     missing_corpus = [i for i in ids if i in wanted and i not in found]
     if (missing_scores or missing_corpus) and not allow_missing:
         parts = []
@@ -265,13 +265,13 @@ def load_training_rows(selection: str, scores: str, corpus, *, allow_missing: bo
     for rank, rid in enumerate(ids, 1):
         if rid not in found:
             continue
-        prompt, response = found[rid]
+        prompt, response, tools = found[rid]
         spans, weights = steps[rid]
         try:
             _check_steps(spans, weights, len(response))
         except AirRayError as e:
             raise AirRayError(f"id {rid!r}: the corpus row does not match its scores ({e})") from None
-        examples.append({"id": rid, "rank": rank, "prompt": prompt, "response": response,
+        examples.append({"id": rid, "rank": rank, "prompt": prompt, "tools": tools, "response": response,
                          "step_spans": spans, "step_weights": weights})
     return TrainingRows(examples, len(ids), missing_scores, missing_corpus, read, unparsable)
 
@@ -289,7 +289,7 @@ def pad_token_id(tokenizer) -> int:
 class StepWeightedCollator:
     """Rows -> padded batches ``{input_ids, attention_mask, labels, weights}`` (torch tensors, [batch, pos]).
 
-    A row is ``{prompt, response, step_spans, step_weights}`` (as ``load_training_rows`` makes) or an already
+    A row is ``{prompt, response, step_spans, step_weights, tools?}`` (as ``load_training_rows`` makes) or an already
     encoded ``{input_ids, labels, weights}`` (``encode``'s output). Prompt ids follow ``air_ray.data.rows`` (format
     ``chat``: the chat template with the generation prompt; ``raw``: ``tokenizer(prompt)``); then the response
     tokens with their step weights; then EOS with weight 1.0 if ``add_eos`` and the tokenizer has one.
@@ -310,7 +310,7 @@ class StepWeightedCollator:
 
     def encode(self, row: dict) -> dict:
         """-> ``{input_ids, labels, weights, truncated}`` (lists), unpadded."""
-        p_ids = list(self.preparer.prompt_ids(row["prompt"]))
+        p_ids = list(self.preparer.prompt_ids(row["prompt"], row.get("tools")))
         response = row["response"]
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         r_ids = list(enc["input_ids"])
