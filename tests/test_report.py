@@ -187,7 +187,7 @@ def report_dir(real_run):
 
 @pytest.mark.slow
 def test_report_files_and_content(real_run, report_dir):
-    for name in ("index.html", "heads.png", "score_hist.png", "score_vs_length.png"):
+    for name in ("index.html", "heads.png", "score_hist.png", "score_vs_length.png", "score_vs_loss.png"):
         assert (report_dir / name).stat().st_size > 1000, name
     page = (report_dir / "index.html").read_text(encoding="utf-8")
     for r in real_run["results"]:
@@ -197,7 +197,7 @@ def test_report_files_and_content(real_run, report_dir):
     assert html.escape(XSS) in page
     assert "&lt;img src=x onerror=alert(2)&gt;" in page and "<img src=x" not in page
     assert "Say &lt;b&gt;hi&lt;/b&gt; &amp; &quot;bye&quot;" in page
-    assert page.count("<img ") == 3
+    assert page.count("<img ") == 4  # heads, histogram, length and loss scatters (no placebo run given)
     # steps shaded (one span per step of each shown row with text, in both lists), legend, missing text
     with_text = [r for r in real_run["results"] if r["id"] != "lost-row"]
     assert page.count('<span class="st" ') == 2 * sum(len(r["step_spans"]) for r in with_text)
@@ -429,8 +429,10 @@ def test_report_in_chromium(report_dir, tmp_path, serve):
     assert got["errors"] == [], got["errors"]
     assert got["title"] == "AIR report"
     widths = dict(got["images"])  # src -> natural width (0: did not load)
-    assert sorted(widths) == ["heads.png", "score_hist.png", "score_vs_length.png"], got["images"]
-    assert widths["heads.png"] > 0 and widths["score_hist.png"] == widths["score_vs_length.png"] == 800
+    assert sorted(widths) == ["heads.png", "score_hist.png", "score_vs_length.png", "score_vs_loss.png"], \
+        got["images"]
+    assert widths["heads.png"] > 0
+    assert widths["score_hist.png"] == widths["score_vs_length.png"] == widths["score_vs_loss.png"] == 800
     # nothing external: every request is this server (the favicon is a data: URL)
     assert got["requests"] and all(u.startswith(base) or u.startswith("data:") for u in got["requests"]), \
         got["requests"]

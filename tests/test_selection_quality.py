@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from air_ray.outputs.layout import SCORES, to_table, write_table_atomic
+from tests.test_report import serve  # noqa: F401 (a fixture: a local HTTP server for the page)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -246,3 +247,17 @@ def test_report_sections(pool):
     assert "(24 of 24 rows measured)" in page
     # without a manifest: said so
     assert "No step-weight statistics" in page
+
+
+def test_report_sections_render_in_chromium(pool, serve, tmp_path):
+    """The page with every new section (placebo scatter included) loads in headless Chromium without errors."""
+    from tests.test_report import load_in_chromium
+
+    from air_ray.outputs.report import write_report
+
+    out = tmp_path / "report"
+    write_report(str(pool["root"] / "real"), None, out, placebo_scores=str(pool["root"] / "placebo"))
+    got = load_in_chromium(serve(out) + "index.html", tmp_path / "chrome")
+    assert got["errors"] == [], got["errors"]
+    widths = dict(got["images"])
+    assert {"score_vs_loss.png", "placebo.png"} <= set(widths) and all(w > 0 for w in widths.values()), widths

@@ -269,13 +269,18 @@ def plot_histogram(sc: Scan, out: Path) -> None:
     fig.savefig(out)
 
 
+def _sample(idx: np.ndarray) -> tuple[np.ndarray, bool]:
+    """At most ``SCATTER_POINTS`` of the row indices ``idx`` (a fixed-seed sample, kept in order), and whether it
+    is a sample."""
+    if len(idx) <= SCATTER_POINTS:
+        return idx, False
+    return np.sort(np.random.default_rng(0).choice(idx, SCATTER_POINTS, replace=False)), True
+
+
 def plot_scatter(sc: Scan, out: Path) -> None:
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
-    idx = np.flatnonzero(np.isfinite(sc.scores))
-    sampled = len(idx) > SCATTER_POINTS
-    if sampled:
-        idx = np.sort(np.random.default_rng(0).choice(idx, SCATTER_POINTS, replace=False))
+    idx, sampled = _sample(np.flatnonzero(np.isfinite(sc.scores)))
     if len(idx):
         x, y = sc.lengths[idx], sc.scores[idx]
         size = 12 if len(idx) < 2000 else 3
@@ -308,10 +313,7 @@ def plot_score_vs_loss(sc: Scan, out: Path) -> None:
 
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
-    idx = np.flatnonzero(np.isfinite(sc.scores) & np.isfinite(sc.loss_base))
-    sampled = len(idx) > SCATTER_POINTS
-    if sampled:
-        idx = np.sort(np.random.default_rng(0).choice(idx, SCATTER_POINTS, replace=False))
+    idx, sampled = _sample(np.flatnonzero(np.isfinite(sc.scores) & np.isfinite(sc.loss_base)))
     if len(idx):
         x, y = sc.loss_base[idx], sc.scores[idx]
         size = 12 if len(idx) < 2000 else 3
@@ -438,9 +440,8 @@ def plot_placebo(agree: dict, out: Path) -> None:
     fig = _figure(6, 4.5)
     ax = fig.add_subplot()
     sr, sp = agree["scores"]
-    if len(sr) > SCATTER_POINTS:
-        i = np.sort(np.random.default_rng(0).choice(len(sr), SCATTER_POINTS, replace=False))
-        sr, sp = sr[i], sp[i]
+    i, _ = _sample(np.arange(len(sr)))
+    sr, sp = sr[i], sp[i]
     ax.scatter(sp, sr, s=8, alpha=0.5)
     ax.set_xlabel("placebo score (random non-critical heads disabled)")
     ax.set_ylabel("score (critical heads disabled)")
