@@ -25,6 +25,13 @@ SELECT_BY = ("score", "loss_base", "entropy_base", "n_response_tokens", "random"
 EXPORT_STYLES = ("messages", "prompt-completion")
 COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
+# The version of the numbers: bumped, with a line in CHANGELOG.md, only by a change that alters scores. The scoring
+# key hashes it (not the package version), so a release that leaves the numbers alone rescores nothing.
+SCORING_VERSION = 1
+# air_ray releases whose keys hashed the package version (before SCORING_VERSION) -> the scoring version of their
+# numbers: partitions they committed are kept when the numbers are still the same (EngineOptions.legacy_keys)
+LEGACY_KEY_RELEASES = {"0.1.0": 1}
+
 # ----------------------------------------------------------------------------------------------
 # declarations shared by several commands
 
@@ -120,21 +127,24 @@ class EngineOptions(ModelOptions, CorpusOptions):
         if not (self.base_loss_floor > 0 and math.isfinite(self.base_loss_floor)):
             raise AirRayError("--base-loss-floor must be a number > 0")
 
-    def scoring_key(self, model_fingerprint: str, heads) -> str:
+    def scoring_key(self, model_fingerprint: str, heads, dtype: str | None = None, *, legacy: str | None = None) -> str:
         """A short hash of everything that changes a partition's contents for the same input: the model,
-        the heads, the row and step rules, the numerics and the scoring code's version. Placement options
-        (actors, batch size, addresses) are not part of it."""
+        the heads, the row and step rules, the numerics (``dtype``: the one resolved on the device that scores, where
+        the option is ``auto``) and ``SCORING_VERSION``. Placement options (workers, batch size, addresses) and the
+        package version are not part of it. ``legacy``: the key that air_ray release ``legacy`` (before
+        SCORING_VERSION) gave these options: it hashed the package version and the dtype option as given."""
         import hashlib
         import json
 
-        import air_ray
-
+        resolved = self.dtype if legacy else (dtype or self.dtype)
+        if resolved not in DTYPES or (resolved == "auto" and not legacy):
+            raise ValueError(f"scoring_key needs the dtype resolved on the scoring device, got {resolved!r}")
         doc = {
             "model_fingerprint": model_fingerprint,
             "heads": sorted([int(l), int(h)] for l, h in heads),
             "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
-            "dtype": self.dtype, "max_tokens": self.max_tokens, "truncate": self.truncate,
-            "backend": self.backend, "air_ray": air_ray.__version__,
+            "dtype": resolved, "max_tokens": self.max_tokens, "truncate": self.truncate,
+            "backend": self.backend, **({"air_ray": legacy} if legacy else {"scoring_version": SCORING_VERSION}),
         }
         rows = {f.name: getattr(self, f.name) for f in CorpusOptions.option_fields()
                 if getattr(self, f.name) != f.default}
@@ -143,6 +153,13 @@ class EngineOptions(ModelOptions, CorpusOptions):
         if self.base_loss_floor != EngineOptions.base_loss_floor:  # keys made before the option stay valid
             doc["base_loss_floor"] = self.base_loss_floor
         return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+    def legacy_keys(self, model_fingerprint: str, heads) -> dict[str, str]:
+        """``{release: key}``: the keys the releases of ``LEGACY_KEY_RELEASES`` whose numbers are this
+        ``SCORING_VERSION``'s gave these options. Under such a key a partition was scored by the same code, but with
+        ``dtype: auto`` not necessarily in the same dtype: the dtype its file records says."""
+        return {release: self.scoring_key(model_fingerprint, heads, legacy=release)
+                for release, version in LEGACY_KEY_RELEASES.items() if version == SCORING_VERSION}
 
 
 # ----------------------------------------------------------------------------------------------

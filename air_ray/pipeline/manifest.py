@@ -14,8 +14,9 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import air_ray
+    from air_ray.config.commands import SCORING_VERSION
 
-    out = {"air_ray": air_ray.__version__}
+    out = {"air_ray": air_ray.__version__, "scoring_version": SCORING_VERSION}
     for name in ("ray", "torch", "transformers", "pyarrow", "vllm"):
         try:
             out[name] = version(name)
