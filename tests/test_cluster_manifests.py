@@ -27,6 +27,7 @@ import yaml
 
 from air_ray import cli
 from air_ray.config import COMMANDS
+from air_ray.config.options import flag
 from air_ray.errors import AirRayError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,9 +193,9 @@ def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
     workers = load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)
-    assert cfg.gpus_per_actor == 1 and cfg.actors == gpus
+    assert cfg.gpus_per_worker == 1 and cfg.workers == gpus
     cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
-    assert cfg.cpus_per_actor <= cpus
+    assert cfg.cpus_per_worker <= cpus
 
 
 def test_every_documented_job_command_is_real(monkeypatch):
@@ -255,13 +256,13 @@ def test_job_config_keys_are_options_and_parse(path, monkeypatch):
         assert got == want, f"{path.name}: {key} came through as {got!r}, not {want!r}"
 
 
-def test_top_frac_comes_through_from_the_configs(monkeypatch):
+def test_fractions_come_through_from_the_configs(monkeypatch):
     monkeypatch.chdir(REPO)
-    for job, sub in (("select", "select"), ("detect_heads", "heads")):
+    for job, sub, key in (("select", "select", "top_frac"), ("detect_heads", "heads", "head_frac")):
         path = str(CONFIGS / f"{job}.yaml")
-        assert cli.parse([sub, "--config", path])[1].top_frac == load(path)["top_frac"]
+        assert getattr(cli.parse([sub, "--config", path])[1], key) == load(path)[key]
         # and a flag still wins over the file
-        assert cli.parse([sub, "--config", path, "--top-frac", "0.5"])[1].top_frac == 0.5
+        assert getattr(cli.parse([sub, "--config", path, flag(key), "0.5"])[1], key) == 0.5
 
 
 def test_a_config_with_an_unknown_key_is_refused(tmp_path):

@@ -2,7 +2,7 @@
 
     1. from_items(files) ─map_batches→ IdStage ─→ driver: global duplicate ids (first occurrence wins)
     2. from_items(files) ─flat_map→ ReadStage ─map_batches(actor pool)→ PrepareStage
-                         ─map_batches(actor pool: --actors × (--gpus/--cpus-per-actor))→ ScoreStage ─→ summaries
+                         ─map_batches(actor pool: --workers × --gpus/--cpus-per-worker)→ ScoreStage ─→ summaries
 
 Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
 (atomically, named from the input file and chunk index), then the unit's commit marker, and returns a summary
@@ -225,7 +225,7 @@ def detect_heads_on_cluster(cfg):
     """``air_ray.heads.run.detect_heads(cfg)`` as a Ray task with ``cfg``'s GPUs, CPUs and address (``run_task``)."""
     from air_ray.heads.run import detect_heads
 
-    doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
+    doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus_per_worker, gpus=cfg.gpus_per_worker)
     doc["detected_on"].update(node_id=where["node_id"], node_ip=where["node_ip"])
     return doc
 
@@ -329,7 +329,7 @@ def _executor(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
             named = "--address local: an embedded Ray cluster"
         elif cfg.address is not None or os.environ.get("RAY_ADDRESS") or _ray_start_cluster() is not None:
             named = "a Ray cluster to join"
-    return choose_executor(cfg.executor, actors=cfg.actors, backend=cfg.backend, total_bytes=total_bytes,
+    return choose_executor(cfg.executor, actors=cfg.workers, backend=cfg.backend, total_bytes=total_bytes,
                            ray_named=named, local_gpus=_local_gpus)
 
 
@@ -384,7 +384,7 @@ def scoring_dtype(cfg: ScoreConfig, gpus: float | None = None) -> tuple[str, str
     """``(dtype, why)``: the dtype the scoring workers compute in. ``--dtype`` as given, or ``auto`` resolved for the
     device they score on (``air_ray.models.resolve_dtype``: bfloat16 on CUDA and on CPUs with native bf16, float32
     elsewhere). That device is ``--device``, or under ``auto`` CUDA when each worker gets GPUs: ``gpus`` (the
-    placement's), else ``--gpus-per-actor``, else whether the cluster (joined to ask), or this machine when no
+    placement's), else ``--gpus-per-worker``, else whether the cluster (joined to ask), or this machine when no
     cluster is joined, has any. On a joined cluster's CPUs, bfloat16 only when every CPU node has native bf16. The
     run then scores in exactly this dtype on every worker, and its scoring key says which."""
     from air_ray.models import resolve_dtype
@@ -395,7 +395,7 @@ def scoring_dtype(cfg: ScoreConfig, gpus: float | None = None) -> tuple[str, str
     device = cfg.device
     if device == "auto":
         if gpus is None:
-            gpus = cfg.gpus_per_actor
+            gpus = cfg.gpus_per_worker
         if gpus is None and joined:
             import ray
 
@@ -452,29 +452,29 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
         import ray
 
         t = time.time()
-        started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
+        started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker))
         phases["cluster_s"] = time.time() - t
     try:
         if in_process:
             nodes = [{"CPU": physical, "GPU": min(1, _local_gpus())}]
         else:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
+        place = plan(nodes, actors=cfg.workers, gpus_per_actor=cfg.gpus_per_worker, cpus_per_actor=cfg.cpus_per_worker,
                      embedded=started or in_process, physical_cpus=physical)
-        cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
+        cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker = place.actors, place.gpus_per_actor, place.cpus_per_actor
         dtype, dtype_why = (dtype, "resolved by the caller") if dtype else scoring_dtype(cfg, place.gpus_per_actor)
         cfg.dtype = dtype  # every worker scores in the dtype the key names
         scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype)
         if not in_process:
             ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
             ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
             for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
                 logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
+        workers = f"{cfg.workers} worker{'s' * (cfg.workers != 1)}"
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
-              f"({executor}: {executor_why}; {cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, "
-              f"{cfg.cpus_per_actor:g} CPU = {place.threads} torch threads; {place.why}; {dtype}: {dtype_why})",
-              flush=True)
+              f"({executor}: {executor_why}; {workers} x {cfg.gpus_per_worker:g} GPU, {cfg.cpus_per_worker:g} CPU = "
+              f"{place.threads} torch threads; {place.why}; {dtype}: {dtype_why})", flush=True)
 
         t = time.time()
         duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg),
@@ -487,22 +487,25 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
             rows = _score_in_process(cfg, files, keys, duplicates, committed, heads_doc)
         else:
             rows = _rows(_pipeline(cfg, files, keys, duplicates, committed, heads_doc))
-        progress = Progress(total_bytes)
+        progress = Progress(total_bytes, bar=cfg.progress and sys.stderr.isatty())
         summaries = []
         legacy: Counter = Counter()
-        for s in rows:
-            s = dict(s)
-            if s["legacy"]:  # committed under a key of a release before SCORING_VERSION
-                legacy[s["legacy"]] += 1
-                if s["skipped"]:  # the same numbers: re-keyed, so later runs find it under the current key
-                    run.write_commit(s["unit"], s["key"], markers[s["unit"]]["summary"])
-            if s["skipped"]:  # committed earlier: its counts come from the marker
-                s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
-                         setup_s=s.get("setup_s", 0.0))
-            summaries.append(s)
-            if len(summaries) == 1:
-                phases["first_partition_s"] = time.time() - t
-            progress.update(s)
+        try:
+            for s in rows:
+                s = dict(s)
+                if s["legacy"]:  # committed under a key of a release before SCORING_VERSION
+                    legacy[s["legacy"]] += 1
+                    if s["skipped"]:  # the same numbers: re-keyed, so later runs find it under the current key
+                        run.write_commit(s["unit"], s["key"], markers[s["unit"]]["summary"])
+                if s["skipped"]:  # committed earlier: its counts come from the marker
+                    s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
+                             setup_s=s.get("setup_s", 0.0))
+                summaries.append(s)
+                if len(summaries) == 1:
+                    phases["first_partition_s"] = time.time() - t
+                progress.update(s)
+        finally:
+            progress.close()
         phases["scoring_s"] = time.time() - t
     finally:
         if started:
@@ -524,8 +527,8 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
               "see them too", flush=True)
     if legacy:
         kept = legacy.pop(LEGACY_KEPT, 0)
-        print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of air_ray "
-              f"{', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): {kept} "
+        print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of "
+              f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): {kept} "
               f"recorded dtype {dtype}, this run's: kept" + "".join(f"; {n} {why}: scored again"
                                                            for why, n in sorted(legacy.items())), flush=True)
     run.write_manifest(manifest)
@@ -554,7 +557,7 @@ def _pipeline(cfg: ScoreConfig, files: list[str], keys: UnitKeys, duplicates: di
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
                      **PrepareStage.resources)
         .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
-                     compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
+                     compute=ray.data.ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=1),
                      **score_stage.resources)
     )
 

@@ -195,19 +195,19 @@ class ScoreStage(Stage):
 
     @property
     def resources(self) -> dict:
-        return {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor or 0}
+        return {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker or 0}
 
     def setup(self) -> None:
         from air_ray.engine.scorer import Scorer
         from air_ray.outputs.layout import RunLayout
 
         t0 = time.time()
-        gpus = self.cfg.gpus_per_actor or 0
-        if self.cfg.cpus_per_actor:  # as many torch threads as the actor has CPUs (given back in teardown)
+        gpus = self.cfg.gpus_per_worker or 0
+        if self.cfg.cpus_per_worker:  # as many torch threads as the actor has CPUs (given back in teardown)
             import torch
 
             self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_worker)))
         self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
         self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
