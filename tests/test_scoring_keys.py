@@ -131,9 +131,10 @@ def setting(tiny_model, gsm8k_rows, tmp_path_factory):
             "other": "float32" if here == "bfloat16" else "bfloat16"}
 
 
-def _score_cfg(s: dict, output: Path, **kw) -> ScoreConfig:
-    return ScoreConfig(model=s["model"], heads=s["heads"], input=s["files"], output=str(output), device="cpu",
-                       rows_per_partition=2, executor="in-process", **kw).validate()
+def _score_cfg(s: dict, output: Path, cls=ScoreConfig, **kw) -> ScoreConfig:
+    """A score (or rescore) config of the setting: the tiny model, 2 rows a partition, in this process."""
+    return cls(model=s["model"], heads=s["heads"], input=s["files"], output=str(output), device="cpu",
+               rows_per_partition=2, executor="in-process", **kw).validate()
 
 
 @pytest.mark.slow
@@ -178,8 +179,7 @@ def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys):
 
 
 def _rescore_cfg(s: dict, output: Path, **kw) -> RescoreConfig:
-    return RescoreConfig(model=s["model"], heads=s["heads"], input=s["files"], output=str(output), device="cpu",
-                         rows_per_partition=2, executor="in-process", select={"top_frac": 0.5}, **kw).validate()
+    return _score_cfg(s, output, RescoreConfig, select={"top_frac": 0.5}, **kw)
 
 
 @pytest.mark.slow

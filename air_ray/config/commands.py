@@ -196,6 +196,7 @@ class FetchConfig(Options):
 @dataclass
 class HeadsConfig(ModelOptions):
     command = "heads"
+    option_group = "detection"
     dtype: str = DTYPE(default="float32")
     output: str = OUTPUT(default="heads.json", aliases=("out",), help="heads.json to write (heads.png beside it)")
     probes: str | None = Opt(None, group="input",
@@ -490,6 +491,7 @@ class ExportConfig(CorpusOptions):
 @dataclass
 class DemoConfig(Options):
     command = "demo"
+    option_group = "input"
     output: str = OUTPUT(default="out/demo", help="directory for every output of the demo (report/index.html last)")
     input: str | None = Opt(None, group="input", help="one JSONL file of rows (default: the GSM8K sample installed "
                                                       "with air_ray, 200 rows)")()
