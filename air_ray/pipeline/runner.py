@@ -468,6 +468,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
         if not in_process:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and no advice to turn them on
             ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
             for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
                 logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
