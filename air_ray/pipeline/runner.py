@@ -528,10 +528,10 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
               "see them too", flush=True)
     if legacy:
         kept = legacy.pop(LEGACY_KEPT, 0)
+        again = "".join(f"; {n} {why}: scored again" for why, n in sorted(legacy.items()))
         print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of "
-              f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): {kept} "
-              f"recorded dtype {dtype}, this run's: kept" + "".join(f"; {n} {why}: scored again"
-                                                           for why, n in sorted(legacy.items())), flush=True)
+              f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): "
+              f"{kept} recorded dtype {dtype}, this run's: kept{again}", flush=True)
     run.write_manifest(manifest)
     c, r = manifest["counts"], manifest["this_run"]
     resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
