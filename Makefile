@@ -40,8 +40,10 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m air_ray demo --output $(OUT) $(DEMO_ARGS)
 
+# the report is tested in headless Chromium: .ci/chromium finds one, or installs one (apt-get, else Playwright's)
 test: $(STAMP) $(VLLM_STAMP)
-	AIR_RAY_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -ra --durations=15
+	chromium="$$(.ci/chromium)" && AIR_RAY_CHROMIUM="$$chromium" AIR_RAY_REQUIRE_VLLM=1 \
+	  $(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
+DATA = REPO / "air_ray" / "data" / "gsm8k_sample.jsonl"
 MODEL = "smollm2-135m"
 # the default model's critical heads (air-ray heads, default settings), best first
 DEFAULT_HEADS = [[18, 6], [17, 3], [17, 4], [23, 2], [18, 7], [20, 6], [21, 8], [23, 7], [22, 7], [17, 5], [23, 8],

@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--heads", help="heads.json (default: the bench's fixed list of the default model's heads)")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data/gsm8k_sample/train_sample.jsonl"))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "air_ray/data/gsm8k_sample.jsonl"))
     a = ap.parse_args(argv)
 
     heads = json.load(open(a.heads))["heads"] if a.heads else DEFAULT_HEADS

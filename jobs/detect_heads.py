@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/detect_heads.py --config jobs/configs/detect_heads.yaml` (or flags).
 
 Thin: the options are those of `air-ray heads`; everything happens in air_ray (the detection itself runs as a
-Ray task with the GPUs it asks for, `--gpus`, on a worker, not in this driver).
+Ray task with the GPUs it asks for, `--gpus-per-worker`, on a worker, not in this driver).
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Step-weighted fine-tuning as a Ray job (the options are those of `air-ray train`), e.g.
 
-    ray job submit --working-dir . -- python jobs/train_weighted_sft.py --selection out/run/selection --scores out/run --input data/gsm8k_sample --output out/sft
+    ray job submit --working-dir . -- python jobs/train_weighted_sft.py --selection out/run/selection --scores out/run --input air_ray/data/gsm8k_sample.jsonl --output out/sft
 
 Thin: each response token's loss is weighted by its step's weight from the scores; everything happens in
 air_ray.outputs.training.

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "vllm" in item.keywords:
             item.add_marker(skip)
-GSM8K_SAMPLE = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
+GSM8K_SAMPLE = REPO / "air_ray" / "data" / "gsm8k_sample.jsonl"  # installed with the package
 
 
 @pytest.fixture(scope="session")

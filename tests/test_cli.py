@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,7 +128,7 @@ def test_heads_detection_runs_as_a_ray_task(tmp_path, smol_ref):
 
     out = tmp_path / "h.json"
     args = ["--num-probes", "2", "--probe-tokens", "256", "--device", "cpu", "--address", "local"]
-    proc = subprocess.Popen([sys.executable, "-m", "air_ray", "heads", *args, "--output", str(out), "--cpus", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "air_ray", "heads", *args, "--output", str(out), "--cpus-per-worker", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     log, _ = proc.communicate(timeout=600)
@@ -159,3 +160,76 @@ def test_ray_job_submit_detect_heads_runs_on_a_worker(tmp_path, ray_start_cluste
     assert len(head) == 1 and len(worker) == 1, state
     assert where["node_id"] == worker[0] != head[0], (where, state)
     assert where["pid"] != state["driver_pid"] and where["device"] == "cpu", (where, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines elsewhere (issue #27)
+
+
+def on_terminal(args: list[str], timeout: float = 600) -> tuple[int, str]:
+    """``air-ray args`` with stdin, stdout and stderr on a pseudo-terminal of 120 x 40 -> (exit code, all it wrote)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "air_ray", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), close_fds=True)
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child side is closed
+            break
+        if not data:
+            break
+        out += data
+    os.close(master)
+    return proc.wait(timeout=timeout), out.decode(errors="replace")
+
+
+PLAIN = re.compile(r"^\[air-ray score\] \d+ partitions, [\d,]+ rows, [\d,]+ tokens, [\d,]+ tok/s, \d+% of input", re.M)
+OUR_BAR = re.compile(r"\[air-ray score\] +\d+%\|[^|]*\| \S+/\S+ input, [\d,]+ rows, [\d,]+ tok/s \[")
+
+
+@pytest.fixture(scope="module")
+def progress_corpus(tmp_path_factory, tiny_model, gsm8k_rows):
+    d = tmp_path_factory.mktemp("progress")
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:8]))
+    model, heads = tiny_model
+    return d, ["score", "--model", str(model), "--heads", str(heads), "--input", str(d / "rows.jsonl"),
+               "--rows-per-partition", "2", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["terminal, ray", "terminal --no-progress", "pipe"])
+def test_progress_bar_on_a_terminal_plain_lines_elsewhere(how, progress_corpus, tmp_path):
+    d, args = progress_corpus
+    args = args + ["--output", str(tmp_path / "out")]
+    if how == "terminal, ray":  # Ray Data's own bars stay quiet: the run's bar is the only one
+        code, text = on_terminal(args + ["--executor", "ray", "--address", "local", "--workers", "1",
+                                         "--cpus-per-worker", "1"])
+    elif how == "terminal --no-progress":
+        code, text = on_terminal(args + ["--no-progress"])
+    else:
+        p = subprocess.run([sys.executable, "-m", "air_ray", *args], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        code, text = p.returncode, p.stdout + p.stderr
+    assert code == 0, text[-3000:]
+    assert "8 scored" in text
+    segments = re.split(r"[\r\n]+", text)
+    bars = [s for s in segments if "%|" in s]
+    if how == "terminal, ray":
+        ours = [s for s in bars if OUR_BAR.search(s)]
+        assert ours and "100%" in ours[-1] and "8 rows" in ours[-1], bars
+        assert not PLAIN.search(text)
+        # no other bar but the model loader's (in the worker): none of Ray Data's operators or its row counts
+        others = [s for s in bars if not OUR_BAR.search(s) and "Loading weights" not in s]
+        assert others == [], others
+    else:
+        assert not any(OUR_BAR.search(s) for s in bars), bars
+        lines = PLAIN.findall(text)
+        assert lines and "100% of input" in [s for s in segments if PLAIN.match(s)][-1]

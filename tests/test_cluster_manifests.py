@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import shlex
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import yaml
 
 from air_ray import cli
 from air_ray.config import COMMANDS
+from air_ray.config.options import flag
 from air_ray.errors import AirRayError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +40,7 @@ LAUNCHER = CLUSTER / "cluster-aws.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 CRONJOB = CLUSTER / "cronjob-rescore.yaml"
+KUSTOMIZATION = CLUSTER / "rescore-kustomization.yaml"
 IMAGE_REPO = "/app"  # where cluster/Dockerfile puts the repository (test_the_image_holds_the_repository_at_app)
 
 # jobs/<job>.py -> the air-ray subcommand it runs, and that subcommand's typed config
@@ -192,9 +195,9 @@ def test_rayjob_entrypoint_is_a_real_command(monkeypatch):
     workers = load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)
-    assert cfg.gpus_per_actor == 1 and cfg.actors == gpus
+    assert cfg.gpus_per_worker == 1 and cfg.workers == gpus
     cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
-    assert cfg.cpus_per_actor <= cpus
+    assert cfg.cpus_per_worker <= cpus
 
 
 def test_every_documented_job_command_is_real(monkeypatch):
@@ -255,13 +258,13 @@ def test_job_config_keys_are_options_and_parse(path, monkeypatch):
         assert got == want, f"{path.name}: {key} came through as {got!r}, not {want!r}"
 
 
-def test_top_frac_comes_through_from_the_configs(monkeypatch):
+def test_fractions_come_through_from_the_configs(monkeypatch):
     monkeypatch.chdir(REPO)
-    for job, sub in (("select", "select"), ("detect_heads", "heads")):
+    for job, sub, key in (("select", "select", "top_frac"), ("detect_heads", "heads", "head_frac")):
         path = str(CONFIGS / f"{job}.yaml")
-        assert cli.parse([sub, "--config", path])[1].top_frac == load(path)["top_frac"]
+        assert getattr(cli.parse([sub, "--config", path])[1], key) == load(path)[key]
         # and a flag still wins over the file
-        assert cli.parse([sub, "--config", path, "--top-frac", "0.5"])[1].top_frac == 0.5
+        assert getattr(cli.parse([sub, "--config", path, flag(key), "0.5"])[1], key) == 0.5
 
 
 def test_a_config_with_an_unknown_key_is_refused(tmp_path):
@@ -552,31 +555,110 @@ def test_extras_named_in_the_docs_exist():
             assert names <= extras, f"{path.name}: extras {names - extras} are not in pyproject.toml"
 
 
-def test_rescore_cronjob_creates_one_rayjob_per_slot(monkeypatch):
-    """The CronJob renames the score RayJob per schedule slot (name = Ray submission id), from the Job name the
-    CronJob controller gives each slot; overlapping slots are forbidden."""
+def cron_pod() -> dict:
+    return load(CRONJOB)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def render_slot(tmp: Path, job_name: str) -> Path:
+    """Run the CronJob's init container script, as its pod would (sh; the ConfigMap's two files at /rayjob, an empty
+    /work), with the paths moved under ``tmp`` -> the /work it leaves."""
+    import subprocess
+
+    (init,) = cron_pod()["initContainers"]
+    assert init["command"] == ["sh", "-ceu"]
+    script = init["args"][0]
+    rayjob, work = tmp / "rayjob", tmp / "work"
+    rayjob.mkdir(parents=True)
+    work.mkdir()
+    shutil.copy(RAYJOB, rayjob / RAYJOB.name)  # the ConfigMap's keys, as the header's `kubectl create configmap`
+    shutil.copy(KUSTOMIZATION, rayjob / "kustomization.yaml")
+    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in CRONJOB.read_text()
+    assert f"--from-file=kustomization.yaml=cluster/{KUSTOMIZATION.name}" in CRONJOB.read_text()
+    script = script.replace("/rayjob/", f"{rayjob}/").replace("/work/", f"{work}/")
+    p = subprocess.run(["sh", "-ceu", script], env={"JOB_NAME": job_name, "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return work
+
+
+def json_patch(doc, ops: list[dict]):
+    """RFC 6902 add / replace / remove (what kustomize applies for a JSON patch; ~1 is '/', ~0 is '~')."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
+        target = functools.reduce(lambda d, k: d[int(k)] if isinstance(d, list) else d[k], parents, doc)
+        if op["op"] == "remove":
+            del target[last]
+        elif op["op"] == "replace":
+            assert last in target, f"replace {op['path']}: no such field"
+            target[last] = op["value"]
+        elif op["op"] == "add":
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unexpected op {op['op']}")
+    return doc
+
+
+def kustomize(work: Path) -> dict:
+    """What `kubectl apply -k work` creates: the kustomization's one resource with its JSON patch applied."""
+    k = load(work / "kustomization.yaml")
+    assert k["kind"] == "Kustomization" and k["resources"] == [RAYJOB.name] and len(k["patches"]) == 1
+    (patch,) = k["patches"]
+    base = load(work / RAYJOB.name)
+    target = patch["target"]
+    assert (target["group"], target["version"], target["kind"], target["name"]) == \
+        ("ray.io", "v1", base["kind"], base["metadata"]["name"]) and base["apiVersion"] == "ray.io/v1"
+    return json_patch(base, yaml.safe_load(patch["patch"]))
+
+
+@functools.lru_cache(maxsize=None)
+def cron_rayjob(slot: str = "29412360") -> dict:
+    """The RayJob the CronJob creates for one slot."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return kustomize(render_slot(Path(tmp), f"air-ray-rescore-cron-{slot}"))
+
+
+def test_rescore_cronjob_creates_one_rayjob_per_slot(monkeypatch, tmp_path):
+    """The CronJob's init container writes the slot (from the Job name the CronJob controller gives each slot) into
+    the kustomization; kubectl, with no shell, applies it: the score RayJob renamed per slot (name = Ray submission
+    id), running rescore. Applying it again (a retried pod) changes nothing; overlapping slots are forbidden."""
     doc = load(CRONJOB)
     assert doc["kind"] == "CronJob" and doc["spec"]["concurrencyPolicy"] == "Forbid"
-    pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    c = pod["containers"][0]
-    env = {e["name"]: e for e in c["env"]}
+    pod = cron_pod()
+    (init,), (kubectl,) = pod["initContainers"], pod["containers"]
+    env = {e["name"]: e for e in init["env"]}
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
-    script = c["args"][0]
-    assert 'slot="${JOB_NAME##*-}"' in script and 'name="air-ray-rescore-${slot}"' in script
-    patch = cron_patch("air-ray-rescore-123")
-    assert patch["metadata"]["name"] == patch["spec"]["jobId"] == "air-ray-rescore-123"
-    assert "--type merge" in script, "the patch is a JSON merge patch"
-    entrypoint = patch["spec"]["entrypoint"]
+    assert 'slot="${JOB_NAME##*-}"' in init["args"][0]
+    # the kubectl image has no shell: the container is kubectl's own arguments, nothing else
+    assert kubectl["image"].startswith("registry.k8s.io/kubectl:") and "command" not in kubectl
+    assert kubectl["args"][:2] == ["apply", "--server-side"] and kubectl["args"][-2:] == ["-k", "/work"]
+    mounts = {m["name"]: m["mountPath"] for c in (init, kubectl) for m in c["volumeMounts"]}
+    assert mounts == {"rayjob": "/rayjob", "work": "/work"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["rayjob"]["configMap"]["name"] == "air-ray-rayjob" and volumes["work"]["emptyDir"] == {}
+
+    work = render_slot(tmp_path, "air-ray-rescore-cron-29412360")
+    assert "@SLOT@" not in (work / "kustomization.yaml").read_text()
+    rayjob = kustomize(work)
+    assert rayjob["metadata"]["name"] == rayjob["spec"]["jobId"] == "air-ray-rescore-29412360"
+    assert rayjob["metadata"]["labels"]["app.kubernetes.io/component"] == "rescore"
+    entrypoint = rayjob["spec"]["entrypoint"]
     assert job_commands(entrypoint) == [(f"{IMAGE_REPO}/jobs/rescore.py",
                                          ["--config", f"{IMAGE_REPO}/jobs/configs/rescore.yaml"])]
     assert assert_plain_entrypoint(entrypoint, "cronjob-rescore.yaml") == ["python", *entrypoint.split()[1:]]
     monkeypatch.chdir(REPO)
     check_job_command(*job_commands(entrypoint)[0], "cronjob-rescore.yaml entrypoint")
-    # the RayJob it patches is the score RayJob, mounted from the ConfigMap made of cluster/rayjob-score.yaml
-    mount = c["volumeMounts"][0]["mountPath"]
-    assert f"{mount}/{RAYJOB.name}" in script
-    assert any(v.get("configMap", {}).get("name") == "air-ray-rayjob" for v in pod["volumes"])
-    assert f"--from-file={RAYJOB.name}=cluster/{RAYJOB.name}" in CRONJOB.read_text()
+    # kubectl's own kustomize, where this machine has kubectl, makes exactly that RayJob
+    if shutil.which("kubectl"):
+        import subprocess
+
+        p = subprocess.run(["kubectl", "kustomize", str(work)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert yaml.safe_load(p.stdout) == rayjob
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -585,14 +667,7 @@ def test_rescore_cronjob_creates_one_rayjob_per_slot(monkeypatch):
 KUBERAY = REPO / "tests" / "data" / "kuberay"
 KUBERAY_MIN = "1.6.0"  # the minimum the manifests and READMEs state ("KubeRay >= 1.6.0")
 KUBERAY_BEFORE = "1.5.1"  # a release before it (1.5.2's RayJob CRD is the same file)
-
-
-def cron_patch(name: str) -> dict:
-    """The JSON merge patch the CronJob's script applies, with ${name} spliced in as the shell would."""
-    script = load(CRONJOB)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    text = re.search(r"patch='(.*)'", script).group(1)
-    assert text.count("'\"${name}\"'") == 2, "the patch splices ${name} in twice (metadata.name, spec.jobId)"
-    return json.loads(text.replace("'\"${name}\"'", name))
+KUBERAY_LATEST = "1.7.0"  # the newest release when the manifests were last checked (cluster/README.md)
 
 
 def merge_patch(target, patch):
@@ -607,11 +682,6 @@ def merge_patch(target, patch):
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
-
-
-def cron_rayjob(name: str = "air-ray-rescore-29412360") -> dict:
-    """The RayJob the CronJob creates for one slot: the score RayJob with the merge patch applied."""
-    return merge_patch(load(RAYJOB), cron_patch(name))
 
 
 def rayjobs() -> list[tuple[str, dict]]:
@@ -722,24 +792,25 @@ def test_vendored_crds_are_the_upstream_files():
     """Each vendored CRD is, byte for byte, the file whose git blob id tests/data/kuberay/README.md names."""
     table = re.findall(r"^\| `(ray\.io_rayjobs-v([\d.]+)\.yaml\.gz)` \| `v\2` \| `([0-9a-f]{40})` \| `([0-9a-f]{40})` \|$",
                        (KUBERAY / "README.md").read_text(), re.M)
-    assert {version for _, version, _, _ in table} == {KUBERAY_MIN, KUBERAY_BEFORE}, table
+    assert {version for _, version, _, _ in table} == {KUBERAY_MIN, KUBERAY_BEFORE, KUBERAY_LATEST}, table
     for file, version, _, blob in table:
         data = crd_bytes(version)
         assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, f"{file} is not blob {blob}"
     assert (KUBERAY / "LICENSE").read_text().lstrip().startswith("Apache License")
 
 
+@pytest.mark.parametrize("version", [KUBERAY_MIN, KUBERAY_LATEST])
 @pytest.mark.parametrize("which", [0, 1], ids=["score", "cron"])
-def test_rayjobs_fit_the_minimum_kuberay_crd(which):
-    """Under the stated minimum KubeRay: no field the CRD does not declare, every type, enum, pattern and required
-    field as the schema says (jsonschema), and KubeRay's own RayJob validation."""
+def test_rayjobs_fit_the_minimum_and_the_latest_kuberay_crd(which, version):
+    """Under the stated minimum KubeRay and the newest release checked: no field the CRD does not declare, every
+    type, enum, pattern and required field as the schema says (jsonschema), and KubeRay's own RayJob validation."""
     jsonschema = pytest.importorskip("jsonschema")
     where, doc = rayjobs()[which]
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
-    assert rayjob_unknown_fields(doc, KUBERAY_MIN) == [], f"{where}: unknown to KubeRay {KUBERAY_MIN}"
-    validator = jsonschema.Draft7Validator(rayjob_schema(KUBERAY_MIN))
+    assert rayjob_unknown_fields(doc, version) == [], f"{where}: unknown to KubeRay {version}"
+    validator = jsonschema.Draft7Validator(rayjob_schema(version))
     problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-    assert not problems, f"{where} against the KubeRay {KUBERAY_MIN} CRD: {problems}"
+    assert not problems, f"{where} against the KubeRay {version} CRD: {problems}"
     assert kuberay_rayjob_errors(doc) == [], where
 
 
@@ -784,8 +855,6 @@ def test_cron_rayjobs_delete_themselves():
     """Each cron-made RayJob replaces shutdownAfterJobFinishes / ttlSecondsAfterFinished by deletion rules: the
     cluster goes minutes after the job ends, the RayJob itself (and with it its submitter Job) a day or more later,
     after success and after failure alike. The rest is the score RayJob unchanged."""
-    patch = cron_patch("air-ray-rescore-1")
-    assert patch["spec"]["shutdownAfterJobFinishes"] is None and patch["spec"]["ttlSecondsAfterFinished"] is None
     base, doc = load(RAYJOB), cron_rayjob()
     spec = doc["spec"]
     assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
@@ -827,4 +896,87 @@ def test_the_stated_kuberay_minimum_is_the_vendored_one():
             assert version == KUBERAY_MIN, f"{where} says KubeRay >= {version}, the tests check {KUBERAY_MIN}"
     assert (KUBERAY / f"ray.io_rayjobs-v{KUBERAY_MIN}.yaml.gz").is_file()
     as_tuple = lambda v: tuple(map(int, v.split(".")))  # noqa: E731
-    assert as_tuple(KUBERAY_BEFORE) < as_tuple(KUBERAY_MIN)
+    assert as_tuple(KUBERAY_BEFORE) < as_tuple(KUBERAY_MIN) <= as_tuple(KUBERAY_LATEST)
+    readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
+    assert f"KubeRay {KUBERAY_LATEST}" in readme and f"v{KUBERAY_LATEST}" in (KUBERAY / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------
+# container images: every reference in cluster/ exists, is maintained and is pinned
+
+# references that cannot be pulled or get no updates: (pattern, why)
+DEAD_IMAGES = [
+    (r"(^|/)bitnami/", "Bitnami moved its versioned tags off docker.io/bitnami in 2025 (bitnami/containers#83267, "
+                       "#88999): only :latest is free; bitnamilegacy/ is frozen, without security updates"),
+    (r"(^|/)bitnamilegacy/", "a frozen copy of Bitnami's old images: no security updates"),
+    (r"^(k8s\.gcr\.io|gcr\.io/google[-_]containers)/", "the Kubernetes project's frozen old registry: use registry.k8s.io"),
+    (r"^(docker\.io/)?rancher/kubectl[:@]", "deprecated by Rancher (github.com/rancher/kubectl: \"migrate to another "
+                                            "image\")"),
+    (r"^(docker\.io/)?lachlanevenson/k8s-kubectl[:@]", "unmaintained since v1.25"),
+    (r"^registry\.k8s\.io/[^:@]+:(?!v)", "registry.k8s.io tags start with v (v1.36.0); others were never published"),
+]
+REFERENCE = re.compile(r"^[a-z0-9._-]+(?:/[a-z0-9._-]+)*(?::[\w.-]+)?(?:@sha256:[0-9a-f]{64})?$")
+
+
+def image_problem(ref: str) -> str | None:
+    """Why ``ref`` may not be used, or None: a known-dead repository, no tag or digest, or a tag that is not a full
+    version (latest, 1, 1.31, ...: they move)."""
+    for pattern, why in DEAD_IMAGES:
+        if re.search(pattern, ref):
+            return why
+    if not REFERENCE.match(ref) or not re.search(r":[\w.-]*\d+\.\d+\.\d+|@sha256:", ref):
+        return "not pinned: give a full version tag (1.2.3) or a digest (@sha256:...)"
+    return None
+
+
+def cluster_images() -> dict[str, str]:
+    """{image reference: where} for every image cluster/ uses: `image:` values in its YAML (any depth), the
+    Dockerfile's FROM lines (ARG defaults filled in)."""
+    found = {}
+
+    def walk(obj, where):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k == "image" and isinstance(v, str):
+                    found[v] = where
+                walk(v, where)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v, where)
+
+    for path in CLUSTER.rglob("*.y*ml"):
+        walk(load(path), path.name)
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
+    for ref in re.findall(r"^FROM (\S+)", text, flags=re.M):
+        found[re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], ref)] = DOCKERFILE.name
+    return found
+
+
+def test_cluster_images_are_pinned_and_alive():
+    images = cluster_images()
+    assert {"busybox:1.37.0", "registry.k8s.io/kubectl:v1.36.0", "rayproject/ray:2.60.0-py311-cpu",
+            "rayproject/ray:2.60.0-py311-gpu"} <= set(images), images
+    problems = {ref: image_problem(ref) for ref in images if image_problem(ref)}
+    assert problems == {}, problems
+    # and no text under cluster/ (comments, the README) recommends a dead one
+    for path in (p for p in CLUSTER.rglob("*") if p.is_file()):
+        for ref in re.findall(r"[\w.-]+(?:/[\w.-]+)+:[\w.-]+", path.read_text(encoding="utf-8")):
+            why = next((w for pattern, w in DEAD_IMAGES[:-1] if re.search(pattern, ref)), None)
+            assert why is None, f"{path.name} names {ref}: {why}"
+    # every image is listed in cluster/README.md with how it was checked
+    readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
+    checked = readme[readme.index("### Images checked"):]
+    for ref in images:
+        assert f"`{ref}`" in checked, f"{ref} ({images[ref]}) is not in cluster/README.md's 'Images checked'"
+
+
+def test_the_image_check_refuses_what_it_should():
+    bad = ["bitnami/kubectl:1.31", "docker.io/bitnami/kubectl:1.31.4", "bitnamilegacy/kubectl:1.31.4",
+           "busybox", "busybox:latest", "busybox:1", "busybox:1.37", "registry.k8s.io/kubectl:1.32",
+           "registry.k8s.io/kubectl", "k8s.gcr.io/kubectl:v1.20.0", "rancher/kubectl:v1.29.2",
+           "alpine/k8s:latest", "lachlanevenson/k8s-kubectl:v1.25.4"]
+    assert [ref for ref in bad if image_problem(ref) is None] == []
+    good = ["busybox:1.37.0", "registry.k8s.io/kubectl:v1.36.0", "alpine/k8s:1.36.0", "rayproject/ray:2.60.0-py311-gpu",
+            "ghcr.io/your-org/air-ray:0.1.0-gpu", "busybox@sha256:" + "a" * 64]
+    assert {ref: image_problem(ref) for ref in good} == dict.fromkeys(good)

@@ -35,7 +35,7 @@ def _start(args, log: Path):
 def test_score_and_rescore_beside_a_shorter_run(tmp_path, tiny_model, gsm8k_rows):
     model, heads = tiny_model
     common = ["--model", str(model), "--heads", str(heads), "--dtype", "float32", "--device", "cpu",
-              "--cpus-per-actor", "1", "--executor", "ray"]  # three runs on two cores: one torch thread each;
+              "--cpus-per-worker", "1", "--executor", "ray"]  # three runs on two cores: one torch thread each;
     # Ray: small corpora on a machine with no cluster would otherwise be scored in-process
     (tmp_path / "a.jsonl").write_text(_rows(gsm8k_rows, 8, "a"))
     (tmp_path / "b.jsonl").write_text(_rows(gsm8k_rows, 80, "b"))
@@ -82,7 +82,7 @@ def test_a_lost_cluster_ends_with_one_line_and_a_rerun_resumes(tmp_path, tiny_mo
     (tmp_path / "rows.jsonl").write_text(_rows(gsm8k_rows, 40, "r"))
     out = tmp_path / "out"
     args = ["score", "--model", str(model), "--heads", str(heads), "--dtype", "float32", "--device", "cpu",
-            "--cpus-per-actor", "1", "--input", str(tmp_path / "rows.jsonl"), "--output", str(out),
+            "--cpus-per-worker", "1", "--input", str(tmp_path / "rows.jsonl"), "--output", str(out),
             "--rows-per-partition", "2"]
     cluster = ray_start_cluster.add("head", cpus=4, head=True)
     env = dict(cluster.env, RAY_ADDRESS=cluster.address, HF_HUB_OFFLINE="1",

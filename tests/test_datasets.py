@@ -107,7 +107,8 @@ def test_field_flags_for_public_datasets():
         cli.parse(["score", "--input", "x", "--think-tags", "<think>"])
     # the field map and the think tags are part of the scoring key only when set (older outputs keep theirs)
     base = cli.parse(["score", "--input", "x"])[1]
-    assert base.scoring_key("f", [(0, 1)]) != cli.parse(["score", "--input", "x", *s1k])[1].scoring_key("f", [(0, 1)])
+    assert base.scoring_key("f", [(0, 1)], "float32") != \
+        cli.parse(["score", "--input", "x", *s1k])[1].scoring_key("f", [(0, 1)], "float32")
 
 
 def test_over_long_record_is_rejected_before_tokenizing(smol_tok):

@@ -59,8 +59,8 @@ def test_a_full_output_ends_with_one_line_and_a_rerun_completes(tiny_model, gsm8
 
     def score(out: Path):
         return _cli("score", "--model", model, "--heads", heads, "--input", corpus, "--output", out,
-                    "--dtype", "float32", "--device", "cpu", "--address", "local", "--actors", 1,
-                    "--cpus-per-actor", 1, "--rows-per-partition", PER_PARTITION)
+                    "--dtype", "float32", "--device", "cpu", "--address", "local", "--workers", 1,
+                    "--cpus-per-worker", 1, "--rows-per-partition", PER_PARTITION)
 
     # the uninterrupted run, on a roomy tmpfs: what the whole output takes there
     roomy = mounts("roomy", 64 << 20)

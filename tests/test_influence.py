@@ -174,9 +174,9 @@ def test_base_loss_floor_option():
 
     default = EngineOptions()
     assert default.base_loss_floor == EPS
-    key = default.scoring_key("fp", [(1, 2)])
-    assert EngineOptions(base_loss_floor=1e-6).scoring_key("fp", [(1, 2)]) == key  # old outputs keep their keys
-    assert EngineOptions(base_loss_floor=0.05).scoring_key("fp", [(1, 2)]) != key
+    key = default.scoring_key("fp", [(1, 2)], "float32")
+    assert EngineOptions(base_loss_floor=1e-6).scoring_key("fp", [(1, 2)], "float32") == key  # old outputs keep theirs
+    assert EngineOptions(base_loss_floor=0.05).scoring_key("fp", [(1, 2)], "float32") != key
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(AirRayError, match="base-loss-floor"):
             EngineOptions(base_loss_floor=bad).validate()

@@ -25,7 +25,7 @@ SCORE_ACTOR = "MapBatches(_ScoreActor)"
 
 def _score_args(model, heads, corpus: Path, out: Path, address: str) -> list[str]:
     return ["score", "--model", model, "--heads", heads, "--input", corpus, "--output", out, "--dtype", "float32",
-            "--device", "cpu", "--address", address, "--actors", ACTORS, "--cpus-per-actor", 1,
+            "--device", "cpu", "--address", address, "--workers", ACTORS, "--cpus-per-worker", 1,
             "--rows-per-partition", ROWS_PER_PARTITION]
 
 

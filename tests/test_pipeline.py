@@ -55,7 +55,7 @@ def two_actor_run(tmp_path_factory, heads_file, corpus):
     from air_ray.pipeline.runner import run_score
 
     out = tmp_path_factory.mktemp("run2")
-    manifest = run_score(_score_cfg(heads_file, [corpus["dir"]], out, actors=2, cpus_per_actor=1))
+    manifest = run_score(_score_cfg(heads_file, [corpus["dir"]], out, workers=2, cpus_per_worker=1))
     return out, manifest
 
 
@@ -182,7 +182,7 @@ def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_pa
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     before = sorted(p.name for p in (copy / "scores").glob("*.parquet"))
-    run_score(_score_cfg(heads_file, [corpus["dir"] / "b.parquet"], copy, actors=1, cpus_per_actor=2))
+    run_score(_score_cfg(heads_file, [corpus["dir"] / "b.parquet"], copy, workers=1, cpus_per_worker=2))
     after = sorted(p.name for p in (copy / "scores").glob("*.parquet"))
     assert before == after
     ids = [r["id"] for r in _read_dir(copy / "scores")]
@@ -197,9 +197,9 @@ def test_ray_job_submit_single_actor_equals_two_actors(two_actor_run, corpus, he
     cluster = ray_start_cluster.add("head", cpus=4, head=True, dashboard=True)
     submit = cluster.job_submit(
         sys.executable, str(REPO / "jobs" / "score.py"), "--heads", str(heads_file), "--input", str(corpus["dir"]),
-        "--output", str(out1), "--dtype", "float32", "--device", "cpu", "--actors", "1",
+        "--output", str(out1), "--dtype", "float32", "--device", "cpu", "--workers", "1",
         # one CPU, as each of the two actors had: torch's thread count changes float32 reductions (~1e-6)
-        "--cpus-per-actor", "1", "--rows-per-partition", "3", "--address", "auto",
+        "--cpus-per-worker", "1", "--rows-per-partition", "3", "--address", "auto",
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
@@ -225,7 +225,7 @@ def test_s3_round_trip(moto_s3, corpus, heads_file, tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "air_ray", "score", "--heads", str(heads_file), "--input", "s3://air/dumps/*/",
            "--output", "s3://air/runs/r1", "--dtype", "float32", "--device", "cpu", "--format", "raw",
-           "--address", "local", "--cpus-per-actor", "2"]
+           "--address", "local", "--cpus-per-worker", "2"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "air_ray", "select", "--scores", "s3://air/runs/r1",

@@ -24,7 +24,7 @@ def test_gpu_cluster_one_actor_per_gpu():
     p = plan(nodes, actors=None, gpus_per_actor=None, cpus_per_actor=None, embedded=False, physical_cpus=2)
     assert (p.actors, p.gpus_per_actor, p.cpus_per_actor) == (8, 1, 1)
     p = plan(nodes, actors=None, gpus_per_actor=2, cpus_per_actor=None, embedded=False, physical_cpus=2)
-    assert (p.actors, p.gpus_per_actor) == (4, 2) and "--gpus-per-actor as given" in p.why
+    assert (p.actors, p.gpus_per_actor) == (4, 2) and "--gpus-per-worker as given" in p.why
 
 
 def test_flags_are_kept():
@@ -32,7 +32,7 @@ def test_flags_are_kept():
     assert (p.actors, p.cpus_per_actor) == (2, 1)  # the machine split between the two
     p = plan([{"CPU": 5.0}], actors=2, gpus_per_actor=0, cpus_per_actor=2, embedded=True, physical_cpus=2)
     assert (p.actors, p.gpus_per_actor, p.cpus_per_actor) == (2, 0, 2)
-    assert "--actors, --gpus-per-actor, --cpus-per-actor as given" in p.why
+    assert "--workers, --gpus-per-worker, --cpus-per-worker as given" in p.why
 
 
 def test_executor_auto_in_process_only_for_a_small_single_scorer_run():

@@ -144,7 +144,7 @@ def test_every_bad_input_kind_through_the_pipeline(nan_model, messy, tmp_path):
     out = tmp_path / "out"
     p = _cli("score", "--model", model_dir, "--heads", heads, "--input", messy["dir"], "--output", out,
              "--format", "raw", "--max-tokens", 200, "--truncate", "--strict", "--rows-per-partition", 4,
-             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-actor", 1)
+             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-worker", 1)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]  # --strict: rows were rejected
     assert "rows rejected (--strict)" in p.stderr and "Traceback" not in p.stderr
     m = json.loads((out / "_manifest.json").read_text())
@@ -174,7 +174,7 @@ def test_every_bad_input_kind_through_the_pipeline(nan_model, messy, tmp_path):
     # without --strict the same run exits 0 (and reuses every committed partition)
     p = _cli("score", "--model", model_dir, "--heads", heads, "--input", messy["dir"], "--output", out,
              "--format", "raw", "--max-tokens", 200, "--truncate", "--rows-per-partition", 4,
-             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-actor", 1)
+             "--dtype", "float32", "--device", "cpu", "--address", "local", "--cpus-per-worker", 1)
     assert p.returncode == 0, p.stderr[-3000:]
     m2 = json.loads((out / "_manifest.json").read_text())
     assert m2["counts"] == c and m2["this_run"]["units_skipped"] == m2["this_run"]["units"]
@@ -195,8 +195,8 @@ def kill_corpus(tmp_path_factory, short_rows):
 
 def _score_args(heads_file, corpus_dir, out):
     return ["score", "--heads", heads_file, "--input", corpus_dir, "--output", out, "--dtype", "float32",
-            "--device", "cpu", "--address", "local", "--rows-per-partition", 1, "--actors", 2,
-            "--cpus-per-actor", 1]
+            "--device", "cpu", "--address", "local", "--rows-per-partition", 1, "--workers", 2,
+            "--cpus-per-worker", 1]
 
 
 def _start(args) -> subprocess.Popen:

@@ -2,9 +2,8 @@
 untrusted text, the streaming top/bottom k, and the page in headless Chromium (no console errors, every
 image loads, nothing external is requested, the screenshot is not blank).
 
-Chromium (Debian package `chromium`) is required: without it the browser tests FAIL (CI installs it in
-.ci/run). The console check drives Chromium over the DevTools protocol with a minimal stdlib WebSocket client
-(no extra dependency): Runtime.exceptionThrown, console.error/assert, Log entries of level error (failed
+Chromium is required: without it the browser tests FAIL (`make test` finds or installs one: .ci/chromium). The
+console check drives Chromium over the DevTools protocol with a minimal stdlib WebSocket client (no extra dependency): Runtime.exceptionThrown, console.error/assert, Log entries of level error (failed
 resource loads, CSP, ...), failed requests and HTTP status >= 400 all count as errors.
 """
 
@@ -34,7 +33,7 @@ from air_ray.errors import AirRayError
 from air_ray.outputs.layout import SCORES, to_table, write_table_atomic
 
 REPO = Path(__file__).resolve().parent.parent
-GSM8K = REPO / "data" / "gsm8k_sample" / "train_sample.jsonl"
+GSM8K = REPO / "air_ray" / "data" / "gsm8k_sample.jsonl"
 HEADS = [(17, 3), (18, 6), (23, 2)]
 XSS = "<script>alert(1)</script>"
 
@@ -215,10 +214,12 @@ def test_report_files_and_content(real_run, report_dir):
 
 
 def chromium() -> str:
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    """$AIR_RAY_CHROMIUM (`make test` sets it from .ci/chromium, which finds or installs one), else one on PATH."""
+    names = (os.environ.get("AIR_RAY_CHROMIUM"), "chromium", "chromium-browser", "google-chrome")
+    path = next((shutil.which(n) for n in names if n and shutil.which(n)), None)
     if path is None:
-        pytest.fail("Chromium is not installed: the report is tested in headless Chromium. Install the Debian "
-                    "package: `apt-get install -y chromium` (.ci/run does this before `make test`).")
+        pytest.fail("Chromium is not installed: the report is tested in headless Chromium. `make test` installs one "
+                    "(.ci/chromium); or `apt-get install -y chromium`, or set AIR_RAY_CHROMIUM.")
     return path
 
 

@@ -143,7 +143,7 @@ def test_heads_detect_once_per_model(ray_local, tiny_model, gsm8k_rows, tmp_path
     dumps, out = tmp_path / "dumps", tmp_path / "air"
     _write(dumps / "d1" / "part.jsonl", [dict(r) for r in gsm8k_rows[:4]])
     cfg = _config(tmp_path, model, "detect", [f"{dumps}/*/*.jsonl"], out,
-                  detect={"num_probes": 2, "probe_tokens": 128, "top_frac": 0.25})
+                  detect={"num_probes": 2, "probe_tokens": 128, "head_frac": 0.25})
     s1 = _rescore(cfg)
     fp = prepare_model(str(model)).fingerprint
     kept = out / "heads" / f"{fp}.json"

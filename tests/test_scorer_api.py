@@ -73,7 +73,7 @@ def test_score_stage_teardown_closes_its_scorer(tiny_model, tmp_path):
 
     model_dir, heads = tiny_model
     cfg = ScoreConfig(model=str(model_dir), heads=str(heads), input=["x"], output=str(tmp_path), dtype="float32",
-                      device="cpu", gpus_per_actor=0)
+                      device="cpu", gpus_per_worker=0)
     actor = _ScoreActor(ScoreStage, cfg, load_heads(str(heads)))  # as Ray Data builds it in the actor
     stage = actor.stage
     assert stage.scorer.backend is not None

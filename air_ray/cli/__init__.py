@@ -14,11 +14,12 @@ import argparse
 import json
 import sys
 
+from air_ray import __version__
 from air_ray.config.commands import (
-    CompareConfig, DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig,
-    TrainConfig,
+    SCORING_VERSION, CompareConfig, DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig,
+    ScoreConfig, SelectConfig, TrainConfig,
 )
-from air_ray.config.options import Options, flag, kind_of, opt_of, optional, warn
+from air_ray.config.options import GROUPS, Options, flag, group_of, kind_of, opt_of, optional, warn
 from air_ray.errors import AirRayError
 
 # (subcommand, config class, help); "model fetch" is the subcommand fetch of the group model
@@ -68,36 +69,49 @@ def _value_parser(tp, name: str):
 
 
 def add_options(p: argparse.ArgumentParser, cls: type[Options]) -> None:
-    """One flag per option of ``cls`` (and its old spellings); unset flags stay out of the namespace."""
+    """One flag per option of ``cls`` (and its old spellings, listed in the help as deprecated), in the --help
+    sections of ``GROUPS``; unset flags stay out of the namespace."""
     p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                    help="YAML file whose keys are these options (flags given here win)")
+    p.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                   help="print the effective options as YAML (defaults < --config file < flags; --config reads it "
+                        "back) and exit")
+    sections = {g: p.add_argument_group(f"{g} options") for g in GROUPS}
     hints = cls.types()
     for f in cls.option_fields():
         o = opt_of(f)
         if not o.cli:
             continue
+        section = sections.get(group_of(cls, f), p)
         tp, kind = hints[f.name], kind_of(hints[f.name])
         choices = "{" + ",".join(map(str, o.choices)) + "}" if o.choices else None
         default = "" if f.default is None or kind in ("list", "dict") else f" (default: {f.default})"
         if kind == "dict" and o.factory is not None:
             default = f" (default: {' '.join(f'{k}={v}' for k, v in o.factory().items()) or 'none'})"
-        helptext = (o.help or "") + default
+        old = f" (deprecated spelling: {', '.join(flag(a) for a in o.aliases)})" if o.aliases else ""
+        helptext = (o.help or "") + default + old
         if o.positional:
-            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, type=_value_parser(tp, f.name),
-                           metavar=o.metavar or f.name.upper(), help=helptext)
+            section.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, type=_value_parser(tp, f.name),
+                                 metavar=o.metavar or f.name.upper(), help=helptext)
             continue
         names = [flag(f.name)] + [flag(a) for a in o.aliases]
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
         if kind == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            section.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif kind in ("list", "dict"):
-            p.add_argument(*names, nargs="+", type=_value_parser(tp, f.name), metavar=o.metavar or choices, **kw)
+            section.add_argument(*names, nargs="+", type=_value_parser(tp, f.name), metavar=o.metavar or choices,
+                                 **kw)
         else:
-            p.add_argument(*names, type=_value_parser(tp, f.name), metavar=o.metavar or choices, **kw)
+            section.add_argument(*names, type=_value_parser(tp, f.name), metavar=o.metavar or choices, **kw)
+
+
+def version_line() -> str:
+    return f"air-ray {__version__} (scoring version {SCORING_VERSION})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="air-ray", description="AIR data selection by attention head influence")
+    ap.add_argument("--version", action="version", version=version_line())
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -124,8 +138,7 @@ def _deprecated_flags(argv: list[str], cls: type[Options]) -> None:
                     warn(f"{old} is deprecated; use {new}")
 
 
-def parse(argv: list[str]) -> tuple[str, Options]:
-    """``(subcommand, its validated config)`` from a command line (without the program name)."""
+def _parse(argv: list[str]) -> tuple[str, Options, argparse.Namespace]:
     ns = build_parser().parse_args(argv)
     cls: type[Options] = ns._config
     _deprecated_flags(argv, cls)
@@ -133,7 +146,12 @@ def parse(argv: list[str]) -> tuple[str, Options]:
     for name, value in list(given.items()):
         if isinstance(value, list) and value and isinstance(value[0], tuple):  # KEY=VALUE pairs -> mapping
             given[name] = dict(value)
-    return cls.command, cls.load(getattr(ns, "config", None), **given)
+    return cls.command, cls.load(getattr(ns, "config", None), **given), ns
+
+
+def parse(argv: list[str]) -> tuple[str, Options]:
+    """``(subcommand, its validated config)`` from a command line (without the program name)."""
+    return _parse(argv)[:2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
     debug = "--debug" in argv
     try:
-        command, cfg = parse(argv)
+        command, cfg, ns = _parse(argv)
+        if getattr(ns, "print_config", False):
+            print(f"# air-ray {command}: the effective options (defaults < --config file < flags)")
+            print(cfg.to_yaml(), end="")
+            return 0
         if command in supervise.RAY_COMMANDS:
             if not supervise.supervised():  # the work runs in a child: a lost Ray cluster still ends in one line
                 return supervise.run_child(argv)

@@ -1,5 +1,6 @@
-"""`make demo` / `air-ray demo`: fetch the default model, detect heads, score the bundled GSM8K sample on an
-embedded local Ray, select the top 10%, print a summary."""
+"""`make demo` / `air-ray demo`: fetch the default model, detect heads, score the GSM8K sample installed with the
+package (``air_ray.data.SAMPLE``) on an embedded local Ray, select the top 10%, write the HTML report, print a
+summary and, last, the report's path."""
 
 from __future__ import annotations
 
@@ -14,42 +15,49 @@ def run_demo(cfg: DemoConfig) -> dict:
     import pyarrow.parquet as pq
 
     from air_ray.config.commands import HeadsConfig, ScoreConfig, SelectConfig
+    from air_ray.data import SAMPLE
     from air_ray.errors import AirRayError
     from air_ray.heads.run import run_heads
     from air_ray.models import prepare_model
+    from air_ray.outputs.report import write_report
     from air_ray.outputs.select import select
     from air_ray.pipeline.runner import run_score
 
     cfg = cfg.validate()
-    output, input, limit = cfg.output, cfg.input, cfg.limit
+    output, input, limit = cfg.output, cfg.input or str(SAMPLE), cfg.limit
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(input)
-    if not src.exists():
-        raise AirRayError(f"demo input {input} not found (run `make demo` from the repository root)")
+    if not src.is_file():
+        raise AirRayError(f"demo input {input} not found")
+    print(f"input: {src}" + (f" (the first {limit} rows)" if limit else ""), flush=True)
     if limit:
         lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
         src = out / "input" / src.name
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    print("== 1/4 model", flush=True)
+    print("== 1/5 model", flush=True)
     ref = prepare_model()
     print(f"{ref.name} -> {ref.path} (fingerprint {ref.fingerprint})", flush=True)
 
-    print("== 2/4 heads", flush=True)
+    print("== 2/5 heads", flush=True)
     heads = run_heads(HeadsConfig(output=str(out / "heads.json"), num_probes=cfg.num_probes,
                                   probe_tokens=cfg.probe_tokens))
 
-    print("== 3/4 score (embedded local Ray)", flush=True)
+    print("== 3/5 score (embedded local Ray)", flush=True)
     manifest = run_score(ScoreConfig(
         heads=str(out / "heads.json"), input=[str(src)], output=str(out / "scores"), address="local",
-        rows_per_partition=64,
+        rows_per_partition=64, progress=cfg.progress,
     ))
 
-    print("== 4/4 select top 10%", flush=True)
+    print("== 4/5 select top 10%", flush=True)
     summary = select(SelectConfig(scores=str(out / "scores"), output=str(out / "selection"), top_frac=0.1))
+
+    print("== 5/5 report", flush=True)
+    page = write_report(str(out / "scores"), str(out / "heads.json"), out / "report",
+                        selection=str(out / "selection"))
 
     sel = pq.read_table(out / "selection" / "selection.parquet").to_pylist()
     scores = {r["id"]: r for r in pq.read_table(out / "scores" / "scores").to_pylist()}
@@ -75,7 +83,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     print()
     print("outputs:")
     for p in ["heads.json", "heads.png", "scores/scores/", "scores/rejected/", "scores/_manifest.json",
-              "selection/selection.parquet", "selection/selection.json", "selection/score_hist.png"]:
+              "selection/selection.parquet", "selection/selection.json", "selection/score_hist.png",
+              "report/index.html"]:
         print(f"  {out / p}")
-    print(f"demo finished in {time.time() - t0:.0f}s")
-    return {"heads": heads, "manifest": manifest, "selection": summary}
+    print(f"demo finished in {time.time() - t0:.0f}s; open the report:")
+    print(page, flush=True)
+    return {"heads": heads, "manifest": manifest, "selection": summary, "report": page}

@@ -29,32 +29,52 @@ EXPORT_STYLES = ("messages", "prompt-completion", "original")
 EXPORT_FORMATS = ("parquet", "jsonl")
 COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
+# The version of the numbers: bumped, with a line in CHANGELOG.md, only by a change that alters scores. The scoring
+# key hashes it (not the package version), so a release that leaves the numbers alone rescores nothing.
+SCORING_VERSION = 1
+# air_ray releases whose keys hashed the package version (before SCORING_VERSION) -> the scoring version of their
+# numbers: partitions they committed are kept when the numbers are still the same (EngineOptions.legacy_keys)
+LEGACY_KEY_RELEASES = {"0.1.0": 1}
+
 # ----------------------------------------------------------------------------------------------
 # declarations shared by several commands
 
-MODEL = Opt(DEFAULT_MODEL, help="alias, local Hugging Face model directory, .gguf file or hub id org/name")
-DTYPE = Opt("auto", choices=DTYPES, help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
-DEVICE = Opt("auto", help="auto | cpu | cuda[:N]")
-ALLOW_PICKLE = Opt(False, help="allow pickle (.bin) weights (they can run arbitrary code)")
-TRUST_REMOTE_CODE = Opt(False, help="allow model code from the model repository")
-INPUT = Opt(factory=list, metavar="URI", help="the corpus: files, directories or globs (any fsspec URI)")
-OUTPUT = Opt(None, help="where this command writes")
-SCORES = Opt(None, metavar="URI", help="output of `air-ray score` (or a directory of score partitions)")
-HEADS = Opt("heads.json", help="heads.json of `air-ray heads`")
+MODEL = Opt(DEFAULT_MODEL, group="model",
+            help="alias, local Hugging Face model directory, .gguf file or hub id org/name")
+DTYPE = Opt("auto", choices=DTYPES, group="model",
+            help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+DEVICE = Opt("auto", group="model", help="auto | cpu | cuda[:N]")
+ALLOW_PICKLE = Opt(False, group="model", help="allow pickle (.bin) weights (they can run arbitrary code)")
+TRUST_REMOTE_CODE = Opt(False, group="model", help="allow model code from the model repository")
+INPUT = Opt(factory=list, metavar="URI", group="input",
+            help="the corpus: files, directories or globs (any fsspec URI)")
+OUTPUT = Opt(None, group="output", help="where this command writes")
+SCORES = Opt(None, metavar="URI", group="input", help="output of `air-ray score` (or a directory of score partitions)")
+HEADS = Opt("heads.json", group="scoring", help="heads.json of `air-ray heads`")
 FORMAT = Opt("chat", choices=FORMATS,
              help="chat: the prompt through the tokenizer's chat template; raw: plain text")
 SEED = Opt(0, help="random seed")
-TOP_FRAC = Opt(None, help="fraction to select, in (0, 1]")
-NUM_PROBES = Opt(64, help="synthetic retrieval probes")
-ADDRESS = Opt(None, help="default: join the cluster RAY_ADDRESS names (ray job submit sets it) or a `ray start` "
-                         "cluster on this machine, else start an embedded one (never another run's); auto: join one, "
-                         "or fail; local: always embedded; HOST:PORT or ray://...: that cluster")
-PROBE_TOKENS = Opt(512, help="tokens per synthetic probe")
+TOP_FRAC = Opt(None, group="selection", help="fraction of the rows to select, in (0, 1]")
+NUM_PROBES = Opt(64, group="detection", help="synthetic retrieval probes")
+ADDRESS = Opt(None, group="placement",
+              help="default: join the cluster RAY_ADDRESS names (ray job submit sets it) or a `ray start` "
+                   "cluster on this machine, else start an embedded one (never another run's); auto: join one, "
+                   "or fail; local: always embedded; HOST:PORT or ray://...: that cluster")
+PROBE_TOKENS = Opt(512, group="detection", help="tokens per synthetic probe")
+# where the work runs, one spelling in every command: N workers (scoring actors, Ray Train workers), each with
+# G GPUs and C CPUs (Ray's num_gpus / num_cpus of one worker)
+WORKERS = Opt(None, group="placement", help="how many workers run the work")
+GPUS_PER_WORKER = Opt(None, group="placement", help="GPUs of each worker (default: 1 if the cluster has GPUs, else 0)")
+CPUS_PER_WORKER = Opt(None, group="placement", help="CPUs (and torch threads) of each worker")
+PROGRESS = Opt(True, group="output", help="a progress bar (rows, tokens/s, ETA) when stderr is a terminal; off, or "
+                                          "not a terminal: a plain progress line every 5 s")
 
 
 @dataclass
 class ModelOptions(Options):
     """Which model, and how to load it."""
+
+    option_group = "model"
 
     model: str = MODEL()
     dtype: str = DTYPE()
@@ -67,6 +87,8 @@ class ModelOptions(Options):
 class CorpusOptions(Options):
     """How to read a corpus row (``air_ray.data.shapes``): where its parts are when the row is not in a detected
     shape, and the tags around reasoning. Every command that reads the corpus has these."""
+
+    option_group = "input"
 
     prompt_field: str | None = Opt(None, help="field holding the prompt (a string or a list of strings); several, "
                                               "a,b: the non-empty ones joined with a newline")()
@@ -89,7 +111,9 @@ class CorpusOptions(Options):
 @dataclass
 class EngineOptions(ModelOptions, CorpusOptions):
     """What the scoring engine (``air_ray.engine.Scorer``) computes: model, heads, row and step rules,
-    numerics, backend. Placement (actors, GPUs per actor) belongs to the pipeline (``ScoreConfig``)."""
+    numerics, backend. Placement (workers, GPUs per worker) belongs to the pipeline (``ScoreConfig``)."""
+
+    option_group = "scoring"
 
     heads: str = HEADS()
     format: str = FORMAT()
@@ -108,14 +132,16 @@ class EngineOptions(ModelOptions, CorpusOptions):
                                            "cannot blow up scores and step weights")()
     backend: str = Opt("hf", choices=BACKENDS,
                        help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
-    batch_tokens: int | None = Opt(None, help="token budget of one model batch (default: 4096 on CPU, where smaller "
-                                              "working sets run faster, 8192 on GPU)")()
+    batch_tokens: int | None = Opt(None, group="placement",
+                                   help="token budget of one model batch (default: 4096 on CPU, where smaller "
+                                        "working sets run faster, 8192 on GPU)")()
     max_tokens: int | None = Opt(8192, help="longer rows are rejected (or cut with --truncate)")()
     truncate: bool = Opt(False, help="cut a response that does not fit --max-tokens (column truncated=true) "
                                      "instead of rejecting the row")()
-    vllm_gpu_memory: float = Opt(0.85, help="vllm on GPU: the fraction of the device both engines share")()
-    vllm_cpu_kv_cache_gib: float = Opt(1.0, help="vllm on CPU: KV cache of each engine, GiB")()
-    allow_model_mismatch: bool = Opt(False, help="use a heads.json made for another model fingerprint")()
+    vllm_gpu_memory: float = Opt(0.85, group="placement",
+                                 help="vllm on GPU: the fraction of the device both engines share")()
+    vllm_cpu_kv_cache_gib: float = Opt(1.0, group="placement", help="vllm on CPU: KV cache of each engine, GiB")()
+    allow_model_mismatch: bool = Opt(False, group="model", help="use a heads.json made for another model fingerprint")()
 
     def check(self) -> None:
         from air_ray.data.steps import check_rule
@@ -141,21 +167,24 @@ class EngineOptions(ModelOptions, CorpusOptions):
         return StepWeighting(self.step_weighting, self.step_strength, self.step_weight_min, self.step_weight_max,
                              self.step_temperature)
 
-    def scoring_key(self, model_fingerprint: str, heads) -> str:
+    def scoring_key(self, model_fingerprint: str, heads, dtype: str | None = None, *, legacy: str | None = None) -> str:
         """A short hash of everything that changes a partition's contents for the same input: the model,
-        the heads, the row and step rules, the numerics and the scoring code's version. Placement options
-        (actors, batch size, addresses) are not part of it."""
+        the heads, the row and step rules, the numerics (``dtype``: the one resolved on the device that scores, where
+        the option is ``auto``) and ``SCORING_VERSION``. Placement options (workers, batch size, addresses) and the
+        package version are not part of it. ``legacy``: the key that air_ray release ``legacy`` (before
+        SCORING_VERSION) gave these options: it hashed the package version and the dtype option as given."""
         import hashlib
         import json
 
-        import air_ray
-
+        resolved = self.dtype if legacy else (dtype or self.dtype)
+        if resolved not in DTYPES or (resolved == "auto" and not legacy):
+            raise ValueError(f"scoring_key needs the dtype resolved on the scoring device, got {resolved!r}")
         doc = {
             "model_fingerprint": model_fingerprint,
             "heads": sorted([int(l), int(h)] for l, h in heads),
             "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
-            "dtype": self.dtype, "max_tokens": self.max_tokens, "truncate": self.truncate,
-            "backend": self.backend, "air_ray": air_ray.__version__,
+            "dtype": resolved, "max_tokens": self.max_tokens, "truncate": self.truncate,
+            "backend": self.backend, **({"air_ray": legacy} if legacy else {"scoring_version": SCORING_VERSION}),
         }
         rows = {f.name: getattr(self, f.name) for f in CorpusOptions.option_fields()
                 if getattr(self, f.name) != f.default}
@@ -169,6 +198,13 @@ class EngineOptions(ModelOptions, CorpusOptions):
                                      "min": self.step_weight_min, "max": self.step_weight_max}
         return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
+    def legacy_keys(self, model_fingerprint: str, heads) -> dict[str, str]:
+        """``{release: key}``: the keys the releases of ``LEGACY_KEY_RELEASES`` whose numbers are this
+        ``SCORING_VERSION``'s gave these options. Under such a key a partition was scored by the same code, but with
+        ``dtype: auto`` not necessarily in the same dtype: the dtype its file records says."""
+        return {release: self.scoring_key(model_fingerprint, heads, legacy=release)
+                for release, version in LEGACY_KEY_RELEASES.items() if version == SCORING_VERSION}
+
 
 # ----------------------------------------------------------------------------------------------
 # the commands
@@ -177,6 +213,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
 @dataclass
 class FetchConfig(Options):
     command = "model fetch"
+    option_group = "model"
     model: str = MODEL(positional=True)
     allow_pickle: bool = ALLOW_PICKLE()
 
@@ -184,29 +221,38 @@ class FetchConfig(Options):
 @dataclass
 class HeadsConfig(ModelOptions):
     command = "heads"
+    option_group = "detection"
     dtype: str = DTYPE(default="float32")
     output: str = OUTPUT(default="heads.json", aliases=("out",), help="heads.json to write (heads.png beside it)")
-    probes: str | None = Opt(None, help="JSONL of {prompt, answer}; default: built-in synthetic probes")()
+    probes: str | None = Opt(None, group="input",
+                             help="JSONL of {prompt, answer}; default: built-in synthetic probes")()
     num_probes: int = NUM_PROBES()
     probe_tokens: int = PROBE_TOKENS()
-    seed: int = SEED(help="seed of the synthetic probes and of the random-heads check")
-    top_frac: float = TOP_FRAC(default=0.05, help="fraction of all (layer, head) pairs that are critical")
-    placebo: bool = Opt(False, help="write a placebo heads file instead of detecting: as many heads as --from marks "
-                                    "critical, drawn at random (--seed) among the others; score with it like any "
-                                    "heads file to see how much of a ranking any disabled heads would give")()
-    from_: str | None = Opt(None, metavar="HEADS.json", help="with --placebo: the heads.json the placebo is drawn "
-                                                             "against (no model is loaded, nothing is detected)")()
-    gpus: float | None = Opt(None, help="GPUs of the detection task on the Ray cluster (default: 1 if the cluster "
-                                        "has GPUs, else 0)")()
-    cpus: float | None = Opt(None, help="CPUs (and torch threads) of the detection task (default: 1 with a GPU, "
-                                        "else a node's CPUs)")()
+    seed: int = SEED(group="detection", help="seed of the synthetic probes and of the random-heads check (and of "
+                                             "the --placebo draw)")
+    head_frac: float = Opt(0.05, group="detection", aliases=("top_frac",),
+                           help="fraction of all (layer, head) pairs that are critical, in (0, 1]")()
+    placebo: bool = Opt(False, group="detection",
+                        help="write a placebo heads file instead of detecting: as many heads as --from marks critical, "
+                             "drawn at random (--seed) among the others; score with it like any heads file to see how "
+                             "much of a ranking any disabled heads would give")()
+    from_: str | None = Opt(None, metavar="HEADS.json", group="input",
+                            help="with --placebo: the heads.json the placebo is drawn against (no model is loaded, "
+                                 "nothing is detected)")()
+    gpus_per_worker: float | None = GPUS_PER_WORKER(aliases=("gpus",), help="GPUs of the detection task, one Ray "
+                                                                            "worker (default: 1 if the cluster has "
+                                                                            "GPUs, else 0)")
+    cpus_per_worker: float | None = CPUS_PER_WORKER(aliases=("cpus",), help="CPUs (and torch threads) of the "
+                                                                            "detection task (default: 1 with a GPU, "
+                                                                            "else a node's CPUs)")
     address: str | None = ADDRESS()
 
     def check(self) -> None:
-        if (self.gpus is not None and self.gpus < 0) or (self.cpus is not None and self.cpus <= 0):
-            raise AirRayError("--gpus must be >= 0 and --cpus > 0")
-        if not 0 < self.top_frac <= 1:
-            raise AirRayError("--top-frac must be in (0, 1]")
+        if (self.gpus_per_worker is not None and self.gpus_per_worker < 0) or \
+                (self.cpus_per_worker is not None and self.cpus_per_worker <= 0):
+            raise AirRayError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+        if not 0 < self.head_frac <= 1:
+            raise AirRayError("--head-frac must be in (0, 1]")
         if self.placebo != (self.from_ is not None):
             raise AirRayError("heads: --placebo and --from go together (--placebo --from HEADS.json)")
         if self.num_probes < 1 or self.probe_tokens < 32:
@@ -219,33 +265,39 @@ class ScoreConfig(EngineOptions):
     input: list[str] = INPUT()
     output: str = OUTPUT(default="out/scores", metavar="URI",
                          help="run directory: scores/, rejected/, _manifest.json (any fsspec URI)")
-    actors: int | None = Opt(None, help="scoring actors; default: one per GPU (GPU clusters), else one per node")()
-    gpus_per_actor: float | None = Opt(None, help="default: 1 if the cluster has GPUs, else 0; > 1: tensor "
-                                                  "parallel (vllm) or sharded (hf)")()
-    cpus_per_actor: float | None = Opt(None, help="CPUs (and torch threads) of each scoring actor; default: on GPU "
-                                                  "clusters 1, without GPUs the node's CPUs less what the "
-                                                  "read/prepare stages need")()
-    rows_per_partition: int = Opt(512, help="rows per output partition (the unit of work and of resume)")()
-    executor: str = Opt("auto", choices=("auto", "ray", "in-process"),
+    workers: int | None = WORKERS(aliases=("actors",), help="scoring workers (Ray actors, each holding one scorer); "
+                                                            "default: one per GPU (GPU clusters), else one per node")
+    gpus_per_worker: float | None = GPUS_PER_WORKER(aliases=("gpus_per_actor",),
+                                                    help="GPUs of each scoring worker (default: 1 if the cluster has "
+                                                         "GPUs, else 0); > 1: tensor parallel (vllm) or sharded (hf)")
+    cpus_per_worker: float | None = CPUS_PER_WORKER(aliases=("cpus_per_actor",),
+                                                    help="CPUs (and torch threads) of each scoring worker; default: "
+                                                         "on GPU clusters 1, without GPUs the node's CPUs less what "
+                                                         "the read/prepare stages need")
+    rows_per_partition: int = Opt(512, group="output",
+                                  help="rows per output partition (the unit of work and of resume)")()
+    executor: str = Opt("auto", choices=("auto", "ray", "in-process"), group="placement",
                         help="ray: the Ray Data pipeline (on the cluster --address names, or an embedded one); "
                              "in-process: the same stages in this process, one partition after another, no Ray; "
                              "auto: in-process for a small corpus (<= 16 MB, hf backend, one scorer) on a machine "
                              "with no Ray cluster to join and at most one GPU, else ray")()
-    strict: bool = Opt(False, help="exit 1 when any row is rejected (the outputs are still written)")()
+    strict: bool = Opt(False, group="output",
+                       help="exit 1 when any row is rejected (the outputs are still written)")()
     address: str | None = ADDRESS()
+    progress: bool = PROGRESS()
 
     def check(self) -> None:
         if not self.input:
             raise AirRayError("no --input given")
         super().check()
-        if (self.actors is not None and self.actors < 1) or self.rows_per_partition < 1:
-            raise AirRayError("--actors and --rows-per-partition must be >= 1")
-        if (self.cpus_per_actor is not None and self.cpus_per_actor <= 0) or \
-                (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
-            raise AirRayError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
-        if self.executor == "in-process" and ((self.actors or 1) > 1 or self.address is not None):
+        if (self.workers is not None and self.workers < 1) or self.rows_per_partition < 1:
+            raise AirRayError("--workers and --rows-per-partition must be >= 1")
+        if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or \
+                (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
+            raise AirRayError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        if self.executor == "in-process" and ((self.workers or 1) > 1 or self.address is not None):
             raise AirRayError("--executor in-process runs one scorer in this process: it takes no --address and "
-                              "no --actors above 1")
+                              "no --workers above 1")
 
 
 @dataclass
@@ -253,6 +305,7 @@ class SelectConfig(Options):
     """Options of ``air-ray select``; exactly one of ``top_k`` / ``top_frac``."""
 
     command = "select"
+    option_group = "selection"
     scores: str = SCORES(required=True)
     output: str = OUTPUT(required=True, metavar="URI",
                          help="selection directory: selection.parquet, selection.json, score_hist.png")
@@ -286,7 +339,8 @@ class SelectConfig(Options):
 
 # the keys of rescore's nested `select:` and `detect:` mappings
 RESCORE_SELECT_KEYS = tuple(f.name for f in SelectConfig.option_fields() if f.name not in ("scores", "output"))
-RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "top_frac", "dtype", "gpus", "cpus")
+RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "head_frac", "dtype", "gpus_per_worker",
+                       "cpus_per_worker")
 
 
 @dataclass
@@ -298,12 +352,13 @@ class RescoreConfig(ScoreConfig):
     output: str = OUTPUT(required=True, metavar="URI", help="root of the versioned output (v=<version>/...)")
     heads: str = HEADS(default="detect", help="a heads.json, or detect: detect once per model and keep it under "
                                               "<output>/heads/<fingerprint>.json")
-    select: dict = Opt(factory=lambda: {"top_frac": 0.1}, metavar="KEY=VALUE",
+    select: dict = Opt(factory=lambda: {"top_frac": 0.1}, metavar="KEY=VALUE", group="selection",
                        help="the selection refreshed after each pass (" + ", ".join(RESCORE_SELECT_KEYS) + ")")()
-    detect: dict = Opt(factory=dict, metavar="KEY=VALUE",
+    detect: dict = Opt(factory=dict, metavar="KEY=VALUE", group="scoring",
                        help="options of `air-ray heads` for heads: detect (" + ", ".join(RESCORE_DETECT_KEYS) + ")")()
-    lease_ttl_s: float = Opt(600.0, help="lifetime of the output's lease, renewed while the run lives")()
-    wait: bool = Opt(False, help="wait for a concurrent run instead of backing off")()
+    lease_ttl_s: float = Opt(600.0, group="output",
+                             help="lifetime of the output's lease, renewed while the run lives")()
+    wait: bool = Opt(False, group="output", help="wait for a concurrent run instead of backing off")()
 
     def check(self) -> None:
         super().check()
@@ -319,10 +374,12 @@ class RescoreConfig(ScoreConfig):
         return SelectConfig.build(dict(self.select, scores=scores, output=output), "rescore: select")
 
     def heads_config(self, output: str) -> HeadsConfig:
-        bad = sorted(set(self.detect) - set(RESCORE_DETECT_KEYS))
+        keys = HeadsConfig.keys()  # the option names and their old spellings (deprecated: a warning)
+        bad = sorted(k for k in self.detect if keys.get(k) not in RESCORE_DETECT_KEYS)
         if bad:
             raise AirRayError(f"rescore: detect: unknown key {bad[0]!r} (expected {', '.join(RESCORE_DETECT_KEYS)})")
-        return HeadsConfig.build(dict(self.detect, model=self.model, output=output, device=self.device,
+        detect = HeadsConfig.normalise(self.detect, "rescore: detect")
+        return HeadsConfig.build(dict(detect, model=self.model, output=output, device=self.device,
                                       address=self.address,
                                       allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code),
                                  "rescore: detect")
@@ -331,6 +388,7 @@ class RescoreConfig(ScoreConfig):
 @dataclass
 class ReportConfig(CorpusOptions):
     command = "report"
+    option_group = "output"
     scores: str = SCORES(required=True)
     heads: str | None = HEADS(default=None, help="heads.json (heatmap and critical heads)")
     output: str = OUTPUT(required=True, help="local directory for index.html and its images")
@@ -345,6 +403,8 @@ class ReportConfig(CorpusOptions):
 @dataclass
 class TrainingOptions(Options):
     """How a student is fine-tuned (``air_ray.outputs.training``): shared by ``train`` and ``compare``."""
+
+    option_group = "training"
 
     format: str = FORMAT(help="as used for scoring")
     max_steps: int = Opt(100, help="optimiser steps")()
@@ -371,7 +431,7 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
 
     command = "train"
     dtype: str = DTYPE(default="float32", help="weights dtype (float32; --bf16 for mixed precision on GPUs)")
-    selection: str | None = Opt(None, help="selection.parquet, or the select output directory")()
+    selection: str | None = Opt(None, group="input", help="selection.parquet, or the select output directory")()
     scores: str | None = SCORES()
     input: list[str] = INPUT(aliases=("corpus",), help="the corpus that was scored, or the directory of an "
                                                       "`air-ray export` (then no --selection / --scores)")
@@ -382,11 +442,13 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
                                         "response token 1.0)")()
     allow_missing: bool = Opt(False, help="train on the rows found when some selected ids are missing from the "
                                           "scores or the corpus")()
-    save: bool = Opt(True, help="save the model and tokenizer into --output")()
-    workers: int = Opt(1, help="Ray Train workers (data parallel: each takes its share of every step's rows)")()
-    gpus_per_worker: float | None = Opt(None, help="default: 1 if the cluster has GPUs, else 0")()
-    cpus_per_worker: float | None = Opt(None, help="CPUs (and torch threads) of each worker; default: 1 with a "
-                                                   "GPU, else a node's CPUs shared by the workers")()
+    save: bool = Opt(True, group="output", help="save the model and tokenizer into --output")()
+    workers: int = WORKERS(default=1, help="Ray Train workers (data parallel: each takes its share of every step's "
+                                           "rows)")
+    gpus_per_worker: float | None = GPUS_PER_WORKER(help="GPUs of each Ray Train worker (default: 1 if the cluster "
+                                                         "has GPUs, else 0)")
+    cpus_per_worker: float | None = CPUS_PER_WORKER(help="CPUs (and torch threads) of each worker; default: 1 with a "
+                                                         "GPU, else a node's CPUs shared by the workers")
     address: str | None = ADDRESS()
 
     def check(self) -> None:
@@ -414,24 +476,29 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
     strategy placed in the null of many random subsets (``air_ray.evaluation``)."""
 
     command = "compare"
+    option_group = "evaluation"
     dtype: str = DTYPE(default="float32", help="the student's weights dtype (float32; --bf16 for mixed precision)")
     scores: str = SCORES(required=True)
     input: list[str] = INPUT(required=True, help="the corpus that was scored (the pool the selections come from)")
-    eval_input: list[str] = INPUT(required=True, help="held-out rows the students are evaluated on (none may be in "
-                                                      "the pool)")
+    eval_input: list[str] = INPUT(required=True, group="evaluation",
+                                  help="held-out rows the students are evaluated on (none may be in the pool)")
     output: str | None = OUTPUT(help="local directory for compare.json, compare.md, compare.png and runs/ "
                                      "(default: <scores>/compare, where `air-ray report` finds it)")
     strategies: list[str] = Opt(factory=lambda: list(COMPARE_STRATEGIES), choices=COMPARE_STRATEGIES,
+                                group="selection",
                                 help="the selections compared: deterministic ones train once per --seeds; random and "
                                      "matched_random are the nulls (--random-subsets students each); placebo needs "
                                      "--placebo-scores and is left out of the default without it")()
-    placebo_scores: str | None = Opt(None, metavar="URI", help="the pool scored with placebo heads (air-ray heads "
-                                                               "--placebo): the placebo strategy selects from it")()
-    random_subsets: int = Opt(10, help="random subsets, one student each: the null every strategy is placed in")()
-    matched_subsets: int | None = Opt(None, help="difficulty-matched random subsets (random within loss_base bins; "
-                                                 "default: --random-subsets)")()
-    balance_bins: int = Opt(8, help="loss_base bins of the balanced strategies and of matched_random")()
-    top_k: int = Opt(64, help="rows selected by every strategy")()
+    placebo_scores: str | None = Opt(None, metavar="URI", group="input",
+                                     help="the pool scored with placebo heads (air-ray heads --placebo): the placebo "
+                                          "strategy selects from it")()
+    random_subsets: int = Opt(10, group="selection",
+                              help="random subsets, one student each: the null every strategy is placed in")()
+    matched_subsets: int | None = Opt(None, group="selection",
+                                      help="difficulty-matched random subsets (random within loss_base bins; default: "
+                                           "--random-subsets)")()
+    balance_bins: int = Opt(8, group="selection", help="loss_base bins of the balanced strategies and of matched_random")()
+    top_k: int = Opt(64, group="selection", help="rows selected by every strategy")()
     seeds: int = Opt(1, help="training seeds 0..N-1 of each deterministic strategy (random subset j trains with seed "
                              "j mod N): the spread that matters is which subset, not the training order")()
     max_steps: int | None = Opt(None, help="optimiser steps (default: one pass over the selection)")()
@@ -472,8 +539,9 @@ class ExportConfig(CorpusOptions):
     """``air-ray export``: the selected rows as a training-ready dataset (``air_ray.outputs.export``)."""
 
     command = "export"
+    option_group = "output"
     scores: str = SCORES(required=True)
-    selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection)")()
+    selection: str | None = Opt(None, group="input", help="output of `air-ray select` (default: <scores>/selection)")()
     input: list[str] = INPUT(required=True, help="the corpus that was scored")
     output: str = OUTPUT(required=True, metavar="URI", help="directory of the export: data/ (the rows), "
                                                           "dataset_info.json, .export.json (any fsspec URI)")
@@ -499,11 +567,14 @@ class ExportConfig(CorpusOptions):
 @dataclass
 class DemoConfig(Options):
     command = "demo"
-    output: str = OUTPUT(default="out/demo", help="directory for every output of the demo")
-    input: str = Opt("data/gsm8k_sample/train_sample.jsonl", help="the bundled GSM8K sample (one JSONL file)")()
-    limit: int | None = Opt(None, help="score only the first N rows")()
+    option_group = "input"
+    output: str = OUTPUT(default="out/demo", help="directory for every output of the demo (report/index.html last)")
+    input: str | None = Opt(None, group="input", help="one JSONL file of rows (default: the GSM8K sample installed "
+                                                      "with air_ray, 200 rows)")()
+    limit: int | None = Opt(None, group="input", help="score only the first N rows")()
     num_probes: int = NUM_PROBES(default=12)
     probe_tokens: int = PROBE_TOKENS()
+    progress: bool = PROGRESS()
 
 
 # subcommand -> its config class (``air-ray model fetch`` is "model fetch")

@@ -42,6 +42,7 @@ class Opt:
     positional: bool = False  # a positional argument on the command line
     cli: bool = True  # False: Python API and YAML only
     metavar: str | None = None
+    group: str = ""  # its section of --help (GROUPS); default: the group of the class that declares the field
 
     def __call__(self, **changes) -> Any:
         opt = dataclasses.replace(self, **changes)
@@ -52,6 +53,21 @@ class Opt:
 
 def opt_of(f: dataclasses.Field) -> Opt:
     return f.metadata.get("opt") or Opt(default=None if f.default is MISSING else f.default)
+
+
+# the sections of `air-ray COMMAND --help`, in this order
+GROUPS = ("input", "model", "scoring", "detection", "selection", "training", "evaluation", "placement", "output")
+
+
+def group_of(cls: type, f: dataclasses.Field) -> str:
+    """The --help section of option ``f`` of ``cls``: its declaration's ``group``, else the ``option_group`` of the
+    class that first declares the field (a mixin such as ``ModelOptions``, or the command itself)."""
+    if opt_of(f).group:
+        return opt_of(f).group
+    for k in reversed(cls.__mro__):
+        if f.name in vars(k).get("__annotations__", {}):
+            return getattr(k, "option_group", "")
+    return ""
 
 
 def warn(msg: str) -> None:
@@ -143,6 +159,7 @@ class Options:
     made by ``Opt``; ``check()`` holds their cross-field rules."""
 
     command = ""  # the air-ray subcommand, for messages
+    option_group = ""  # the --help section of the options this class declares (GROUPS), unless an Opt says
 
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field]:
@@ -191,6 +208,13 @@ class Options:
     def replace(self, **changes):
         """A validated copy with ``changes``."""
         return dataclasses.replace(self, **changes).validate()
+
+    def to_yaml(self) -> str:
+        """The options as a YAML document that ``--config`` reads back to the same config (``--print-config``)."""
+        import yaml
+
+        doc = {f.name: getattr(self, f.name) for f in self.option_fields()}
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     @classmethod
     def normalise(cls, doc, source: str) -> dict:

@@ -8,3 +8,8 @@ into steps; ``ids`` finds global duplicate ids.
 May import: ``air_ray.errors``, ``air_ray.config`` (choice lists); a tokenizer is passed in. Never a model,
 torch or Ray.
 """
+
+from pathlib import Path
+
+# 200 GSM8K rows installed with the package (README.md beside it): what `air-ray demo` scores
+SAMPLE = Path(__file__).with_name("gsm8k_sample.jsonl")

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from air_ray.config.commands import EngineOptions
+from air_ray.config.commands import SCORING_VERSION, EngineOptions
 from air_ray.data.rows import PreparedRow, RowError, RowPreparer
 from air_ray.engine.ablation import check_heads
 from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
@@ -161,4 +161,5 @@ class Scorer:
             "step_temperature": o.step_temperature,
             "base_loss_floor": o.base_loss_floor,
             "version": air_ray.__version__,
+            "scoring_version": SCORING_VERSION,
         }

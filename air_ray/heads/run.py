@@ -47,9 +47,9 @@ def detect_heads(cfg: HeadsConfig) -> dict:
                        trust_remote_code=cfg.trust_remote_code)
     print(f"[air-ray heads] {ref.name} ({ref.fingerprint}): {len(tokens)} probes, "
           f"{sum(len(t.input_ids) for t in tokens):,} tokens", file=sys.stderr, flush=True)
-    det = detect(model, tokens, top_frac=cfg.top_frac, seed=cfg.seed)
+    det = detect(model, tokens, top_frac=cfg.head_frac, seed=cfg.seed)
     doc = heads_doc(
-        model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.top_frac, detection=det,
+        model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.head_frac, detection=det,
         probes={"source": source, "count": len(tokens), "seed": cfg.seed,
                 "tokens": round(sum(len(t.input_ids) for t in tokens) / len(tokens), 1)},
     )

@@ -7,8 +7,8 @@ May import: ``air_ray.errors``; torch and transformers lazily. Never Ray, the CL
 
 from air_ray.models.families import FAMILIES, Family, export_refusal, family_of
 from air_ray.models.load import (
-    attention_implementation, context_length, load_config, load_model, load_tokenizer, model_shape, resolve_device,
-    resolve_dtype, token_limit, torch_dtype,
+    attention_implementation, context_length, cpu_has_fast_bf16, load_config, load_model, load_tokenizer, model_shape,
+    resolve_device, resolve_dtype, token_limit, torch_dtype,
 )
 from air_ray.models.resolve import (
     DEFAULT_MODEL, ModelRef, air_ray_home, cached_checkpoint, fingerprint, prepare_model, weights_dir,
@@ -16,6 +16,7 @@ from air_ray.models.resolve import (
 
 __all__ = [
     "DEFAULT_MODEL", "FAMILIES", "Family", "ModelRef", "air_ray_home", "attention_implementation", "cached_checkpoint",
-    "context_length", "export_refusal", "family_of", "fingerprint", "load_config", "load_model", "load_tokenizer",
-    "model_shape", "prepare_model", "resolve_device", "resolve_dtype", "token_limit", "torch_dtype", "weights_dir",
+    "context_length", "cpu_has_fast_bf16", "export_refusal", "family_of", "fingerprint", "load_config", "load_model",
+    "load_tokenizer", "model_shape", "prepare_model", "resolve_device", "resolve_dtype", "token_limit", "torch_dtype",
+    "weights_dir",
 ]

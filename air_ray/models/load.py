@@ -32,12 +32,15 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` -> bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+def resolve_dtype(dtype: str, device: str, cpu_bf16: bool | None = None) -> str:
+    """``auto`` -> bfloat16 on CUDA and on CPUs with native bf16 (``cpu_bf16``; default: this machine's CPU), else
+    float32."""
     if dtype != "auto":
         torch_dtype(dtype)  # validates
         return dtype
-    return "bfloat16" if device.startswith("cuda") or cpu_has_fast_bf16() else "float32"
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16) else "float32"
 
 
 def torch_dtype(dtype: str):

@@ -7,6 +7,7 @@
         _manifest.json                      the run's manifest (air_ray.pipeline.manifest)
         selection/                          air-ray select's usual place: SELECTION_FILES
         heads.json, ledger.parquet (LEDGER), _lease.json      in a rescore version
+        _scoring_key.json                   in a version named by a legacy key: the current key it holds
     <rescore output>/heads/<fingerprint>.json                  heads detected once per model (heads: detect)
 
 A unit is named from its input file and chunk index (``air_ray.data.corpus.unit_name``), so a rerun replaces
@@ -38,6 +39,7 @@ VERSION_PREFIX = "v="
 LEDGER_FILE = "ledger.parquet"
 LEASE_FILE = "_lease.json"
 HEADS_FILE = "heads.json"
+KEY_ALIAS_FILE = "_scoring_key.json"  # a rescore version scored under a legacy key, recognised as the current key
 DETECTED_HEADS_DIR = "heads"
 PARTITION_KINDS = (SCORES_DIR, REJECTED_DIR)
 
@@ -175,6 +177,11 @@ class RunLayout:
         """Paths of the visible partitions of ``kind`` (hidden and temporary names skipped), sorted."""
         return sorted(p for p in self.fs.glob(self.path(kind, "*.parquet")) if not _hidden(p))
 
+    def partition_metadata(self, kind: str = SCORES_DIR) -> Iterator[tuple[str, dict | None]]:
+        """``(partition path, the air_ray metadata its file records)`` for every visible partition of ``kind``."""
+        for p in self.partitions(kind):
+            yield p, read_metadata(self.fs, p)
+
     def foreign_partitions(self, units: Sequence[str]) -> list[str]:
         """Partition files that ``units`` (this run's) do not account for, as ``kind/name``."""
         mine = set(units)
@@ -248,6 +255,17 @@ class RunLayout:
 
     def write_ledger(self, ledger: dict[str, dict]) -> None:
         write_table_atomic(to_table([ledger[k] for k in sorted(ledger)], LEDGER), self.fs, self.path(LEDGER_FILE))
+
+    def key_alias(self) -> dict | None:
+        """``{"scoring_key", ...}`` when this rescore version, named by a legacy key, was recognised as holding the
+        numbers of the current one (``air_ray.pipeline.rescore.version_for``), else None."""
+        try:
+            return json.loads(self.fs.cat_file(self.path(KEY_ALIAS_FILE)))
+        except FileNotFoundError:
+            return None
+
+    def write_key_alias(self, doc: dict) -> None:
+        write_json_atomic(self.fs, self.path(KEY_ALIAS_FILE), doc)
 
     def detected_heads(self, fingerprint: str) -> str:
         """Where rescore keeps heads detected for a model (under the output root, shared by its versions)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from collections import Counter
 
@@ -15,8 +16,9 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import air_ray
+    from air_ray.config.commands import SCORING_VERSION
 
-    out = {"air_ray": air_ray.__version__}
+    out = {"air_ray": air_ray.__version__, "scoring_version": SCORING_VERSION}
     for name in ("ray", "torch", "transformers", "pyarrow", "vllm"):
         try:
             out[name] = version(name)
@@ -26,26 +28,58 @@ def versions() -> dict:
 
 
 class Progress:
-    """Plain progress lines (readable in a terminal and in `ray job logs`)."""
+    """The run's progress over its input bytes: a bar on stderr (tqdm: rows, tokens/s, ETA) when ``bar``, else a
+    plain line on stdout every ``every_s`` seconds (readable in a log file and in `ray job logs`). ``close()`` ends
+    the bar."""
 
-    def __init__(self, total_bytes: int, every_s: float = 5.0):
+    def __init__(self, total_bytes: int, every_s: float = 5.0, bar: bool = False):
         self.total_bytes, self.every_s = max(total_bytes, 1), every_s
         self.t0 = self.last = time.time()
-        self.rows = self.tokens = self.nbytes = self.parts = 0
+        self.rows = self.tokens = self.nbytes = self.parts = self.printed = 0
+        self.bar = None
+        if bar:
+            import os
 
-    def update(self, s: dict, final: bool = False) -> None:
+            from tqdm import tqdm
+
+            try:  # a terminal that reports no size (a bare pty) gets 100 columns, not an empty bar
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except OSError:
+                sized = False
+            self.bar = tqdm(total=self.total_bytes, desc="[air-ray score]", unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 100,
+                            mininterval=0.5, postfix="0 rows, 0 tok/s",
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} input{postfix} "
+                                       "[{elapsed}<{remaining}]")
+
+    def update(self, s: dict) -> None:
         self.rows += s["rows_read"]
         self.tokens += 0 if s["skipped"] else s["tokens"]
         self.nbytes += s["nbytes"]
         self.parts += 1
-        now = time.time()
-        if final or now - self.last >= self.every_s:
-            self.last = now
-            el = now - self.t0
-            frac = min(self.nbytes / self.total_bytes, 1.0)
-            eta = el * (1 - frac) / frac if frac > 0 else float("nan")
-            print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
-                  f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
+        if self.bar is not None:
+            rate = self.tokens / max(time.time() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.rows:,} rows, {rate:,.0f} tok/s", refresh=False)
+            self.bar.update(min(s["nbytes"], self.total_bytes - self.bar.n))
+        elif time.time() - self.last >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = now = time.time()
+        self.printed = self.parts
+        el = now - self.t0
+        frac = min(self.nbytes / self.total_bytes, 1.0)
+        eta = el * (1 - frac) / frac if frac > 0 else float("nan")
+        print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
+              f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
+
+    def close(self) -> None:
+        """End the bar, or print the last line (where anything happened since the one before)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.parts > self.printed:
+            self._line()
 
 
 def input_size(uri: str) -> int:

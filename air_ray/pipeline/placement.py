@@ -1,11 +1,11 @@
 """Where the scoring actors go and what they get, by default filling the machine. Plain Python: the runner hands
 in the cluster's nodes; nothing here imports Ray.
 
-    GPU cluster:    one actor per GPU (``--gpus-per-actor`` 1), 1 CPU each
+    GPU cluster:    one actor per GPU (``--gpus-per-worker`` 1), 1 CPU each
     no GPU:         one actor per node, each with the node's CPUs less what the read/prepare stages need
                     (``LIGHT_STAGES_CPUS``); an embedded cluster gets that many logical CPUs more than the machine
                     has, for those light stages, so its one actor gets every core
-    given options:  kept as given; the CPUs split evenly where only ``--actors`` is given
+    given options:  kept as given; the CPUs split evenly where only ``--workers`` is given
 
 torch runs as many threads as its actor has CPUs (``ScoreStage.setup``).
 
@@ -54,8 +54,8 @@ def plan(nodes: list[dict], *, actors: int | None, gpus_per_actor: float | None,
     """``nodes``: the alive nodes' resources (``{"CPU": n, "GPU": m}``)."""
     cpu_nodes = [n for n in nodes if n.get("CPU", 0) > 0] or [{"CPU": 1}]
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
-    given = [name for name, v in (("--actors", actors), ("--gpus-per-actor", gpus_per_actor),
-                                  ("--cpus-per-actor", cpus_per_actor)) if v is not None]
+    given = [name for name, v in (("--workers", actors), ("--gpus-per-worker", gpus_per_actor),
+                                  ("--cpus-per-worker", cpus_per_actor)) if v is not None]
     if gpus_per_actor is None:
         gpus_per_actor = 1 if total_gpus > 0 else 0
     if gpus_per_actor > 0:
@@ -93,7 +93,7 @@ def choose_executor(executor: str, *, actors: int | None, backend: str, total_by
     if ray_named:
         return "ray", ray_named
     if (actors or 1) > 1:
-        return "ray", "--actors above 1"
+        return "ray", "--workers above 1"
     if backend != "hf":
         return "ray", f"the {backend} backend"
     if total_bytes > SMALL_CORPUS_BYTES:

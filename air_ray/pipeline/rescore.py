@@ -1,6 +1,8 @@
 """``air-ray rescore``: score only what is new in the dumps, keep one global selection current.
 
-    <output>/v=<version>/                version = a short hash of everything that changes scores
+    <output>/v=<version>/                version = the scoring key: a short hash of everything that changes scores
+                                         (a version scored before the key named SCORING_VERSION and the resolved
+                                         dtype is continued when its partitions record this run's dtype)
         scores/ rejected/ _commits/      the partitions (as ``air-ray score`` writes them)
         ledger.parquet                   one row per input file: uri, size, etag/mtime, sha256, rows, status
         selection/                       recomputed over every partition of the version after each run
@@ -126,6 +128,31 @@ def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]
     return doc, raw
 
 
+def version_for(out: RunLayout, key: str, legacy: dict[str, str], dtype: str, dtype_option: str) -> tuple[str, str]:
+    """``(version, a line to print or "")``: the version this run scores into. ``v=<key>``; where that does not exist
+    yet but a version named by a legacy key of the same options does (``legacy``: ``{release: key}``, scored before
+    keys named ``SCORING_VERSION`` and the resolved dtype), that version when its partitions record this run's
+    ``dtype`` (remembered in its ``_scoring_key.json``), else ``v=<key>``, scored in full, and the line says why."""
+    if out.fs.exists(out.version(key).root):
+        return key, ""
+    for release, old in legacy.items():
+        vrun = out.version(old)
+        if not vrun.fs.exists(vrun.root):
+            continue
+        if (vrun.key_alias() or {}).get("scoring_key") == key:
+            return old, ""
+        recorded = sorted({(m or {}).get("dtype") for _, m in vrun.partition_metadata()} - {None})
+        was = f"v={old} was scored by air_ray {release} (--dtype {dtype_option}), keyed before keys named the " \
+              f"scoring version and the resolved dtype"
+        if recorded in ([], [dtype]):
+            vrun.write_key_alias({"scoring_key": key, "legacy_key": old, "release": release, "dtype": dtype})
+            return old, f"[air-ray rescore] {was}; its partitions record dtype {dtype}, this run's: continuing it " \
+                        f"as version {key}"
+        return key, (f"[air-ray rescore] {was}; its partitions record dtype {', '.join(recorded)}, this run scores "
+                     f"{dtype}: a new version v={key}, every input file scored again")
+    return key, ""
+
+
 def run_rescore(cfg: RescoreConfig) -> dict:
     """One scheduled pass; returns (and the CLI prints as its last line) the run summary."""
     from air_ray.data.corpus import expand_inputs
@@ -133,13 +160,17 @@ def run_rescore(cfg: RescoreConfig) -> dict:
     from air_ray.models import prepare_model
     from air_ray.outputs.select import select
     from air_ray.pipeline.lease import Lease
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.runner import run_score, scoring_dtype
 
     cfg = cfg.validate()
     out = RunLayout(cfg.output)
     ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
     heads_doc, heads_raw = resolve_heads(cfg, out, ref)
-    version = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
+    dtype, _ = scoring_dtype(cfg)
+    version, note = version_for(out, cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype),
+                                cfg.legacy_keys(ref.fingerprint, heads_doc["heads"]), dtype, cfg.dtype)
+    if note:
+        print(note, flush=True)
     vrun = out.version(version)
     fs, vuri = vrun.fs, vrun.uri
     summary = {"version": version, "files_new": 0, "files_changed": 0, "files_unchanged": 0, "rows_scored": 0,
@@ -174,7 +205,7 @@ def run_rescore(cfg: RescoreConfig) -> dict:
             prior = prior_id_hashes(vrun, set(todo))
             score_cfg = ScoreConfig.build({f.name: getattr(cfg, f.name) for f in ScoreConfig.option_fields()})
             score_cfg = score_cfg.replace(input=todo, output=vuri, heads=vrun.uri_of(HEADS_FILE))
-            manifest = run_score(score_cfg, prior_ids=prior)
+            manifest = run_score(score_cfg, prior_ids=prior, dtype=dtype)
             remove_stale_partitions(vrun, kinds["changed"], set(manifest["partitions"]))
             summary["rows_scored"] = manifest["this_run"]["rows_scored"]
             stamp = _now()

@@ -2,7 +2,7 @@
 
     1. from_items(files) ─map_batches→ IdStage ─→ driver: global duplicate ids (first occurrence wins)
     2. from_items(files) ─flat_map→ ReadStage ─map_batches(actor pool)→ PrepareStage
-                         ─map_batches(actor pool: --actors × (--gpus/--cpus-per-actor))→ ScoreStage ─→ summaries
+                         ─map_batches(actor pool: --workers × --gpus/--cpus-per-worker)→ ScoreStage ─→ summaries
 
 Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
 (atomically, named from the input file and chunk index), then the unit's commit marker, and returns a summary
@@ -24,6 +24,7 @@ import pickle
 import socket
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 from air_ray.config.commands import ScoreConfig
@@ -31,7 +32,7 @@ from air_ray.data.shapes import FieldMap
 from air_ray.errors import AirRayError
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
 from air_ray.pipeline.placement import SMALL_CORPUS_BYTES, choose_executor, embedded_cpus, plan
-from air_ray.pipeline.stages import IdStage, PrepareStage, ReadStage, ScoreStage
+from air_ray.pipeline.stages import LEGACY_KEPT, IdStage, PrepareStage, ReadStage, ScoreStage, UnitKeys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def detect_heads_on_cluster(cfg):
     """``air_ray.heads.run.detect_heads(cfg)`` as a Ray task with ``cfg``'s GPUs, CPUs and address (``run_task``)."""
     from air_ray.heads.run import detect_heads
 
-    doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus, gpus=cfg.gpus)
+    doc, where = run_task(detect_heads, cfg, address=cfg.address, cpus=cfg.cpus_per_worker, gpus=cfg.gpus_per_worker)
     doc["detected_on"].update(node_id=where["node_id"], node_ip=where["node_ip"])
     return doc
 
@@ -328,7 +329,7 @@ def _executor(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
             named = "--address local: an embedded Ray cluster"
         elif cfg.address is not None or os.environ.get("RAY_ADDRESS") or _ray_start_cluster() is not None:
             named = "a Ray cluster to join"
-    return choose_executor(cfg.executor, actors=cfg.actors, backend=cfg.backend, total_bytes=total_bytes,
+    return choose_executor(cfg.executor, actors=cfg.workers, backend=cfg.backend, total_bytes=total_bytes,
                            ray_named=named, local_gpus=_local_gpus)
 
 
@@ -338,12 +339,12 @@ def _local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _score_in_process(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: dict, committed: dict,
+def _score_in_process(cfg: ScoreConfig, files: list[str], keys: UnitKeys, duplicates: dict, committed: dict,
                       heads_doc: dict):
     """The summaries of the Ray pipeline's stages run in this process: read, prepare and score one partition after
     another (``--executor in-process``)."""
     read = ReadStage(cfg.rows_per_partition)
-    prepare = PrepareStage(cfg, scoring_key, duplicates, committed)
+    prepare = PrepareStage(cfg, keys, duplicates, committed)
     score = ScoreStage(cfg, heads_doc)
     name = f"{socket.gethostname()}:{os.getpid()}"
     prepare.setup()
@@ -359,18 +360,75 @@ def _score_in_process(cfg: ScoreConfig, files: list[str], scoring_key: str, dupl
         prepare.teardown()
 
 
-def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
+def _cluster_to_join(cfg: ScoreConfig) -> bool:
+    """Whether the run joins a Ray cluster (``connect``'s rule) rather than scoring on this machine."""
+    if cfg.executor == "in-process" or cfg.address == "local":
+        return False
+    return cfg.address is not None or bool(os.environ.get("RAY_ADDRESS")) or _ray_start_cluster() is not None
+
+
+def _cpu_nodes_have_fast_bf16() -> bool:
+    """Whether every alive CPU node of the joined cluster multiplies bf16 natively (a probe task on each)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from air_ray.models import cpu_has_fast_bf16
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    probe = ray.remote(num_cpus=0, max_retries=0)(cpu_has_fast_bf16)
+    on = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+    return bool(nodes) and all(ray.get(on, timeout=300))
+
+
+def scoring_dtype(cfg: ScoreConfig, gpus: float | None = None) -> tuple[str, str]:
+    """``(dtype, why)``: the dtype the scoring workers compute in. ``--dtype`` as given, or ``auto`` resolved for the
+    device they score on (``air_ray.models.resolve_dtype``: bfloat16 on CUDA and on CPUs with native bf16, float32
+    elsewhere). That device is ``--device``, or under ``auto`` CUDA when each worker gets GPUs: ``gpus`` (the
+    placement's), else ``--gpus-per-worker``, else whether the cluster (joined to ask), or this machine when no
+    cluster is joined, has any. On a joined cluster's CPUs, bfloat16 only when every CPU node has native bf16. The
+    run then scores in exactly this dtype on every worker, and its scoring key says which."""
+    from air_ray.models import resolve_dtype
+
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype as given"
+    joined = _cluster_to_join(cfg)
+    device = cfg.device
+    if device == "auto":
+        if gpus is None:
+            gpus = cfg.gpus_per_worker
+        if gpus is None and joined:
+            import ray
+
+            connect(cfg.address, 1)
+            gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive"))
+        elif gpus is None:
+            gpus = _local_gpus()
+        device = "cuda" if gpus > 0 else "cpu"
+    if device.startswith("cuda"):
+        return resolve_dtype("auto", device), f"auto on {device}"
+    if joined:
+        connect(cfg.address, 1)
+        fast = _cpu_nodes_have_fast_bf16()
+        return resolve_dtype("auto", "cpu", fast), f"auto on the cluster's CPUs ({'all' if fast else 'not all'} " \
+                                                   "with native bf16)"
+    dtype = resolve_dtype("auto", "cpu")
+    return dtype, f"auto on this machine's CPU ({'with' if dtype == 'bfloat16' else 'without'} native bf16)"
+
+
+def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dict:
     """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``.
 
     ``prior_ids``: hashes (``air_ray.data.ids.id_hash``) of ids already scored in this output by files that are not
     inputs of this run (``air-ray rescore``): a record with such an id is a duplicate. The caller then owns the
-    output's other partitions, so they are not reported as foreign."""
+    output's other partitions, so they are not reported as foreign. ``dtype``: the dtype to score in, resolved by
+    the caller (``scoring_dtype``; rescore names its version by it), else resolved here once the workers are
+    placed."""
     from air_ray.data.corpus import expand_inputs
     from air_ray.heads.artifact import load_heads
     from air_ray.models import load_config, model_shape, prepare_model
     from air_ray.outputs.layout import RunLayout
 
-    cfg = cfg.validate()
+    cfg = cfg.replace()  # a copy: placement and the resolved dtype are filled in below, the caller's stays as given
     t0 = time.time()
     phases: dict[str, float] = {}
     files = expand_inputs(cfg.input)
@@ -381,7 +439,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
     heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
                            allow_mismatch=cfg.allow_model_mismatch)
-    scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"])
+    legacy_keys = cfg.legacy_keys(ref.fingerprint, heads_doc["heads"])  # of the dtype option as given
     markers = run.commits()
     total_bytes = sum(input_size(f) for f in files)
     phases["prepare_s"] = time.time() - t0
@@ -394,47 +452,61 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         import ray
 
         t = time.time()
-        started = connect(cfg.address, embedded_cpus(physical, cfg.actors, cfg.cpus_per_actor))
+        started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker))
         phases["cluster_s"] = time.time() - t
     try:
         if in_process:
             nodes = [{"CPU": physical, "GPU": min(1, _local_gpus())}]
         else:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        place = plan(nodes, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
+        place = plan(nodes, actors=cfg.workers, gpus_per_actor=cfg.gpus_per_worker, cpus_per_actor=cfg.cpus_per_worker,
                      embedded=started or in_process, physical_cpus=physical)
-        cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor = place.actors, place.gpus_per_actor, place.cpus_per_actor
+        cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker = place.actors, place.gpus_per_actor, place.cpus_per_actor
+        dtype, dtype_why = (dtype, "resolved by the caller") if dtype else scoring_dtype(cfg, place.gpus_per_actor)
+        cfg.dtype = dtype  # every worker scores in the dtype the key names
+        scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype)
         if not in_process:
             ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and no advice to turn them on
             ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
             for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
                 logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
+        workers = f"{cfg.workers} worker{'s' * (cfg.workers != 1)}"
         print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
-              f"({executor}: {executor_why}; {cfg.actors} actors x {cfg.gpus_per_actor:g} GPU, "
-              f"{cfg.cpus_per_actor:g} CPU = {place.threads} torch threads; {place.why})", flush=True)
+              f"({executor}: {executor_why}; {workers} x {cfg.gpus_per_worker:g} GPU, {cfg.cpus_per_worker:g} CPU = "
+              f"{place.threads} torch threads; {place.why}; {dtype}: {dtype_why})", flush=True)
 
         t = time.time()
         duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg),
                                      local=in_process or total_bytes <= SMALL_CORPUS_BYTES)
         phases["ids_s"] = time.time() - t
         committed = {u: m["key"] for u, m in markers.items()}
+        keys = UnitKeys(scoring_key, tuple(legacy_keys.values()), dtype)
         t = time.time()
         if in_process:
-            rows = _score_in_process(cfg, files, scoring_key, duplicates, committed, heads_doc)
+            rows = _score_in_process(cfg, files, keys, duplicates, committed, heads_doc)
         else:
-            rows = _rows(_pipeline(cfg, files, scoring_key, duplicates, committed, heads_doc))
-        progress = Progress(total_bytes)
+            rows = _rows(_pipeline(cfg, files, keys, duplicates, committed, heads_doc))
+        progress = Progress(total_bytes, bar=cfg.progress and sys.stderr.isatty())
         summaries = []
-        for s in rows:
-            s = dict(s)
-            if s["skipped"]:  # committed earlier: its counts come from the marker
-                s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
-                         setup_s=s.get("setup_s", 0.0))
-            summaries.append(s)
-            if len(summaries) == 1:
-                phases["first_partition_s"] = time.time() - t
-            progress.update(s)
+        legacy: Counter = Counter()
+        try:
+            for s in rows:
+                s = dict(s)
+                if s["legacy"]:  # committed under a key of a release before SCORING_VERSION
+                    legacy[s["legacy"]] += 1
+                    if s["skipped"]:  # the same numbers: re-keyed, so later runs find it under the current key
+                        run.write_commit(s["unit"], s["key"], markers[s["unit"]]["summary"])
+                if s["skipped"]:  # committed earlier: its counts come from the marker
+                    s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
+                             setup_s=s.get("setup_s", 0.0))
+                summaries.append(s)
+                if len(summaries) == 1:
+                    phases["first_partition_s"] = time.time() - t
+                progress.update(s)
+        finally:
+            progress.close()
         phases["scoring_s"] = time.time() - t
     finally:
         if started:
@@ -454,6 +526,12 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
         print(f"[air-ray score] warning: {len(manifest['foreign_partitions'])} partition files in {cfg.output} "
               "come from other inputs (listed in _manifest.json as foreign_partitions); readers of scores/ "
               "see them too", flush=True)
+    if legacy:
+        kept = legacy.pop(LEGACY_KEPT, 0)
+        again = "".join(f"; {n} {why}: scored again" for why, n in sorted(legacy.items()))
+        print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of "
+              f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): "
+              f"{kept} recorded dtype {dtype}, this run's: kept{again}", flush=True)
     run.write_manifest(manifest)
     c, r = manifest["counts"], manifest["this_run"]
     resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
@@ -465,7 +543,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None) -> dict:
     return manifest
 
 
-def _pipeline(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: dict, committed: dict, heads_doc: dict):
+def _pipeline(cfg: ScoreConfig, files: list[str], keys: UnitKeys, duplicates: dict, committed: dict, heads_doc: dict):
     """The Ray Data dataset of the scoring run (the module docstring's pass 2); its rows are the summaries."""
     import ray
 
@@ -475,12 +553,12 @@ def _pipeline(cfg: ScoreConfig, files: list[str], scoring_key: str, duplicates: 
         .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
         # one chunk per block, so that the actor pool can spread chunks over its actors
         .repartition(target_num_rows_per_block=1)
-        .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, scoring_key, duplicates, committed),
+        .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, keys, duplicates, committed),
                      batch_size=1,
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
                      **PrepareStage.resources)
         .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
-                     compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1),
+                     compute=ray.data.ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=1),
                      **score_stage.resources)
     )
 

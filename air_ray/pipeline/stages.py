@@ -39,11 +39,27 @@ class PreparedChunk:
     rejected: list[dict] = field(default_factory=list)
     key: str = ""  # the unit key its commit marker records
     skipped: bool = False  # committed by an earlier run with the same key: nothing to do
+    legacy: str = ""  # committed under a legacy key: LEGACY_KEPT (skipped), else why it is scored again
 
 
 def unit_key(scoring_key: str, chunk: Chunk, duplicate_lines) -> str:
     blob = json.dumps([scoring_key, chunk.digest(), sorted(duplicate_lines)])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class UnitKeys:
+    """What a unit's commit marker is compared with: the run's scoring key, the keys releases before
+    ``SCORING_VERSION`` gave the same options (``EngineOptions.legacy_keys``) and the dtype the run scores in. A unit
+    committed under a legacy key is kept when its score partition records that dtype (or has no scored row), and
+    scored again otherwise: under ``dtype: auto`` an old key did not say which dtype."""
+
+    scoring: str
+    legacy: tuple[str, ...] = ()
+    dtype: str = ""
+
+
+LEGACY_KEPT = "kept"
 
 
 def rejected_row(source: str, line: int | None, reason: str, detail: str = "", id: str | None = None) -> dict:
@@ -101,10 +117,10 @@ class ReadStage(Stage):
 class PrepareStage(Stage):
     resources = {"num_cpus": 0.25}  # tokenizing is ~1000x cheaper than scoring; do not starve the actors
 
-    def __init__(self, cfg: ScoreConfig, scoring_key: str = "", duplicates: dict | None = None,
+    def __init__(self, cfg: ScoreConfig, keys: UnitKeys = UnitKeys(""), duplicates: dict | None = None,
                  committed: dict | None = None):
         self.cfg = cfg
-        self.scoring_key = scoring_key
+        self.keys = keys
         self.duplicates = duplicates or {}  # {source: {line: detail}}: later occurrences of an id
         self.committed = committed or {}  # {unit: key} of the commit markers found in the output
         self.preparer = None
@@ -124,10 +140,18 @@ class PrepareStage(Stage):
 
         dups = self.duplicates.get(chunk.source, {})
         out = PreparedChunk(chunk.unit, chunk.source, rows_read=len(chunk.lines), nbytes=chunk.nbytes)
-        out.key = unit_key(self.scoring_key, chunk, [line for line in chunk.lines if line in dups])
-        if self.committed.get(chunk.unit) == out.key:
+        dup_lines = [line for line in chunk.lines if line in dups]
+        out.key = unit_key(self.keys.scoring, chunk, dup_lines)
+        committed = self.committed.get(chunk.unit)
+        if committed == out.key:
             out.skipped = True
             return out
+        if committed and committed in {unit_key(k, chunk, dup_lines) for k in self.keys.legacy}:
+            recorded = self._recorded_dtype(chunk.unit)
+            out.legacy = LEGACY_KEPT if recorded in (None, self.keys.dtype) else f"recorded dtype {recorded}"
+            if out.legacy == LEGACY_KEPT:
+                out.skipped = True
+                return out
         fields = self.preparer.fields
         for line, text in zip(chunk.lines, chunk.texts):
             if line in dups and text is not None:
@@ -148,6 +172,16 @@ class PrepareStage(Stage):
             out.rejected.append(rejected_row(chunk.source, None, "unreadable_file", chunk.file_error))
         return out
 
+    def _recorded_dtype(self, unit: str) -> str | None:
+        """The dtype a unit's score partition records (None: no scored row, so no numbers to disagree)."""
+        from air_ray.outputs.layout import SCORES_DIR, RunLayout, read_metadata
+
+        run = RunLayout(self.cfg.output)
+        path = run.partition(SCORES_DIR, unit)
+        if not run.fs.exists(path):
+            return None
+        return (read_metadata(run.fs, path) or {}).get("dtype")
+
 
 class ScoreStage(Stage):
     """Holds one scorer (base + ablated model, or the backend's engines); writes one partition per chunk."""
@@ -161,19 +195,19 @@ class ScoreStage(Stage):
 
     @property
     def resources(self) -> dict:
-        return {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor or 0}
+        return {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker or 0}
 
     def setup(self) -> None:
         from air_ray.engine.scorer import Scorer
         from air_ray.outputs.layout import RunLayout
 
         t0 = time.time()
-        gpus = self.cfg.gpus_per_actor or 0
-        if self.cfg.cpus_per_actor:  # as many torch threads as the actor has CPUs (given back in teardown)
+        gpus = self.cfg.gpus_per_worker or 0
+        if self.cfg.cpus_per_worker:  # as many torch threads as the actor has CPUs (given back in teardown)
             import torch
 
             self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_worker)))
         self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
         self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
@@ -240,6 +274,8 @@ def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0,
     return {
         "unit": chunk.unit,
         "source": chunk.source,
+        "key": chunk.key,
+        "legacy": chunk.legacy,
         "skipped": skipped,
         "rows_read": 0 if skipped else chunk.rows_read,
         "rows_scored": scored,
