@@ -16,11 +16,12 @@ PY=${PY:-.venv/bin/python}
 K=${K:-32}
 SUBSETS=${SUBSETS:-10}
 EVAL_ROWS=${EVAL_ROWS:-64}
-POOL=data/gsm8k_compare/pool.jsonl
+POOL=${POOL:-data/gsm8k_compare/pool.jsonl}
+HELDOUT=${HELDOUT:-data/gsm8k_compare/heldout.jsonl}
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo "compare_cpu: $1 done at +$(( $(date +%s) - start )) s"; }
-[ -f "$OUT/heads.json" ] || $PY -m air_ray heads --num-probes 32 --output "$OUT/heads.json"
+[ -f "$OUT/heads.json" ] || $PY -m air_ray heads --num-probes ${PROBES:-32} --output "$OUT/heads.json"
 $PY -m air_ray heads --placebo --from "$OUT/heads.json" --seed 0 --output "$OUT/placebo.json"
 step heads
 $PY -m air_ray score --input "$POOL" --heads "$OUT/heads.json" --output "$OUT/run" --dtype float32
@@ -29,7 +30,7 @@ $PY -m air_ray score --input "$POOL" --heads "$OUT/placebo.json" --output "$OUT/
 step "score (placebo heads)"
 $PY -m air_ray select --scores "$OUT/run" --output "$OUT/run/selection" --top-k "$K"
 $PY -m air_ray compare --scores "$OUT/run" --placebo-scores "$OUT/placebo_run" --input "$POOL" \
-    --eval-input data/gsm8k_compare/heldout.jsonl --eval-rows "$EVAL_ROWS" --top-k "$K" --seeds 1 \
+    --eval-input "$HELDOUT" --eval-rows "$EVAL_ROWS" --top-k "$K" --seeds 1 \
     --random-subsets "$SUBSETS" --matched-subsets "$SUBSETS" --max-new-tokens 0 --eval-batch-size 32 \
     --dtype float32 --output "$OUT/run/compare"
 step compare

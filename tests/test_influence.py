@@ -276,14 +276,17 @@ def test_step_weighting_options_and_key():
 
     default = EngineOptions()
     assert default.weighting == StepWeighting()  # bounded, strength 0.3, [0.5, 2.0]
-    key = default.scoring_key("fp", [(1, 2)])
-    # softmax, the rule before the option, keeps the key runs scored with it have on disk (made by that code)
-    assert EngineOptions(step_weighting="softmax").scoring_key("fp", [(1, 2)]) == "4be9fa26fe9f"
-    assert EngineOptions(step_weighting="softmax", step_temperature=2.0).scoring_key("fp", [(1, 2)]) == "dd656300792c"
-    assert key not in ("4be9fa26fe9f", "dd656300792c")
+    key = default.scoring_key("fp", [(1, 2)], "float32")
+    # softmax, the rule before the option, hashes as that code did: with the key formula of air_ray 0.1.0 it gives the
+    # keys 0.1.0 wrote (values computed by that code); bounded gives others
+    assert EngineOptions(step_weighting="softmax").scoring_key("fp", [(1, 2)], legacy="0.1.0") == "4be9fa26fe9f"
+    assert EngineOptions(step_weighting="softmax", step_temperature=2.0).scoring_key(
+        "fp", [(1, 2)], legacy="0.1.0") == "dd656300792c"
+    assert default.scoring_key("fp", [(1, 2)], legacy="0.1.0") not in ("4be9fa26fe9f", "dd656300792c")
+    assert EngineOptions(step_weighting="softmax").scoring_key("fp", [(1, 2)], "float32") != key
     for change in (dict(step_strength=0.5), dict(step_weight_min=0.2), dict(step_weight_max=3.0)):
-        assert EngineOptions(**change).scoring_key("fp", [(1, 2)]) != key, change
-    assert EngineOptions(step_temperature=3.0).scoring_key("fp", [(1, 2)]) == key  # softmax's option only
+        assert EngineOptions(**change).scoring_key("fp", [(1, 2)], "float32") != key, change
+    assert EngineOptions(step_temperature=3.0).scoring_key("fp", [(1, 2)], "float32") == key  # softmax's only
     for bad in (dict(step_strength=-0.1), dict(step_weight_min=1.5), dict(step_weight_max=0.9),
                 dict(step_weighting="linear")):
         with pytest.raises(AirRayError):

@@ -66,8 +66,20 @@ def test_legacy_keys_are_the_keys_air_ray_0_1_0_wrote():
     cases = [({}, "ef68c9a3f6d6"), ({"dtype": "float32"}, "ebcfddca1ae2"),
              ({"dtype": "bfloat16", "steps": "paragraphs", "base_loss_floor": 0.05, "prompt_field": "q"},
               "7488afa63c89")]
-    for options, key in cases:
-        assert EngineOptions(**options).validate().legacy_keys(fp, HEADS) == {"0.1.0": key}, options
+    for options, key in cases:  # 0.1.0 weighted steps by softmax: the rule that keeps its keys
+        opts = EngineOptions(**options, step_weighting="softmax").validate()
+        assert opts.scoring_key(fp, HEADS, legacy="0.1.0") == key, options
+    # 0.1.0's numbers are scoring version 1, not this one (rows are read differently since version 2): its runs are
+    # not taken as this version's, whatever the options
+    assert commands.LEGACY_KEY_RELEASES == {"0.1.0": 1} and commands.SCORING_VERSION > 1
+    assert EngineOptions(step_weighting="softmax").validate().legacy_keys(fp, HEADS) == {}
+
+
+@pytest.fixture
+def same_numbers(monkeypatch):
+    """The runs below test the mechanism that keeps the runs of a release whose numbers are this version's (it kept
+    0.1.0's under scoring version 1): as if 0.1.0's numbers were this version's."""
+    monkeypatch.setattr(commands, "LEGACY_KEY_RELEASES", {"0.1.0": commands.SCORING_VERSION})
 
 
 def test_the_changelog_names_the_scoring_version():
@@ -134,11 +146,11 @@ def setting(tiny_model, gsm8k_rows, tmp_path_factory):
 def _score_cfg(s: dict, output: Path, cls=ScoreConfig, **kw) -> ScoreConfig:
     """A score (or rescore) config of the setting: the tiny model, 2 rows a partition, in this process."""
     return cls(model=s["model"], heads=s["heads"], input=s["files"], output=str(output), device="cpu",
-               rows_per_partition=2, executor="in-process", **kw).validate()
+               rows_per_partition=2, executor="in-process", step_weighting="softmax", **kw).validate()
 
 
 @pytest.mark.slow
-def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys):
+def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_numbers):
     from air_ray.pipeline.runner import run_score
 
     s = setting
@@ -183,7 +195,7 @@ def _rescore_cfg(s: dict, output: Path, **kw) -> RescoreConfig:
 
 
 @pytest.mark.slow
-def test_a_rescore_version_of_air_ray_0_1_0_is_continued_or_replaced(setting, capsys):
+def test_a_rescore_version_of_air_ray_0_1_0_is_continued_or_replaced(setting, capsys, same_numbers):
     from air_ray.pipeline.rescore import run_rescore
 
     s = setting

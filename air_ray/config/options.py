@@ -213,7 +213,7 @@ class Options:
         """The options as a YAML document that ``--config`` reads back to the same config (``--print-config``)."""
         import yaml
 
-        doc = {f.name: getattr(self, f.name) for f in self.option_fields()}
+        doc = {f.name.rstrip("_"): getattr(self, f.name) for f in self.option_fields()}  # from_: from
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     @classmethod

@@ -123,7 +123,8 @@ def summarise(results: list[dict], strategies: list[str]) -> dict:
     out = {}
     for s in strategies:
         runs = sorted(by.get(s, []), key=lambda r: r["seed"])
-        entry = {"students": len(runs), "selected_loss_base": runs[0].get("selected_loss_base") if runs else None}
+        entry = {"students": len(runs),  # a null's: the mean over its subsets
+                 "selected_loss_base": mean_sd([r.get("selected_loss_base") for r in runs])[0]}
         for metric, _, lower in METRICS:
             vals = [r["eval"][metric] for r in runs]
             m, sd = mean_sd(vals)
@@ -429,29 +430,28 @@ def plot(doc: dict) -> bytes:
 
     metrics = [m for m in METRICS if m[0] == "loss" or doc["config"].get("max_new_tokens", 0) > 0]
     names = list(doc["summary"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 0.45 * len(names) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 0.42 * len(names) + 1.8), squeeze=False)
     for ax, (metric, label, lower) in zip(axes[0], metrics):
         scale = 100.0 if metric == "accuracy" else 1.0
         for y, n in enumerate(names):
             vals = [scale * v for v in doc["summary"][n][metric]["values"] if v is not None]
             null = n in NULLS
             ax.scatter(vals, [y] * len(vals), s=22 if null else 60, marker="o" if null else "D",
-                       color="#999999" if null else ("#4C72B0" if n.startswith(("score", "delta")) else "#DD8452"),
+                       color="#777777" if null else ("#4C72B0" if n.startswith(("score", "delta")) else "#DD8452"),
                        alpha=0.7 if null else 0.95, zorder=3)
-        for n, color in zip(NULLS, ("#bbbbbb", "#d9d9d9")):
-            if n in doc["summary"] and doc["summary"][n][metric]["mean"] is not None:
-                e = doc["summary"][n][metric]
-                ax.axvspan(scale * e["min"], scale * e["max"], color=color, alpha=0.25, zorder=1)
-        ini = doc["initial"]["eval"][metric]
-        if ini is not None:
-            ax.axvline(scale * ini, color="k", ls="--", lw=1, label="initial model")
-            ax.legend(loc="best", fontsize=8)
+        e = doc["summary"].get("random", {}).get(metric) or {}
+        if e.get("min") is not None:
+            ax.axvspan(scale * e["min"], scale * e["max"], color="#bbbbbb", alpha=0.3, zorder=1,
+                       label="range of the random-subset students")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"{label}{' (%)' if scale != 1 else ''}: {'lower' if lower else 'higher'} is better", fontsize=9)
+        ini = doc["initial"]["eval"][metric]
+        ax.set_xlabel(f"{label}{' (%)' if scale != 1 else ''}: {'lower' if lower else 'higher'} is better"
+                      + ("" if ini is None else f" (initial model: {scale * ini:.4g})"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"students fine-tuned on {doc['config']['top_k']} rows per selection (grey band: the range of the "
-                 "random-subset students)", fontsize=10)
+    fig.suptitle(f"one student per selection of {doc['config']['top_k']} rows; dots: the random-subset students",
+                 fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
