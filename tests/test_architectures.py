@@ -231,8 +231,11 @@ def test_losses_are_the_models_own(model_type):
         logp = torch.log_softmax(lg[st - 1 : -1], -1)
         want = -logp.gather(1, torch.tensor(s[st:])[:, None])[:, 0].double().numpy()
         want_ent = -(logp.exp() * logp).sum(-1).double().numpy()
-        assert np.abs(g - want).max() <= FAST_TOL and np.abs(b - want).max() <= FAST_TOL
-        assert np.abs(e - want_ent).max() <= FAST_TOL
+        # float32 sums in another order (a padded batch against one sequence): 1e-5 of the value beyond 1 nat (the tiny
+        # random models give losses up to ~25 nats; granitemoe's differ by 2.5e-5 there on an AVX512 CPU)
+        tol = FAST_TOL * np.maximum(1.0, np.abs(want))
+        assert (np.abs(g - want) <= tol).all() and (np.abs(b - want) <= tol).all()
+        assert (np.abs(e - want_ent) <= FAST_TOL * np.maximum(1.0, np.abs(want_ent))).all()
     if model_type in ("cohere", "cohere2", "granite", "granitemoe", "gemma2", "gemma3_text"):
         # the family post-processes its logits: the bare LM head would give other losses
         with torch.no_grad():

@@ -67,7 +67,7 @@ def response_losses(model, ids, n_prompt, entropy=False):
     return nll
 
 
-def hand_scores(base, ref, starts, spans, temperature=1.0):
+def hand_scores(base, ref, starts, spans):
     def rel(r, b):
         return (r - b) / max(b, 1e-6)
 
@@ -78,13 +78,39 @@ def hand_scores(base, ref, starts, spans, temperature=1.0):
         sel = [i for i, s in enumerate(starts) if a <= s < b]
         counts.append(len(sel))
         scores.append(rel(np.mean(ref[sel]), np.mean(base[sel])) if sel else None)
-    scored = [s for s in scores if s is not None]
-    exps = [math.exp(s / temperature) for s in scored]
-    it = iter(len(scored) * e / sum(exps) for e in exps)
+    deltas = [float(np.mean(ref[sel] - base[sel])) if n else None
+              for n, sel in ((c, [i for i, s in enumerate(starts) if a <= s < b]) for c, (a, b) in zip(counts, spans))]
     out["step_token_counts"] = counts
     out["step_scores"] = scores
-    out["step_weights"] = [1.0 if s is None else next(it) for s in scores]
+    out["step_weights"] = bounded_by_hand(deltas, counts)
     return out
+
+
+def bounded_by_hand(deltas, counts, strength=0.3, lo=0.5, hi=2.0):
+    """The default step weights, the slow way: z of each step's mean divergence (token-weighted within the row),
+    1 + strength z, then the shift c (found by bisection) that makes the token-weighted mean of clip(1 + strength z
+    + c, lo, hi) exactly 1."""
+    idx = [i for i, (d, n) in enumerate(zip(deltas, counts)) if n]
+    w = [1.0] * len(deltas)
+    if len(idx) < 2:
+        return w
+    n = np.array([counts[i] for i in idx], float)
+    d = np.array([deltas[i] for i in idx])
+    mu = (n * d).sum() / n.sum()
+    sd = math.sqrt((n * (d - mu) ** 2).sum() / n.sum())
+    if sd == 0:
+        return w
+    raw = 1 + strength * (d - mu) / sd
+    a, b = -10.0, 10.0
+    for _ in range(200):
+        c = (a + b) / 2
+        if (n * np.clip(raw + c, lo, hi)).sum() < n.sum():
+            a = c
+        else:
+            b = c
+    for i, x in zip(idx, np.clip(raw + (a + b) / 2, lo, hi)):
+        w[i] = float(x)
+    return w
 
 
 @pytest.fixture(scope="module")

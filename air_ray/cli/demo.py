@@ -71,6 +71,16 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"{ac['answer_loss_ablated']:.3f} | random heads off {ac['answer_loss_random_heads']:.3f}")
     print(f"rows: read {c['rows_read']}, scored {c['rows_scored']}, rejected {c['rows_rejected']}; "
           f"{manifest['tokens_per_s']:.0f} tok/s; selected {len(sel)} (threshold {summary['threshold_score']:.4f})")
+    b, w = summary["bias"], manifest["step_weights"]
+
+    def num(x, fmt=".3f"):
+        return "n/a" if x is None else format(x, fmt)
+
+    print(f"what the score favours: Spearman(score, loss_base) {num(b['spearman']['loss_base'], '+.2f')}; selected "
+          f"mean loss_base {num(b['selected_mean']['loss_base'])}, the pool's {num(b['pool_mean']['loss_base'])} "
+          "(select --balance loss_base or --by delta: see README)")
+    print(f"step weights ({w['rule']}): effective token share median {w['effective_token_share']['median']}, "
+          f"largest weight {w['max_weight']}")
     print()
     print(f"{'rank':>4}  {'id':<20} {'score':>8} {'tokens':>6}  most influential step")
     for r in sel[:10]:
