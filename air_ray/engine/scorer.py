@@ -17,9 +17,8 @@ from air_ray.engine.ablation import check_heads
 from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, copy_mask, influence
-from air_ray.models.families import family_of
-from air_ray.models.load import load_config, load_tokenizer, model_shape, resolve_device, resolve_dtype
-from air_ray.models.resolve import prepare_model
+from air_ray.models.load import resolve_device, resolve_dtype
+from air_ray.models.open import open_model
 
 SCORE_COLUMNS = (
     "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
@@ -53,13 +52,11 @@ class Scorer:
         if overrides:
             options = options.replace(**overrides)
         self.options = opts = options.validate()
-        self.ref = prepare_model(opts.model, allow_pickle=opts.allow_pickle)
-        self.tokenizer = load_tokenizer(self.ref, trust_remote_code=opts.trust_remote_code)
+        # a model outside the supported families: one line, before any weights load
+        opened = open_model(opts, check_family=True)
+        self.ref, self.tokenizer, config, shape = opened.ref, opened.tokenizer, opened.config, opened.shape
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
-        config = load_config(self.ref, trust_remote_code=opts.trust_remote_code)
-        family_of(config)  # a model outside the supported families: one line, before any weights load
-        shape = model_shape(config)
         if heads is None:
             self.heads_doc = load_heads(opts.heads, fingerprint=self.ref.fingerprint, shape=shape,
                                         allow_mismatch=opts.allow_model_mismatch)

@@ -240,15 +240,15 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     """Select, train and evaluate every run of ``plan(cfg)``; write compare.json/.md/.png; return compare.json."""
     from air_ray.data.rows import FieldMap, RowPreparer
     from air_ray.evaluation.students import evaluate, read_held_out
-    from air_ray.models import load_tokenizer, prepare_model
+    from air_ray.models import open_model
     from air_ray.outputs.training import load_trainable, train_weighted_sft
 
     cfg = cfg.validate()
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    tokenizer = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
+    opened = open_model(cfg)
+    ref, tokenizer = opened.ref, opened.tokenizer
     render = RowPreparer.of(tokenizer, cfg).response_text
     held_out, held_counts = read_held_out(list(cfg.eval_input), FieldMap.of(cfg), render, cfg.eval_rows)
     pool_ids = _pool_ids(cfg.scores)

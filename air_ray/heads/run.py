@@ -11,23 +11,20 @@ from air_ray.config.commands import HeadsConfig
 
 
 def probe_inputs(cfg: HeadsConfig):
-    """``(ModelRef, tokenized probes, probe source)``: everything detection needs but the model's weights.
+    """``(OpenModel, tokenized probes, probe source)``: everything detection needs but the model's weights.
     Cheap (the tokenizer only), so the command runs it first where it was started: a bad model name or probes file
     is a one-line error before any cluster starts."""
     from air_ray.heads.probes import read_probes, synthetic_probes, tokenize_probe
-    from air_ray.models.families import family_of
-    from air_ray.models.load import load_config, load_tokenizer
-    from air_ray.models.resolve import prepare_model
+    from air_ray.models import open_model
 
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    family_of(load_config(ref, trust_remote_code=cfg.trust_remote_code))  # outside the families: one line, now
-    tok = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
+    model = open_model(cfg, check_family=True)  # outside the families: one line, now
+    tok = model.tokenizer
     if cfg.probes:
         probes, source = read_probes(cfg.probes), cfg.probes
     else:
         probes = synthetic_probes(tok, num=cfg.num_probes, tokens=cfg.probe_tokens, seed=cfg.seed)
         source = "synthetic-kv"
-    return ref, [tokenize_probe(tok, p) for p in probes], source
+    return model, [tokenize_probe(tok, p) for p in probes], source
 
 
 def detect_heads(cfg: HeadsConfig) -> dict:
@@ -38,18 +35,18 @@ def detect_heads(cfg: HeadsConfig) -> dict:
 
     from air_ray.heads.artifact import heads_doc
     from air_ray.heads.detect import detect
-    from air_ray.models.load import load_model, model_shape, resolve_device
+    from air_ray.models import resolve_device
 
     t0 = time.time()
-    ref, tokens, source = probe_inputs(cfg)
+    opened, tokens, source = probe_inputs(cfg)
+    ref = opened.ref
     device = resolve_device(cfg.device)
-    model = load_model(ref, dtype=cfg.dtype, device=device, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code)
+    model = opened.load(dtype=cfg.dtype, device=device)
     print(f"[air-ray heads] {ref.name} ({ref.fingerprint}): {len(tokens)} probes, "
           f"{sum(len(t.input_ids) for t in tokens):,} tokens", file=sys.stderr, flush=True)
     det = detect(model, tokens, top_frac=cfg.head_frac, seed=cfg.seed)
     doc = heads_doc(
-        model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.head_frac, detection=det,
+        model=ref.name, fingerprint=ref.fingerprint, shape=opened.shape, top_frac=cfg.head_frac, detection=det,
         probes={"source": source, "count": len(tokens), "seed": cfg.seed,
                 "tokens": round(sum(len(t.input_ids) for t in tokens) / len(tokens), 1)},
     )

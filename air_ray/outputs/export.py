@@ -197,10 +197,12 @@ def scored_text(options, meta: dict | None, need_model: bool = True):
         if not preparer:
             preparer.append(None)
             if meta and meta.get("format", "chat") == "chat" and meta.get("model"):
-                from air_ray.models import load_tokenizer, prepare_model
+                from air_ray.config import ModelOptions
+                from air_ray.models import open_model
 
-                try:
-                    preparer[0] = RowPreparer.of(load_tokenizer(prepare_model(meta["model"])), options, format="chat")
+                try:  # the scoring model, opened as the scorer opened it (its recorded name, default options)
+                    tokenizer = open_model(ModelOptions(model=meta["model"])).tokenizer
+                    preparer[0] = RowPreparer.of(tokenizer, options, format="chat")
                 except AirRayError:
                     if need_model:
                         raise

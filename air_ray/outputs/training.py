@@ -430,12 +430,12 @@ def training_rows(cfg: TrainConfig, preparer) -> TrainingRows:
 
 def load_trainable(cfg: TrainConfig):
     """``(ModelRef, tokenizer, model)`` with the model in train mode and every parameter trainable."""
-    from air_ray.models import load_model, load_tokenizer, prepare_model
+    from air_ray.models import open_model
 
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    tokenizer = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(ref, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code)
+    opened = open_model(cfg)
+    tokenizer = opened.tokenizer
+    model = opened.load(dtype=cfg.dtype, device=cfg.device)
+    ref = opened.ref
     model.train()
     model.requires_grad_(True)
     return ref, tokenizer, model
@@ -445,14 +445,14 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     """Join, encode, fine-tune with step weights, save the model and ``training_summary.json`` into
     ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple."""
     from air_ray.data.rows import RowPreparer
-    from air_ray.models import load_tokenizer, prepare_model
+    from air_ray.models import open_model
 
     cfg = cfg.validate()
     if loaded is not None:
         ref, tokenizer, model = loaded
     else:  # the tokenizer first: a join that fails does not wait for the model
-        ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-        tokenizer, model = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code), None
+        opened = open_model(cfg)
+        ref, tokenizer, model = opened.ref, opened.tokenizer, None
     rows = training_rows(cfg, RowPreparer.of(tokenizer, cfg))
     if not cfg.step_weights:  # plain SFT: no step, so every response token weighs 1.0
         rows.examples = [dict(ex, step_spans=[], step_weights=[]) for ex in rows.examples]

@@ -100,15 +100,15 @@ def remove_stale_partitions(version: RunLayout, sources: list[str], keep: set[st
     return sum(version.remove_units(unit_name(src, 0)[: -len("00000")], keep) for src in sources)
 
 
-def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]:
-    """heads.json as given, or detected once per model and kept under <output>/heads/<fingerprint>.json."""
+def resolve_heads(cfg: RescoreConfig, out: RunLayout, model) -> tuple[dict, bytes]:
+    """heads.json as given, or detected once per model (an ``OpenModel``) and kept under
+    <output>/heads/<fingerprint>.json."""
     import os
     import tempfile
 
     from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape
 
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
+    ref = model.ref
     path = cfg.heads
     if cfg.heads == "detect":
         from air_ray.fsio import with_protocol, write_bytes_atomic
@@ -123,7 +123,7 @@ def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]
                 with open(local, "rb") as f:
                     write_bytes_atomic(out.fs, kept, f.read())
         path = with_protocol(out.fs, kept)
-    doc = load_heads(path, fingerprint=ref.fingerprint, shape=shape, allow_mismatch=cfg.allow_model_mismatch)
+    doc = load_heads(path, fingerprint=ref.fingerprint, shape=model.shape, allow_mismatch=cfg.allow_model_mismatch)
     raw = json.dumps(dict(doc, heads=[list(h) for h in doc["heads"]]), indent=1).encode()
     return doc, raw
 
@@ -157,15 +157,16 @@ def run_rescore(cfg: RescoreConfig) -> dict:
     """One scheduled pass; returns (and the CLI prints as its last line) the run summary."""
     from air_ray.data.corpus import expand_inputs
     from air_ray.fsio import write_bytes_atomic
-    from air_ray.models import prepare_model
+    from air_ray.models import open_model
     from air_ray.outputs.select import select
     from air_ray.pipeline.lease import Lease
     from air_ray.pipeline.runner import run_score, scoring_dtype
 
     cfg = cfg.validate()
     out = RunLayout(cfg.output)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    heads_doc, heads_raw = resolve_heads(cfg, out, ref)
+    model = open_model(cfg)
+    ref = model.ref
+    heads_doc, heads_raw = resolve_heads(cfg, out, model)
     dtype, _ = scoring_dtype(cfg)
     version, note = version_for(out, cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype),
                                 cfg.legacy_keys(ref.fingerprint, heads_doc["heads"]), dtype, cfg.dtype)

@@ -425,7 +425,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
     placed."""
     from air_ray.data.corpus import expand_inputs
     from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape, prepare_model
+    from air_ray.models import open_model
     from air_ray.outputs.layout import RunLayout
 
     cfg = cfg.replace()  # a copy: placement and the resolved dtype are filled in below, the caller's stays as given
@@ -435,9 +435,9 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
     run = RunLayout(cfg.output)
     run.check_writable()
     # before the cluster starts, so that a wrong model or heads file is a one-line error (Ray prints as it starts)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
-    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
+    model = open_model(cfg)
+    ref = model.ref
+    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=model.shape,
                            allow_mismatch=cfg.allow_model_mismatch)
     legacy_keys = cfg.legacy_keys(ref.fingerprint, heads_doc["heads"])  # of the dtype option as given
     markers = run.commits()

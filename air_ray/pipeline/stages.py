@@ -127,13 +127,11 @@ class PrepareStage(Stage):
 
     def setup(self) -> None:
         from air_ray.data.rows import RowPreparer
-        from air_ray.models import load_config, load_tokenizer, prepare_model, token_limit
+        from air_ray.models import open_model
 
-        ref = prepare_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
-        tok = load_tokenizer(ref, trust_remote_code=self.cfg.trust_remote_code)
+        model = open_model(self.cfg)
         # the limit the scoring backends apply: --max-tokens, within the model's context
-        limit = token_limit(self.cfg.max_tokens, load_config(ref, trust_remote_code=self.cfg.trust_remote_code))
-        self.preparer = RowPreparer.of(tok, self.cfg, max_tokens=limit)
+        self.preparer = RowPreparer.of(model.tokenizer, self.cfg, max_tokens=model.token_limit(self.cfg.max_tokens))
 
     def process(self, chunk: Chunk) -> PreparedChunk:
         from air_ray.data.shapes import load_record, record_id

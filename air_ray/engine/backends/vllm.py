@@ -31,7 +31,8 @@ import numpy as np
 from air_ray.data.rows import PreparedRow
 from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.errors import AirRayError
-from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint, weights_dir
+from air_ray.models.load import weights_dir
+from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
