@@ -2,8 +2,8 @@
 are built, and the choice lists every part checks against.
 
 May import: ``air_ray.errors``, ``air_ray.influence`` (the step-weighting rule and the loss floor),
-``air_ray.models.resolve`` (the default model's name) and, lazily, ``air_ray.data.steps`` (the step-rule check).
-Never torch, Ray or the CLI.
+``air_ray.models.resolve`` (the default model's name) and ``air_ray.data`` (the formats, step rules and think tags
+of the data contract). Never torch, Ray or the CLI.
 """
 
 from air_ray.config.commands import (

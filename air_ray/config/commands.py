@@ -1,8 +1,9 @@
 """Every option of every command, declared once; one typed config object per command.
 
 Shared options are ``Opt`` declarations (``MODEL``, ``DTYPE``, ``INPUT``, ``OUTPUT`` ...) placed in each
-command's dataclass; the choice lists (``DTYPES``, ``FORMATS``, ``BACKENDS``, ``SELECT_BY``) live here and every
-part that checks a value uses them. ``air_ray.cli`` builds the flags from these classes, ``Options.load`` reads
+command's dataclass; the choice lists (``DTYPES``, ``BACKENDS``, ``SELECT_BY``) live here and every part that checks
+a value uses them; those of the data contract (``FORMATS``, the step rules, the think tags) are declared in
+``air_ray.data`` and used here. ``air_ray.cli`` builds the flags from these classes, ``Options.load`` reads
 the YAML files, and the Python API takes the objects themselves (``Scorer(EngineOptions(...))``,
 ``run_score(ScoreConfig(...))``).
 """
@@ -13,12 +14,13 @@ import math
 from dataclasses import dataclass
 
 from air_ray.config.options import Opt, Options
+from air_ray.data.rows import FORMATS
+from air_ray.data.steps import RULES, THINK_TAGS, check_rule, parse_think_tags
 from air_ray.errors import AirRayError
 from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMATS = ("chat", "raw")  # air_ray.data.rows: how a row's prompt becomes token ids
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
 # select --by: the AIR score, or a heuristic from the same scoring run (each ranked descending; random = a
 # seeded hash of the id)
@@ -51,7 +53,7 @@ INPUT = Opt(factory=list, metavar="URI", group="input",
 OUTPUT = Opt(None, group="output", help="where this command writes")
 SCORES = Opt(None, metavar="URI", group="input", help="output of `air-ray score` (or a directory of score partitions)")
 HEADS = Opt("heads.json", group="scoring", help="heads.json of `air-ray heads`")
-FORMAT = Opt("chat", choices=FORMATS,
+FORMAT = Opt(FORMATS[0], choices=FORMATS,
              help="chat: the prompt through the tokenizer's chat template; raw: plain text")
 SEED = Opt(0, help="random seed")
 TOP_FRAC = Opt(None, group="selection", help="fraction of the rows to select, in (0, 1]")
@@ -97,15 +99,13 @@ class CorpusOptions(Options):
     messages_field: str | None = Opt(None, help="field holding the conversation (OpenAI messages or ShareGPT turns)")()
     id_field: str | None = Opt(None, help="field holding the row id (default: id, else a hash of the content)")()
     domain_field: str | None = Opt(None, help="field holding the row's domain (default: domain)")()
-    think_tags: str = Opt("<think>,</think>", metavar="OPEN,CLOSE",
+    think_tags: str = Opt(",".join(THINK_TAGS), metavar="OPEN,CLOSE",
                           help="tags around reasoning: how reasoning given apart is rendered, and what the "
                                "think step rule looks for")()
 
     def check(self) -> None:
         super().check()
-        open_tag, sep, close_tag = self.think_tags.partition(",")
-        if not sep or not open_tag or not close_tag or "," in close_tag:
-            raise AirRayError(f"--think-tags {self.think_tags!r}: expected OPEN,CLOSE (e.g. <think>,</think>)")
+        parse_think_tags(self.think_tags)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
 
     heads: str = HEADS()
     format: str = FORMAT()
-    steps: str = Opt("lines", help="lines | paragraphs | think | regex:PATTERN")()
+    steps: str = Opt(RULES[0], help=" | ".join(RULES))()
     step_weighting: str = Opt("bounded", choices=WEIGHTINGS,
                               help="bounded: w = clip(1 + strength * z, min, max), z the step's mean divergence "
                                    "(nats per token) standardised within the row, renormalised to a token-weighted "
@@ -144,8 +144,6 @@ class EngineOptions(ModelOptions, CorpusOptions):
     allow_model_mismatch: bool = Opt(False, group="model", help="use a heads.json made for another model fingerprint")()
 
     def check(self) -> None:
-        from air_ray.data.steps import check_rule
-
         super().check()
         check_rule(self.steps)
         if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
