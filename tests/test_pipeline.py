@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from air_ray.outputs import layout as schema
+from air_ray.store import schemas as schema
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +61,12 @@ def two_actor_run(tmp_path_factory, heads_file, corpus):
 
 def test_counts_reconcile_and_both_actors_work(two_actor_run, corpus):
     out, m = two_actor_run
-    c = m["counts"]
+    c = m.counts
     assert c["rows_read"] == corpus["rows_read"] == c["rows_scored"] + c["rows_rejected"]
     assert c["rows_scored"] == len(corpus["good"])
     assert set(c["rejected_by_reason"]) == corpus["rejects"]
-    assert len(m["per_actor_rows"]) == 2 and all(v > 0 for v in m["per_actor_rows"].values())
-    assert sum(m["per_actor_rows"].values()) == c["rows_scored"]
+    assert len(m.per_actor_rows) == 2 and all(v > 0 for v in m.per_actor_rows.values())
+    assert sum(m.per_actor_rows.values()) == c["rows_scored"]
     saved = json.loads((out / "_manifest.json").read_text())
     assert saved["counts"] == c and saved["model_fingerprint"] and saved["heads"]
 
@@ -84,7 +84,7 @@ def test_manifest_step_weight_statistics(two_actor_run):
     out, m = two_actor_run
     rows = _read_dir(out / "scores")
     shares = sorted(round(effective_token_share(r["step_token_counts"], r["step_weights"]), 3) for r in rows)
-    w = m["step_weights"]
+    w = m.step_weights
     assert w["rule"] == "bounded" and w["rows"] == len(rows) and w["rows_without_stats"] == 0
     q = w["effective_token_share"]
     assert q["min"] == shares[0]
@@ -104,7 +104,7 @@ def test_every_row_exactly_once(two_actor_run, corpus):
     ids = [r["id"] for r in scores]
     assert sorted(ids) == sorted(r["id"] for r in corpus["good"])
     assert len(ids) == len(set(ids))
-    assert len(rejected) == m["counts"]["rows_rejected"]
+    assert len(rejected) == m.counts["rows_rejected"]
     assert {r["line"] for r in rejected} == {2, 5, 6, 8}  # 1-based lines; blank lines 3 and 7 are not rows
     assert all(r["source"].endswith("a.jsonl") and r["reason"] and r["detail"] for r in rejected)
     # deterministic partition names: <stem>-<hash>-<chunk>
@@ -265,8 +265,8 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
         assert torch.get_num_threads() == 1  # the scorer's threads were this process's only while it scored
     finally:
         torch.set_num_threads(threads)
-    assert m["placement"]["executor"] == "in-process" and m["placement"]["torch_threads"] >= 1
-    assert "cluster_s" not in m["phases"] and m["counts"] == ray_m["counts"]
+    assert m.placement["executor"] == "in-process" and m.placement["torch_threads"] >= 1
+    assert "cluster_s" not in m.phases and m.counts == ray_m.counts
     assert sorted(p.name for p in (out / "scores").glob("*.parquet")) == \
         sorted(p.name for p in (ray_out / "scores").glob("*.parquet"))
     want = {r["id"]: r for r in _read_dir(ray_out / "scores")}
@@ -279,5 +279,5 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
     key = lambda r: (Path(r["source"]).name, r["line"], r["reason"])  # noqa: E731
     assert sorted(map(key, _read_dir(out / "rejected"))) == sorted(map(key, _read_dir(ray_out / "rejected")))
     again = run_score(cfg)
-    assert again["this_run"]["units_skipped"] == again["this_run"]["units"] == m["this_run"]["units"]
-    assert again["counts"] == m["counts"]
+    assert again.this_run["units_skipped"] == again.this_run["units"] == m.this_run["units"]
+    assert again.counts == m.counts

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from air_ray.outputs import layout as schema
+from air_ray.store import schemas as schema
 from air_ray.errors import AirRayError
 from air_ray.data.rows import RowPreparer, canonical_id
 from air_ray.outputs.training import (

@@ -212,7 +212,7 @@ def _score(cfg: ScoreConfig) -> int:
     from air_ray.pipeline.runner import run_score
 
     manifest = run_score(cfg)
-    rejected = manifest["counts"]["rows_rejected"]
+    rejected = manifest.counts["rows_rejected"]
     if cfg.strict and rejected:
         print(f"air-ray: {rejected:,} rows rejected (--strict); see {cfg.output}/rejected/", file=sys.stderr)
         return 1

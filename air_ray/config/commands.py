@@ -19,6 +19,8 @@ from air_ray.data.steps import RULES, THINK_TAGS, check_rule, parse_think_tags
 from air_ray.errors import AirRayError
 from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
+from air_ray.store.heads import Heads
+from air_ray.store.layout import CompareLayout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
@@ -29,7 +31,6 @@ SELECT_BY = ("score", "delta", "loss_base", "entropy_base", "n_response_tokens",
 BALANCE_BY = ("loss_base", "entropy_base", "n_response_tokens")
 EXPORT_STYLES = ("messages", "prompt-completion", "original")
 EXPORT_FORMATS = ("parquet", "jsonl")
-COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
 # The version of the numbers: bumped, with a line in CHANGELOG.md, only by a change that alters scores. The scoring
 # key hashes it (not the package version), so a release that leaves the numbers alone rescores nothing.
@@ -179,7 +180,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
             raise ValueError(f"scoring_key needs the dtype resolved on the scoring device, got {resolved!r}")
         doc = {
             "model_fingerprint": model_fingerprint,
-            "heads": sorted([int(l), int(h)] for l, h in heads),
+            "heads": Heads.of(heads).to_json(),
             "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
             "dtype": resolved, "max_tokens": self.max_tokens, "truncate": self.truncate,
             "backend": self.backend, **({"air_ray": legacy} if legacy else {"scoring_version": SCORING_VERSION}),
@@ -529,7 +530,7 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
 
     @property
     def out_dir(self) -> str:
-        return (self.output or f"{self.scores.rstrip('/')}/{COMPARE_DIR}").removeprefix("file://")
+        return (self.output or CompareLayout.default(self.scores)).removeprefix("file://")
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Scorer:
 
     def __init__(self, options: EngineOptions | str | None = None, heads=None, *, gpus: float = 0,
                  shard: bool = False, share_prefix: bool = True, **overrides):
-        from air_ray.heads.artifact import load_heads
+        from air_ray.store.heads import load_heads
 
         if isinstance(options, str):
             overrides["model"] = options

@@ -44,6 +44,7 @@ from air_ray.config.commands import CompareConfig, SelectConfig, TrainConfig
 from air_ray.errors import AirRayError
 from air_ray.fsio import local_fs, write_bytes_atomic, write_json_atomic
 from air_ray.outputs.stats import null_position
+from air_ray.store.layout import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, CompareLayout
 
 METRICS = (("loss", "held-out loss (nats/token)", True), ("accuracy", "exact match", False))  # lower is better?
 NULLS = ("random", "matched_random")
@@ -176,14 +177,13 @@ def _hash(doc: dict) -> str:
 
 
 def _scores_signature(scores: str) -> list:
-    from air_ray.outputs.layout import find_partitions
+    from air_ray.store.scores import open_scores
 
-    fs, files = find_partitions(scores, "compare")
-    return sorted((f, fs.size(f)) for f in files)
+    return open_scores(scores, "compare", columns=("id",)).signature()
 
 
 def _pool_ids(scores: str) -> set[str]:
-    from air_ray.outputs.layout import open_scores
+    from air_ray.store.scores import open_scores
 
     files = open_scores(scores, "compare", columns=("id",), require=("id",))
     return set(files.table(("id",)).column("id").to_pylist())
@@ -218,13 +218,13 @@ def _train_config(cfg: CompareConfig, run_dir: Path, selection: str, seed: int, 
                               save=False)).validate()
 
 
-def _select(cfg: CompareConfig, out: Path, run: Run) -> tuple[str, float | None]:
+def _select(cfg: CompareConfig, out: CompareLayout, run: Run) -> tuple[str, float | None]:
     """(the selection directory of ``run``, the selected rows' mean loss_base). Select is cheap, so it is made again
     on every invocation and always matches the scores."""
     from air_ray.outputs.select import select
 
     by, balance, scores, _ = STRATEGIES[run.strategy]
-    sel_dir = out / "selections" / run.selection_name
+    sel_dir = out.selection(run.selection_name)
     summary = select(SelectConfig(scores=cfg.placebo_scores if scores == "placebo" else cfg.scores,
                                   output=str(sel_dir), top_k=cfg.top_k, by=by, seed=run.index, balance=balance,
                                   balance_bins=cfg.balance_bins), quiet=True)
@@ -245,8 +245,8 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
 
     cfg = cfg.validate()
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = CompareLayout(cfg.out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
     opened = open_model(cfg)
     ref, tokenizer = opened.ref, opened.tokenizer
     render = RowPreparer.of(tokenizer, cfg).response_text
@@ -276,25 +276,25 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
             selections[r.selection_name] = _select(cfg, out, r)
 
     keys = run_keys(cfg, ref.fingerprint, runs, held_ids)
-    initial = _read_json(out / "runs" / "initial" / "result.json")
-    todo = [r for r in runs if (_read_json(out / "runs" / r.name / "result.json") or {}).get("key") != keys[r.name]]
+    initial = _read_json(out.result(out.INITIAL))
+    todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
     state0 = None
     if todo or (initial or {}).get("key") != keys["initial"]:
         t0 = time.perf_counter()
         first = selections[runs[0].selection_name][0]
-        _, _, model0 = load_trainable(_train_config(cfg, out / "runs" / "initial", first, 0, False))
+        _, _, model0 = load_trainable(_train_config(cfg, out.run(out.INITIAL), first, 0, False))
         state0 = {n: p.detach().float().cpu().clone() for n, p in model0.named_parameters()}
         if (initial or {}).get("key") != keys["initial"]:
             initial = {"key": keys["initial"], "strategy": "initial",
                        "eval": evaluate(model0, tokenizer, held_out, **eval_kw), "seconds": time.perf_counter() - t0}
-            write_json_atomic(local_fs(), str(out / "runs" / "initial" / "result.json"), initial)
+            write_json_atomic(local_fs(), str(out.result(out.INITIAL)), initial)
         del model0
     log(f"compare: initial model: {_figures(initial['eval'])}")
 
     results = []
     for i, r in enumerate(runs, 1):
-        run_dir = out / "runs" / r.name
-        done = _read_json(run_dir / "result.json")
+        run_dir = out.run(r.name)
+        done = _read_json(out.result(r.name))
         if done is not None and done.get("key") == keys[r.name]:
             log(f"compare: [{i}/{len(runs)}] {r.name}: done before ({_figures(done['eval'])})")
             results.append(done)
@@ -317,7 +317,7 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
             "eval": evaluate(model, tokenizer, held_out, **eval_kw),
             "seconds": time.perf_counter() - t0,
         }
-        write_json_atomic(local_fs(), str(run_dir / "result.json"), result)
+        write_json_atomic(local_fs(), str(out.result(r.name)), result)
         results.append(result)
         log(f"compare: [{i}/{len(runs)}] {r.name}: trained {result['train']['steps']} steps on "
             f"{result['train']['rows']} rows (train loss {result['train']['loss']:.4f}) in {t_train:.0f} s; "
@@ -338,11 +338,11 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     header, rows = table_rows(doc)
     doc["table"] = {"caption": caption(doc), "header": header, "rows": rows}  # what `air-ray report` shows
     md = markdown(doc)
-    write_bytes_atomic(local_fs(), str(out / "compare.md"), md.encode())
-    write_bytes_atomic(local_fs(), str(out / "compare.png"), plot(doc))
-    write_json_atomic(local_fs(), str(out / "compare.json"), doc)  # last: its presence means complete
+    write_bytes_atomic(local_fs(), str(out.file(COMPARE_MD)), md.encode())
+    write_bytes_atomic(local_fs(), str(out.file(COMPARE_PNG)), plot(doc))
+    write_json_atomic(local_fs(), str(out.file(COMPARE_JSON)), doc)  # last: its presence means complete
     log(md)
-    log(f"compare: wrote {out / 'compare.json'}, compare.md, compare.png in {doc['seconds']:.0f} s")
+    log(f"compare: wrote {out.file(COMPARE_JSON)}, {COMPARE_MD}, {COMPARE_PNG} in {doc['seconds']:.0f} s")
     return doc
 
 

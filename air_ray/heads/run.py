@@ -33,7 +33,7 @@ def detect_heads(cfg: HeadsConfig) -> dict:
     import os
     import socket
 
-    from air_ray.heads.artifact import heads_doc
+    from air_ray.store.heads import heads_doc
     from air_ray.heads.detect import detect
     from air_ray.models import resolve_device
 
@@ -62,18 +62,19 @@ def detect_heads(cfg: HeadsConfig) -> dict:
 def run_heads(cfg: HeadsConfig, detect=detect_heads) -> dict:
     """Detect (``detect(cfg)``: here, or through ``run_task`` on a Ray worker) and write heads.json + heads.png
     into ``cfg.output``; returns the document."""
-    from air_ray.heads.artifact import save_heads
+    from air_ray.store.heads import save_heads
+    from air_ray.store.layout import heads_png
 
     doc = detect(cfg)
     save_heads(cfg.output, doc)
-    print(f"[air-ray heads] wrote {cfg.output} and {cfg.output.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
+    print(f"[air-ray heads] wrote {cfg.output} and {heads_png(cfg.output)}", file=sys.stderr, flush=True)
     return doc
 
 
 def run_placebo(cfg: HeadsConfig) -> dict:
-    """``air-ray heads --placebo --from HEADS.json``: the placebo heads document (``artifact.placebo_doc``) written
-    into ``cfg.output`` (heads.png beside it); no model is loaded."""
-    from air_ray.heads.artifact import load_heads, placebo_doc, save_heads
+    """``air-ray heads --placebo --from HEADS.json``: the placebo heads document (``air_ray.store.heads.placebo_doc``)
+    written into ``cfg.output`` (heads.png beside it); no model is loaded."""
+    from air_ray.store.heads import load_heads, placebo_doc, save_heads
 
     doc = placebo_doc(load_heads(cfg.from_), cfg.seed, cfg.from_)
     save_heads(cfg.output, doc)

@@ -56,7 +56,8 @@ from typing import Iterable, Sequence
 
 from air_ray.config.commands import TrainConfig
 from air_ray.errors import AirRayError
-from air_ray.outputs.layout import open_scores, read_selection_ids
+from air_ray.store.layout import training_summary
+from air_ray.store.scores import open_scores, read_selection_ids
 
 IGNORE_INDEX = -100
 
@@ -173,14 +174,10 @@ class TrainingRows:
 
 def read_step_weights(scores_uri: str, ids: Iterable[str]) -> dict[str, tuple[list, list]]:
     """``{id: (step_spans, step_weights)}`` for the given ids, scanning the scores partitions with a filter."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
     columns = ("id", "step_spans", "step_weights")
-    wanted = pa.array(sorted(set(ids)), pa.string())
     scores = open_scores(scores_uri, "train", columns=columns, require=columns)
     out: dict[str, tuple[list, list]] = {}
-    for batch in scores.table(columns, filter=ds.field("id").isin(wanted)).to_batches():
+    for batch in scores.rows_of(ids, columns).to_batches():
         for rid, spans, weights in zip(*(batch.column(c).to_pylist() for c in ("id", "step_spans", "step_weights"))):
             item = (spans or [], weights or [])
             if rid in out and out[rid] != item:
@@ -492,7 +489,7 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     }
     if first:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "training_summary.json"), "w", encoding="utf-8") as f:
+        with open(training_summary(out), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)
             f.write("\n")
         log(f"train: {summary['global_step']} steps, loss {summary['train_loss']:.4f}; wrote {out}")

@@ -424,9 +424,10 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
     the caller (``scoring_dtype``; rescore names its version by it), else resolved here once the workers are
     placed."""
     from air_ray.data.corpus import expand_inputs
-    from air_ray.heads.artifact import load_heads
     from air_ray.models import open_model
-    from air_ray.outputs.layout import RunLayout
+    from air_ray.store.heads import load_heads
+    from air_ray.store.layout import RunLayout
+    from air_ray.store.records import CommitMarker, Manifest, UnitSummary
 
     cfg = cfg.replace()  # a copy: placement and the resolved dtype are filled in below, the caller's stays as given
     t0 = time.time()
@@ -481,7 +482,7 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
         duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg),
                                      local=in_process or total_bytes <= SMALL_CORPUS_BYTES)
         phases["ids_s"] = time.time() - t
-        committed = {u: m["key"] for u, m in markers.items()}
+        committed = {u: m.key for u, m in markers.items()}
         keys = UnitKeys(scoring_key, tuple(legacy_keys.values()), dtype)
         t = time.time()
         if in_process:
@@ -497,9 +498,9 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
                 if s["legacy"]:  # committed under a key of a release before SCORING_VERSION
                     legacy[s["legacy"]] += 1
                     if s["skipped"]:  # the same numbers: re-keyed, so later runs find it under the current key
-                        run.write_commit(s["unit"], s["key"], markers[s["unit"]]["summary"])
+                        run.write_commit(CommitMarker(s["unit"], s["key"], markers[s["unit"]].summary))
                 if s["skipped"]:  # committed earlier: its counts come from the marker
-                    s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
+                    s = dict(markers[s["unit"]].summary.to_json(), skipped=True, actor="(committed earlier)",
                              setup_s=s.get("setup_s", 0.0))
                 summaries.append(s)
                 if len(summaries) == 1:
@@ -532,14 +533,15 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dic
         print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of "
               f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): "
               f"{kept} recorded dtype {dtype}, this run's: kept{again}", flush=True)
+    manifest = Manifest.from_json(manifest)
     run.write_manifest(manifest)
-    c, r = manifest["counts"], manifest["this_run"]
+    c, r = manifest.counts, manifest.this_run
     resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
     print("[air-ray score] phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in phases.items()),
           flush=True)
     print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
           f"{c['rows_rejected']:,} rejected{resumed}; this run scored {r['rows_scored']:,} rows in {wall:,.1f}s "
-          f"({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
+          f"({manifest.tokens_per_s:,.0f} tok/s)", flush=True)
     return manifest
 
 

@@ -9,7 +9,7 @@
                                       (an actor: base + ablated model)
 
 Exactly once: a unit's files are written under hidden names and renamed into place, then its commit marker
-``_commits/<unit>.json`` (key + summary) is written last (``air_ray.outputs.layout``). A rerun skips a unit whose marker key still matches
+``_commits/<unit>.json`` (key + summary) is written last (``air_ray.store``). A rerun skips a unit whose marker key still matches
 (same scoring settings, same input records, same duplicate decisions) and counts it from the marker.
 
 Ray wiring lives in ``air_ray.pipeline.runner``; these classes run the same in a plain loop.
@@ -172,13 +172,9 @@ class PrepareStage(Stage):
 
     def _recorded_dtype(self, unit: str) -> str | None:
         """The dtype a unit's score partition records (None: no scored row, so no numbers to disagree)."""
-        from air_ray.outputs.layout import SCORES_DIR, RunLayout, read_metadata
+        from air_ray.store.layout import RunLayout
 
-        run = RunLayout(self.cfg.output)
-        path = run.partition(SCORES_DIR, unit)
-        if not run.fs.exists(path):
-            return None
-        return (read_metadata(run.fs, path) or {}).get("dtype")
+        return (RunLayout(self.cfg.output).unit_metadata(unit) or {}).get("dtype")
 
 
 class ScoreStage(Stage):
@@ -197,7 +193,7 @@ class ScoreStage(Stage):
 
     def setup(self) -> None:
         from air_ray.engine.scorer import Scorer
-        from air_ray.outputs.layout import RunLayout
+        from air_ray.store.layout import RunLayout
 
         t0 = time.time()
         gpus = self.cfg.gpus_per_worker or 0
@@ -212,7 +208,8 @@ class ScoreStage(Stage):
         self.setup_s = time.time() - t0  # reported with this actor's first summary
 
     def process(self, chunk: PreparedChunk) -> dict:
-        from air_ray.outputs.layout import REJECTED, REJECTED_DIR, SCORES, SCORES_DIR, to_table
+        from air_ray.store.layout import REJECTED_DIR, SCORES_DIR
+        from air_ray.store.schemas import REJECTED, SCORES, to_table
 
         t0 = time.time()
         if chunk.skipped:  # the driver takes its counts from the commit marker
@@ -233,7 +230,9 @@ class ScoreStage(Stage):
                               tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0,
                               weights=weight_stats(scored))
         summary["setup_s"], self.setup_s = self.setup_s, 0.0
-        self.run.write_commit(chunk.unit, chunk.key, summary)  # last: the unit is done
+        from air_ray.store.records import CommitMarker, UnitSummary
+
+        self.run.write_commit(CommitMarker(chunk.unit, chunk.key, UnitSummary.from_json(summary)))  # last: done
         return summary
 
     def teardown(self) -> None:

@@ -19,8 +19,6 @@ remove torchvision, torchaudio and torchcodec, whose CPU builds break its import
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -33,14 +31,10 @@ from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.errors import AirRayError
 from air_ray.models.load import weights_dir
 from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint
+from air_ray.store.heads import Heads
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def heads_hash(heads: Sequence[Sequence[int]]) -> str:
-    doc = sorted([int(l), int(h)] for l, h in heads)
-    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:12]
 
 
 def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "float32", *,
@@ -62,9 +56,9 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
             if (ref.path / name).exists():
                 shutil.copy(ref.path / name, tmp / name)
 
-    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads_hash(heads)}-{dtype}"
-    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": sorted([int(l), int(h)] for l, h in heads),
-              "dtype": dtype}
+    heads = Heads.of(heads)
+    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads.digest}-{dtype}"
+    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": heads.to_json(), "dtype": dtype}
     return cached_checkpoint(target, marker, build)
 
 
