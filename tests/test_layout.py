@@ -25,11 +25,13 @@ ALLOWED = {
     "engine": {"errors", "config", "influence", "data", "models", "store"},
     "heads": {"errors", "fsio", "config", "models", "engine", "store"},
     "outputs": {"errors", "fsio", "config", "influence", "data", "models", "store"},
-    "pipeline": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs", "store"},
-    "evaluation": {"errors", "fsio", "config", "data", "models", "outputs", "store"},  # never engine: students are
+    "training": {"errors", "influence", "data", "models", "store", "config", "outputs"},
+    "pipeline": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs", "store",
+                 "training"},
+    "evaluation": {"errors", "fsio", "config", "data", "models", "outputs", "store", "training"},  # never engine: students are
     # evaluated independently of the scorer
     "cli": {"errors", "fsio", "config", "influence", "data", "models", "engine", "heads", "outputs", "pipeline",
-            "evaluation", "store"},
+            "evaluation", "store", "training"},
     "__init__": {"errors", "engine"},
     "__main__": {"cli"},
 }

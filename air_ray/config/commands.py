@@ -401,7 +401,7 @@ class ReportConfig(CorpusOptions):
 
 @dataclass
 class TrainingOptions(Options):
-    """How a student is fine-tuned (``air_ray.outputs.training``): shared by ``train`` and ``compare``."""
+    """How a student is fine-tuned (``air_ray.training``): shared by ``train`` and ``compare``."""
 
     option_group = "training"
 
@@ -426,7 +426,7 @@ class TrainingOptions(Options):
 
 @dataclass
 class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
-    """Step-weighted fine-tuning on a selection (``air_ray.outputs.training``)."""
+    """Step-weighted fine-tuning on a selection (``air_ray.training``)."""
 
     command = "train"
     dtype: str = DTYPE(default="float32", help="weights dtype (float32; --bf16 for mixed precision on GPUs)")

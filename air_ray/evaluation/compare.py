@@ -9,7 +9,7 @@ From one scoring run (``--scores``, the pool ``--input``):
    ``matched_random`` (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's difficulty).
    Every selection must hold exactly ``top_k`` rows;
 2. **train** a student on each from the same initial weights with the same hyperparameters through
-   ``air_ray.outputs.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
+   ``air_ray.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
    ``score_weighted`` (the score selection with its step weights). A deterministic strategy trains once per training
    seed ``0..seeds-1``; random subset ``j`` is one student (selection seed ``j``, training seed ``j mod seeds``);
 3. **evaluate** every student on the held-out rows (``--eval-input``, none of them in the pool) with
@@ -241,7 +241,7 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     from air_ray.data.rows import FieldMap, RowPreparer
     from air_ray.evaluation.students import evaluate, read_held_out
     from air_ray.models import open_model
-    from air_ray.outputs.training import load_trainable, train_weighted_sft
+    from air_ray.training import load_trainable, train_weighted_sft
 
     cfg = cfg.validate()
     t_start = time.perf_counter()

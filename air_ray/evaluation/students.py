@@ -94,20 +94,16 @@ def predicted_answer(text: str) -> str | None:
 def read_held_out(corpus, fields, render, limit: int | None = None) -> tuple[list[HeldOutRow], dict]:
     """The held-out rows (in file order, the first ``limit``; ``corpus`` as ``load_training_rows`` takes it) and a
     count of what was read and left out (a row that does not parse is left out and counted, never silently)."""
-    from air_ray.data.shapes import RowError, parse_row
-    from air_ray.outputs.training import corpus_rows
+    from air_ray.data.lookup import read_blocks
 
     rows: list[HeldOutRow] = []
     counts = {"rows_read": 0, "rows_unparsable": 0, "rows_duplicate_id": 0}
     seen: set[str] = set()
-    for parsed, row in corpus_rows(corpus):
+    convs = (c for block in read_blocks(corpus, fields) for c in _readable(block))
+    for conv in convs:
         if limit is not None and len(rows) >= limit:
             break
         counts["rows_read"] += 1
-        try:
-            conv = parse_row(row, fields) if parsed and row is not None else None
-        except (RowError, RecursionError):
-            conv = None
         if conv is None:
             counts["rows_unparsable"] += 1
         elif conv.id in seen:
@@ -120,6 +116,13 @@ def read_held_out(corpus, fields, render, limit: int | None = None) -> tuple[lis
         raise AirRayError(f"no usable held-out rows in {corpus} ({counts})")
     counts["rows_used"] = len(rows)
     return rows, counts
+
+
+def _readable(block):
+    """A block's conversations; a file that cannot be read is an error, not a shorter held-out set."""
+    if block.error:
+        raise AirRayError(f"corpus {block.source} cannot be read: {block.error}")
+    return block.convs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "ch
     import torch
     import torch.nn.functional as F
 
-    from air_ray.outputs.training import pad_token_id
+    from air_ray.training import pad_token_id
 
     device = next(model.parameters()).device
     seqs = sorted((_sequence(tokenizer, r, format, add_eos, max_length) for r in rows), key=lambda s: len(s[0]))
@@ -187,7 +190,7 @@ def exact_match(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat
     first few generations are kept in the result as examples."""
     import torch
 
-    from air_ray.outputs.training import pad_token_id
+    from air_ray.training import pad_token_id
 
     device = next(model.parameters()).device
     checkable = [r for r in rows if r.answer is not None]

@@ -38,7 +38,6 @@ reading stops once every selected id is found.
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pyarrow as pa
 
@@ -56,7 +55,7 @@ _OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user"
 
 def export(cfg: ExportConfig) -> dict:
     """Write the export (see the module doc); returns the summary written to ``.export.json``."""
-    from air_ray.data.corpus import expand_inputs
+    from air_ray.data.lookup import Lookup
     from air_ray.data.shapes import FieldMap
 
     cfg = cfg.validate()
@@ -67,34 +66,18 @@ def export(cfg: ExportConfig) -> dict:
     out = ExportLayout(cfg.output)
     writer = _Files(out, cfg.output_format, cfg.rows_per_file,
                     AIR_COLUMNS if cfg.style == "original" else EXPORT_COLUMNS)
-    fields = FieldMap.of(cfg)
-    found: set[str] = set()
-    counts: Counter = Counter()
+    # the scorer kept the first record of an id: later ones, and records that are no row, were never selected
+    lookup = Lookup({i for i in ranks if i in steps}, FieldMap.of(cfg),
+                    arrow=cfg.style == "original" and cfg.output_format == "parquet")
+    found = lookup.found
     unreadable: list[dict] = []
     try:
-        for source in expand_inputs(cfg.input):
-            arrow = cfg.style == "original" and cfg.output_format == "parquet"
-            for texts, batch, error in _records(source, arrow):
-                picked = []
-                for i, text in enumerate(texts):
-                    counts["corpus_rows_read"] += 1
-                    conv = _parse(text, fields)
-                    if conv is None:
-                        counts["corpus_rows_not_scorable"] += 1  # the scorer rejected it: never selected
-                    elif conv.id in ranks and conv.id in steps:
-                        if conv.id in found:
-                            counts["corpus_rows_later_duplicates"] += 1  # the scorer kept the first
-                        else:
-                            found.add(conv.id)
-                            picked.append((i, text, conv))
-                for item in rows.build(picked, batch, steps, ranks):
-                    writer.add(item)
-                if error:
-                    unreadable.append({"source": source, "error": error})
-                if len(found) == len(ranks):
-                    break
-            if len(found) == len(ranks):
-                break
+        for block, matches in lookup.blocks(cfg.input):
+            picked = [(m.index, m.text, m.conv) for m in matches if m.first]
+            for item in rows.build(picked, block.batch, steps, ranks):
+                writer.add(item)
+            if block.error:
+                unreadable.append({"source": block.source, "error": block.error})
         missing = [i for i in ranks if i not in found]
         if missing:
             why = (f"{len(missing)} of {len(ranks)} selected ids are not in the "
@@ -116,9 +99,8 @@ def export(cfg: ExportConfig) -> dict:
     summary = {"rows": len(found), "selected": len(ranks), "style": cfg.style, "format": "chat" if chat else "raw",
                "output_format": cfg.output_format, "inline_reasoning": cfg.inline_reasoning,
                "files": [with_protocol(out.fs, f) for f in files], "file_rows": file_rows,
-               "corpus_rows_read": counts["corpus_rows_read"],
-               "corpus_rows_not_scorable": counts["corpus_rows_not_scorable"],
-               "corpus_rows_later_duplicates": counts["corpus_rows_later_duplicates"],
+               "corpus_rows_read": lookup.read, "corpus_rows_not_scorable": lookup.not_scorable,
+               "corpus_rows_later_duplicates": lookup.later_duplicates,
                "unreadable_files": unreadable, "schema": schema,
                "llamafactory": {"dataset_dir": cfg.output, "dataset": LLAMAFACTORY_NAME} if entry else None,
                "config": cfg.__dict__}
@@ -137,32 +119,6 @@ def _scored(scores_uri: str, ids: set[str]) -> tuple[dict[str, dict], dict | Non
     for row in scores.rows_of(ids, columns).to_pylist():
         out.setdefault(row["id"], row)
     return out, scores.metadata()
-
-
-def _records(source: str, arrow: bool):
-    """(raw records, the Arrow batch they are (``arrow`` and a Parquet/Arrow source) or None, the file's error
-    or None) of one corpus file, block by block, in the scorer's order. A file that cannot be read (or breaks off)
-    gives its records so far, then its error, as the scorer read it."""
-    from air_ray.data.corpus import is_arrow_file, read_chunks, record_batches, record_text
-
-    if arrow and is_arrow_file(source):
-        try:
-            for batch in record_batches(source):
-                yield [record_text(r) for r in batch.to_pylist()], batch, None
-        except Exception as e:
-            yield [], None, f"{type(e).__name__}: {e}"[:500]
-        return
-    for chunk in read_chunks(source, 1024):
-        yield chunk.texts, None, chunk.file_error
-
-
-def _parse(text, fields):
-    from air_ray.data.shapes import RowError, load_record, parse_row
-
-    try:
-        return parse_row(load_record(text), fields)
-    except (RowError, RecursionError):
-        return None
 
 
 def scored_text(options, meta: dict | None, need_model: bool = True):

@@ -11,9 +11,9 @@ Memory and reads
   16 bytes a row) and the best / worst ``K`` rows as small Arrow tables, reduced after every batch with
   ``pyarrow.compute.select_k_unstable`` (score, then id ascending): no full sort, no Python object per row.
 * Pass 2 reads the remaining columns of those ``2K`` rows only (a pushed-down ``id`` filter).
-* The scores do not hold the text: each shown row's ``source`` file is streamed with
-  ``air_ray.data.corpus.read_chunks`` and its records parsed with ``air_ray.data.rows.split_row`` (which gives the id a
-  row was scored under, explicit or canonical) until every wanted id of that file is found. Only the sources
+* The scores do not hold the text: each shown row's ``source`` file is read back with ``air_ray.data.lookup.Lookup``
+  (the id a row was scored under, explicit or canonical; the first record of an id, as the scorer kept it) until
+  every wanted id of that file is found. Only the sources
   of the shown rows are read. A row whose text is not found is shown with its steps and no text, saying why.
 
 Everything taken from the data (responses, prompts, ids, domains, URIs) is HTML-escaped; the page loads
@@ -169,32 +169,22 @@ def find_texts(wanted: dict[str, set[str]], fields=None, render=None
 
     Each source is streamed once and read only until all its wanted ids are found. ``fields``: the field map
     used for scoring; ``render``: conversation -> the scored response text (default: the think tags)."""
-    from air_ray.data.corpus import read_chunks
-    from air_ray.data.rows import FieldMap, RowError, parse_row, render_response
+    from air_ray.data.lookup import Lookup
+    from air_ray.data.rows import FieldMap, render_response
 
     fields, render = fields or FieldMap(), render or render_response
 
     found: dict = {}
     problems: dict = {}
     for source, ids in wanted.items():
-        left = set(ids)
+        lookup = Lookup(set(ids), fields, expand=False)  # the source as the scores name it
         error = None
-        for chunk in read_chunks(source, 1024):
-            for text in chunk.texts:
-                if text is None:
-                    continue
-                try:
-                    conv = parse_row(json.loads(text), fields)
-                except (json.JSONDecodeError, RowError, RecursionError):
-                    continue
-                if conv.id in left:
-                    left.discard(conv.id)
-                    found[(source, conv.id)] = {"prompt": conv.prompt, "response": render(conv)}
-            if chunk.file_error:
-                error = chunk.file_error
-            if not left:
-                break
-        if left:
+        for block, matches in lookup.blocks([source]):
+            for m in matches:
+                if m.first:
+                    found[(source, m.conv.id)] = {"prompt": m.conv.prompt, "response": render(m.conv)}
+            error = block.error or error
+        if not lookup.done:
             problems[source] = (f"the source file cannot be read ({error})" if error
                                 else "no row with this id in the source file")
     return found, problems

@@ -276,7 +276,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from air_ray.outputs.training import train_weighted_sft
+    from air_ray.training import train_weighted_sft
 
     torch.set_num_threads(config["threads"])
     first = ray.train.get_context().get_world_rank() == 0
