@@ -175,7 +175,7 @@ def shapes_run(tmp_path_factory, tiny_model):
 
     from air_ray.config import ScoreConfig, SelectConfig
     from air_ray.outputs.select import select
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     model_dir, heads = tiny_model
     d = tmp_path_factory.mktemp("shapes")

@@ -114,7 +114,7 @@ def scored(answer: str, reasoning: str | None) -> str:
 def score_and_select(model, corpus, out: Path, top_frac=1.0, **kw):
     from air_ray.config import ScoreConfig, SelectConfig
     from air_ray.outputs.select import select
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     model_dir, heads = model
     manifest = run_score(ScoreConfig(input=[str(c) for c in corpus], output=str(out), model=str(model_dir),

@@ -52,7 +52,7 @@ def _score_cfg(heads_file, inputs, output, **kw):
 
 @pytest.fixture(scope="module")
 def two_actor_run(tmp_path_factory, heads_file, corpus):
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     out = tmp_path_factory.mktemp("run2")
     manifest = run_score(_score_cfg(heads_file, [corpus["dir"]], out, workers=2, cpus_per_worker=1))
@@ -176,7 +176,7 @@ def test_select_on_pipeline_output(two_actor_run, tmp_path):
 
 def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_path):
     """Deterministic partition names: a second run into the same output leaves the same files."""
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     out, _ = two_actor_run
     copy = tmp_path / "copy"
@@ -251,7 +251,7 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
     """``--executor in-process`` (issue #18: no Ray start-up for a small run) runs the same stages in this process:
     the same partitions, rows, rejected rows and counts as the Ray pipeline, the same scores (the Ray run's actors
     had 1 torch thread, this one 2: float32 sums differ in the last bits); a rerun resumes from the commit markers."""
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     ray_out, ray_m = two_actor_run
     out = tmp_path / "in-process"

@@ -151,7 +151,7 @@ def _score_cfg(s: dict, output: Path, cls=ScoreConfig, **kw) -> ScoreConfig:
 
 @pytest.mark.slow
 def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_numbers):
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     s = setting
     out = s["tmp"] / "run"

@@ -209,7 +209,7 @@ def _heads(cfg: HeadsConfig) -> int:
 
 
 def _score(cfg: ScoreConfig) -> int:
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     manifest = run_score(cfg)
     rejected = manifest.counts["rows_rejected"]

@@ -21,7 +21,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from air_ray.models import prepare_model
     from air_ray.outputs.report import write_report
     from air_ray.outputs.select import select
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
     from air_ray.store.layout import DemoLayout
     from air_ray.store.schemas import SCORES
     from air_ray.store.scores import open_scores

@@ -160,7 +160,8 @@ def run_rescore(cfg: RescoreConfig) -> dict:
     from air_ray.models import open_model
     from air_ray.outputs.select import select
     from air_ray.store.lease import Lease
-    from air_ray.pipeline.runner import run_score, scoring_dtype
+    from air_ray.pipeline.runner import scoring_dtype
+    from air_ray.pipeline.score import run_score
 
     cfg = cfg.validate()
     out = RunLayout(cfg.output)
