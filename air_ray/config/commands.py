@@ -29,6 +29,9 @@ BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses
 SELECT_BY = ("score", "delta", "loss_base", "entropy_base", "n_response_tokens", "random")
 # select --balance: the column whose pool quantile bins each get their share of the selection
 BALANCE_BY = ("loss_base", "entropy_base", "n_response_tokens")
+# --batch-tokens when not given, by device: on the CPU smaller blocks per layer run faster (bench/RESULTS.md, run I);
+# on a GPU larger batches fill the device
+BATCH_TOKENS = {"cpu": 4096, "gpu": 8192}
 EXPORT_STYLES = ("messages", "prompt-completion", "original")
 EXPORT_FORMATS = ("parquet", "jsonl")
 
@@ -134,8 +137,8 @@ class EngineOptions(ModelOptions, CorpusOptions):
     backend: str = Opt("hf", choices=BACKENDS,
                        help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
     batch_tokens: int | None = Opt(None, group="placement",
-                                   help="token budget of one model batch (default: 4096 on CPU, where smaller "
-                                        "working sets run faster, 8192 on GPU)")()
+                                   help=f"token budget of one model batch (hf; default: {BATCH_TOKENS['cpu']} on CPU, "
+                                        f"{BATCH_TOKENS['gpu']} on GPU)")()
     max_tokens: int | None = Opt(8192, help="longer rows are rejected (or cut with --truncate)")()
     truncate: bool = Opt(False, help="cut a response that does not fit --max-tokens (column truncated=true) "
                                      "instead of rejecting the row")()

@@ -33,11 +33,13 @@ class Scorer:
     ``options``: an ``EngineOptions`` (a ``ScoreConfig`` is one), or the model spec as a string; keyword
     arguments set options by name (``Scorer(model=..., heads=..., dtype="float32")``). ``heads`` may also be a
     loaded heads document or a list of (layer, head). Placement, not options: ``gpus`` (GPUs this process
-    holds), ``shard`` (hf: spread over every visible GPU), ``share_prefix`` (hf: False = two full passes).
+    holds; vllm: tensor parallel over them), ``threads`` (CPU threads the backend runs on; None: as the process
+    has them), and the hf backend's own ``shard`` (spread over every visible GPU) and ``share_prefix`` (False = two
+    full passes).
     """
 
     def __init__(self, options: EngineOptions | str | None = None, heads=None, *, gpus: float = 0,
-                 shard: bool = False, share_prefix: bool = True, **overrides):
+                 threads: int | None = None, shard: bool = False, share_prefix: bool = True, **overrides):
         from air_ray.store.heads import load_heads
 
         if isinstance(options, str):
@@ -69,7 +71,7 @@ class Scorer:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.backend: Backend | None = open_backend(opts.backend, BackendSpec(
             ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
-            pad_id=pad_id, gpus=gpus, shard=shard, share_prefix=share_prefix))
+            pad_id=pad_id, gpus=gpus, threads=threads), shard=shard, share_prefix=share_prefix)
         self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
 
     # -- lifetime ---------------------------------------------------------------------------------

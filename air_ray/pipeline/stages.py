@@ -197,7 +197,6 @@ class ScoreStage(Stage):
         self.heads_doc = heads_doc
         self.scorer = None
         self.run = None
-        self.threads_before = None
 
     @property
     def resources(self) -> dict:
@@ -209,12 +208,9 @@ class ScoreStage(Stage):
 
         t0 = time.time()
         gpus = self.cfg.gpus_per_worker or 0
-        if self.cfg.cpus_per_worker:  # as many torch threads as the actor has CPUs (given back in teardown)
-            import torch
-
-            self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_worker)))
-        self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
+        # as many threads as the worker has CPUs (the backend gives them back when it closes)
+        threads = max(1, int(self.cfg.cpus_per_worker)) if self.cfg.cpus_per_worker else None
+        self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, threads=threads, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
         self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
         self.name = worker_name()
@@ -254,13 +250,8 @@ class ScoreStage(Stage):
 
     def teardown(self) -> None:
         if self.scorer is not None:
-            self.scorer.close()
+            self.scorer.close()  # in the caller's process (--executor in-process) torch's threads as they were
             self.scorer = None
-        if self.threads_before:  # run in the caller's process (--executor in-process): leave torch as it was
-            import torch
-
-            torch.set_num_threads(self.threads_before)
-            self.threads_before = None
 
 
 def _stated_id(row, fields: FieldMap) -> str | None:
