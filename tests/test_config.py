@@ -15,9 +15,12 @@ import pytest
 import yaml
 
 from air_ray import cli
-from air_ray.config import COMMANDS, EngineOptions, RescoreConfig, ScoreConfig
+from air_ray.cli import SUBCOMMANDS
+from air_ray.config import EngineOptions, RescoreConfig, ScoreConfig
 from air_ray.config.options import flag, kind_of, opt_of
 from air_ray.errors import AirRayError
+
+COMMANDS = {name: command.config for name, command in SUBCOMMANDS.items()}  # subcommand -> its config class
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,14 +7,14 @@ of the data contract). Never torch, Ray or the CLI.
 """
 
 from air_ray.config.commands import (
-    BACKENDS, COMMANDS, DTYPES, EXPORT_STYLES, FORMATS, SELECT_BY, CompareConfig, CorpusOptions, DemoConfig,
+    BACKENDS, DTYPES, EXPORT_STYLES, FORMATS, SELECT_BY, CompareConfig, CorpusOptions, DemoConfig,
     EngineOptions, ExportConfig, FetchConfig, HeadsConfig,
     ModelOptions, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig, TrainConfig,
 )
 from air_ray.config.options import Opt, Options
 
 __all__ = [
-    "BACKENDS", "COMMANDS", "DTYPES", "EXPORT_STYLES", "FORMATS", "SELECT_BY", "CompareConfig", "CorpusOptions",
+    "BACKENDS", "DTYPES", "EXPORT_STYLES", "FORMATS", "SELECT_BY", "CompareConfig", "CorpusOptions",
     "DemoConfig",
     "EngineOptions", "ExportConfig", "FetchConfig",
     "HeadsConfig", "ModelOptions", "Opt", "Options", "ReportConfig", "RescoreConfig", "ScoreConfig",

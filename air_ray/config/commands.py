@@ -577,11 +577,3 @@ class DemoConfig(Options):
     num_probes: int = NUM_PROBES(default=12)
     probe_tokens: int = PROBE_TOKENS()
     progress: bool = PROGRESS()
-
-
-# subcommand -> its config class (``air-ray model fetch`` is "model fetch")
-COMMANDS: dict[str, type[Options]] = {
-    "model fetch": FetchConfig, "heads": HeadsConfig, "score": ScoreConfig, "select": SelectConfig,
-    "rescore": RescoreConfig, "report": ReportConfig, "export": ExportConfig, "train": TrainConfig,
-    "compare": CompareConfig, "demo": DemoConfig,
-}
