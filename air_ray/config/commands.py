@@ -57,6 +57,8 @@ INPUT = Opt(factory=list, metavar="URI", group="input",
 OUTPUT = Opt(None, group="output", help="where this command writes")
 SCORES = Opt(None, metavar="URI", group="input", help="output of `air-ray score` (or a directory of score partitions)")
 HEADS = Opt("heads.json", group="scoring", help="heads.json of `air-ray heads`")
+PLACEBO_SCORES = Opt(None, metavar="URI", group="input",
+                     help="the same pool scored with placebo heads (air-ray heads --placebo)")
 FORMAT = Opt(FORMATS[0], choices=FORMATS,
              help="chat: the prompt through the tokenizer's chat template; raw: plain text")
 SEED = Opt(0, help="random seed")
@@ -110,6 +112,13 @@ class CorpusOptions(Options):
     def check(self) -> None:
         super().check()
         parse_think_tags(self.think_tags)
+
+
+@dataclass
+class RunOptions(Options):
+    """The scoring run a command reads (``air-ray score``'s output)."""
+
+    scores: str = SCORES(required=True)
 
 
 @dataclass
@@ -303,12 +312,11 @@ class ScoreConfig(EngineOptions):
 
 
 @dataclass
-class SelectConfig(Options):
+class SelectConfig(RunOptions):
     """Options of ``air-ray select``; exactly one of ``top_k`` / ``top_frac``."""
 
     command = "select"
     option_group = "selection"
-    scores: str = SCORES(required=True)
     output: str = OUTPUT(required=True, metavar="URI",
                          help="selection directory: selection.parquet, selection.json, score_hist.png")
     top_k: int | None = Opt(None, help="rows to select")()
@@ -388,18 +396,19 @@ class RescoreConfig(ScoreConfig):
 
 
 @dataclass
-class ReportConfig(CorpusOptions):
+class ReportConfig(RunOptions, CorpusOptions):
+    """``air-ray report``: one HTML page of a scoring run (``air_ray.outputs.report``); the field flags and think
+    tags used for scoring show each row's scored text."""
+
     command = "report"
     option_group = "output"
-    scores: str = SCORES(required=True)
     heads: str | None = HEADS(default=None, help="heads.json (heatmap and critical heads)")
     output: str = OUTPUT(required=True, help="local directory for index.html and its images")
     selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection or "
                                            "<scores>/../selection when there)")()
     compare: str | None = Opt(None, help="output of `air-ray compare` (default: <scores>/compare when there)")()
-    placebo_scores: str | None = Opt(None, metavar="URI",
-                                     help="the same corpus scored with placebo heads (air-ray heads --placebo): "
-                                          "the report shows how much of the ranking they share")()
+    placebo_scores: str | None = PLACEBO_SCORES(group="output", help=PLACEBO_SCORES.help + ": the report shows how "
+                                                                     "much of the ranking they share")
 
 
 @dataclass
@@ -472,7 +481,7 @@ COMPARE_STRATEGIES = ("score", "score_balanced", "delta", "delta_balanced", "pla
 
 
 @dataclass
-class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
+class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
     """``air-ray compare``: equal-size selections by several strategies from one scoring run, one student
     fine-tuned on each (same initial weights and hyperparameters), every student evaluated on held-out rows, each
     strategy placed in the null of many random subsets (``air_ray.evaluation``)."""
@@ -480,7 +489,6 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
     command = "compare"
     option_group = "evaluation"
     dtype: str = DTYPE(default="float32", help="the student's weights dtype (float32; --bf16 for mixed precision)")
-    scores: str = SCORES(required=True)
     input: list[str] = INPUT(required=True, help="the corpus that was scored (the pool the selections come from)")
     eval_input: list[str] = INPUT(required=True, group="evaluation",
                                   help="held-out rows the students are evaluated on (none may be in the pool)")
@@ -491,9 +499,7 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
                                 help="the selections compared: deterministic ones train once per --seeds; random and "
                                      "matched_random are the nulls (--random-subsets students each); placebo needs "
                                      "--placebo-scores and is left out of the default without it")()
-    placebo_scores: str | None = Opt(None, metavar="URI", group="input",
-                                     help="the pool scored with placebo heads (air-ray heads --placebo): the placebo "
-                                          "strategy selects from it")()
+    placebo_scores: str | None = PLACEBO_SCORES(help=PLACEBO_SCORES.help + ": the placebo strategy selects from it")
     random_subsets: int = Opt(10, group="selection",
                               help="random subsets, one student each: the null every strategy is placed in")()
     matched_subsets: int | None = Opt(None, group="selection",
@@ -537,12 +543,11 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
 
 
 @dataclass
-class ExportConfig(CorpusOptions):
+class ExportConfig(RunOptions, CorpusOptions):
     """``air-ray export``: the selected rows as a training-ready dataset (``air_ray.outputs.export``)."""
 
     command = "export"
     option_group = "output"
-    scores: str = SCORES(required=True)
     selection: str | None = Opt(None, group="input", help="output of `air-ray select` (default: <scores>/selection)")()
     input: list[str] = INPUT(required=True, help="the corpus that was scored")
     output: str = OUTPUT(required=True, metavar="URI", help="directory of the export: data/ (the rows), "

@@ -20,12 +20,6 @@ from air_ray.influence import all_finite, copy_mask, influence
 from air_ray.models.load import resolve_device, resolve_dtype
 from air_ray.models.open import open_model
 
-SCORE_COLUMNS = (
-    "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
-    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base", "step_kinds",
-    "n_copy_tokens", "delta_copy",
-)
-
 
 class Scorer:
     """``Scorer(options).score(rows) -> list[dict]`` — see the README for the row and output forms.

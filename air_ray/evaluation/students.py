@@ -151,6 +151,14 @@ def _sequence(tokenizer, row: HeldOutRow, format: str, add_eos: bool, max_length
 # the two measures
 
 
+def _by_length(items: list[tuple], batch_size: int):
+    """``(token ids, ...)`` items sorted by length, in batches: ``(batch, its longest length)``."""
+    items = sorted(items, key=lambda x: len(x[0]))
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        yield chunk, max(len(x[0]) for x in chunk)
+
+
 def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat", add_eos: bool = True,
                   max_length: int = 1024, batch_size: int = 16) -> dict:
     """Mean response loss in nats per token (every response token of every row, see the module doc)."""
@@ -160,13 +168,11 @@ def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "ch
     from air_ray.training import pad_token_id
 
     device = next(model.parameters()).device
-    seqs = sorted((_sequence(tokenizer, r, format, add_eos, max_length) for r in rows), key=lambda s: len(s[0]))
+    seqs = [_sequence(tokenizer, r, format, add_eos, max_length) for r in rows]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            n = max(len(ids) for ids, _ in chunk)
+        for chunk, n in _by_length(seqs, batch_size):
             ids = torch.full((len(chunk), n), pad_token_id(tokenizer), dtype=torch.long)  # [batch, pos]
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             labels = torch.full((len(chunk), n), IGNORE_INDEX, dtype=torch.long)  # [batch, pos]
@@ -196,14 +202,12 @@ def exact_match(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat
     checkable = [r for r in rows if r.answer is not None]
     if not checkable or max_new_tokens == 0:
         return {"accuracy": None, "n_checkable": len(checkable), "n_correct": 0, "examples": []}
-    prompts = sorted(((prompt_ids(tokenizer, r.prompt, format), r) for r in checkable), key=lambda x: len(x[0]))
+    prompts = [(prompt_ids(tokenizer, r.prompt, format), r) for r in checkable]
     pad = pad_token_id(tokenizer)
     correct, examples = 0, []
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            n = max(len(p) for p, _ in chunk)
+        for chunk, n in _by_length(prompts, batch_size):
             ids = torch.full((len(chunk), n), pad, dtype=torch.long)  # [batch, pos], padded on the left
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             for b, (p, _) in enumerate(chunk):

@@ -61,8 +61,7 @@ Two streaming passes over record batches, reading only the needed columns (never
 
 The last step sorts the kept rows (at most ``sum k``) by (score desc, id asc) and numbers them.
 Both passes must read exactly the rows the footers announce; otherwise the scores changed under us (AirRayError).
-Measured (``bench/select_memory.py``, 2 cores): 10 M rows in 100 partitions, ``top_frac=0.1`` -> 8-13 s and
-0.42-0.51 GB peak RSS, against 143-155 s and 16 GB for ``pandas.read_parquet`` + ``sort_values``.
+Time and memory against a pandas sort: ``bench/select_memory.py`` (README, bench/RESULTS.md).
 """
 
 from __future__ import annotations
