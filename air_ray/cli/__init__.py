@@ -3,7 +3,8 @@
 Every subcommand takes its options as flags, or from ``--config FILE.yaml`` whose keys are the long option
 names (flags given on the command line win). Values from either go through the same checks
 (``Options.validate``) before any model loads or Ray starts. User errors print one line and exit 2
-(``--debug`` shows the traceback); jobs/ entrypoints call ``main([subcommand, *argv])``.
+(``--debug`` shows the traceback); jobs/ entrypoints call ``main([subcommand, *argv])``. ``SUBCOMMANDS`` is the one
+table of subcommands (config class, function, help, whether it drives Ray).
 
 May import: every part (it parses, then calls one function of one part).
 """
@@ -16,13 +17,13 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from air_ray import __version__
 from air_ray.config.commands import (
     SCORING_VERSION, CompareConfig, DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig,
     ScoreConfig, SelectConfig, TrainConfig,
 )
 from air_ray.config.options import GROUPS, Options, flag, group_of, kind_of, opt_of, optional, warn
 from air_ray.errors import AirRayError
+from air_ray.version import __version__
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (through main), instead of usage + message

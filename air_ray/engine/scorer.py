@@ -136,7 +136,7 @@ class Scorer:
 
     def describe(self) -> dict:
         """What produced these scores: recorded in every artifact."""
-        import air_ray
+        from air_ray.version import __version__
 
         o = self.options
         return {
@@ -153,6 +153,6 @@ class Scorer:
             "step_weight_max": o.step_weight_max,
             "step_temperature": o.step_temperature,
             "base_loss_floor": o.base_loss_floor,
-            "version": air_ray.__version__,
+            "version": __version__,
             "scoring_version": SCORING_VERSION,
         }

@@ -151,13 +151,13 @@ def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids
     """``{run name: key}``: a hash of everything that determines one run's result: the model, the scores it selects
     from, the training and evaluation options, the strategy, its selection and training seeds and the held-out
     rows (``initial``: the initial model's evaluation)."""
-    import air_ray
+    from air_ray.version import __version__
 
     doc = {name: getattr(cfg, name) for name in
            ("dtype", "format", "max_steps", "lr", "batch_size", "max_length", "grad_accum", "bf16", "add_eos",
             "top_k", "max_new_tokens", "think_tags", "prompt_field", "response_field", "reasoning_field",
             "messages_field", "id_field", "domain_field")}
-    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=air_ray.__version__,
+    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=__version__,
                held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest())
     pool = _scores_signature(cfg.scores)
     placebo = _scores_signature(cfg.placebo_scores) if cfg.placebo_scores else None

@@ -8,7 +8,7 @@
 
 ``InProcess`` runs the stages in this process, one item after another (``setup`` once, ``teardown`` at the end);
 ``air_ray.pipeline.runner.RayData`` runs the same chain on Ray Data (a task per item, or an actor pool per stage).
-Which one a run gets: ``executor_for``; ``placement.choose_executor`` says why.
+Which one a run gets: ``placement.choose_executor`` (``air_ray.pipeline.runner.choose``).
 """
 
 from __future__ import annotations
@@ -88,11 +88,3 @@ class InProcess(Executor):
             for item in items:
                 yield from feed(0, item)
 
-
-def executor_for(name: str) -> Executor:
-    """``in-process`` or ``ray`` (``placement.choose_executor``'s answer)."""
-    if name == InProcess.name:
-        return InProcess()
-    from air_ray.pipeline.runner import RayData
-
-    return RayData()

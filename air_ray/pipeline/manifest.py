@@ -17,10 +17,10 @@ def versions() -> dict:
     """Versions of what produced the scores (read from the installed distributions: nothing is imported)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import air_ray
     from air_ray.config.commands import SCORING_VERSION
+    from air_ray.version import __version__
 
-    out = {"air_ray": air_ray.__version__, "scoring_version": SCORING_VERSION}
+    out = {"air_ray": __version__, "scoring_version": SCORING_VERSION}
     for name in ("ray", "torch", "transformers", "pyarrow", "vllm"):
         try:
             out[name] = version(name)

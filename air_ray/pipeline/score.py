@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.shapes import FieldMap
-from air_ray.pipeline.executors import Executor, InProcess, executor_for, physical_cpus
+from air_ray.pipeline.executors import Executor, InProcess, physical_cpus
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
 from air_ray.pipeline.placement import SMALL_CORPUS_BYTES, Placement, plan
 from air_ray.pipeline.stages import LEGACY_KEPT, UnitKeys, id_chain, scoring_chain
@@ -32,14 +32,14 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> Man
     output's other partitions, so they are not reported as foreign. ``dtype``: the dtype to score in, resolved by
     the caller (``runner.scoring_dtype``; rescore names its version by it), else resolved here once the workers are
     placed."""
-    from air_ray.pipeline.runner import choose, scoring_dtype
+    from air_ray.pipeline.runner import RayData, choose, scoring_dtype
 
     t0 = time.time()
     cfg = cfg.replace()  # a copy: placement and the resolved dtype are filled in below, the caller's stays as given
     job = ScoringJob.prepare(cfg)
     phases = {"prepare_s": time.time() - t0}
     name, why = choose(cfg, job.total_bytes)
-    with executor_for(name) as executor:
+    with (InProcess() if name == InProcess.name else RayData()) as executor:
         executor.start(cfg)
         phases.update(executor.phases)
         place = place_workers(cfg, executor)
