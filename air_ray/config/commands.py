@@ -20,7 +20,7 @@ from air_ray.errors import AirRayError
 from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
 from air_ray.store.heads import Heads
-from air_ray.store.layout import CompareLayout
+from air_ray.store.layout import HEADS_FILE, CompareLayout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
@@ -56,7 +56,7 @@ INPUT = Opt(factory=list, metavar="URI", group="input",
             help="the corpus: files, directories or globs (any fsspec URI)")
 OUTPUT = Opt(None, group="output", help="where this command writes")
 SCORES = Opt(None, metavar="URI", group="input", help="output of `air-ray score` (or a directory of score partitions)")
-HEADS = Opt("heads.json", group="scoring", help="heads.json of `air-ray heads`")
+HEADS = Opt(HEADS_FILE, group="scoring", help="heads.json of `air-ray heads`")
 PLACEBO_SCORES = Opt(None, metavar="URI", group="input",
                      help="the same pool scored with placebo heads (air-ray heads --placebo)")
 FORMAT = Opt(FORMATS[0], choices=FORMATS,
@@ -234,7 +234,7 @@ class HeadsConfig(ModelOptions):
     command = "heads"
     option_group = "detection"
     dtype: str = DTYPE(default="float32")
-    output: str = OUTPUT(default="heads.json", aliases=("out",), help="heads.json to write (heads.png beside it)")
+    output: str = OUTPUT(default=HEADS_FILE, aliases=("out",), help="heads.json to write (heads.png beside it)")
     probes: str | None = Opt(None, group="input",
                              help="JSONL of {prompt, answer}; default: built-in synthetic probes")()
     num_probes: int = NUM_PROBES()

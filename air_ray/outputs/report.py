@@ -673,12 +673,12 @@ def _compare_html(scores: str, compare: str | None, out: Path) -> str:
     empty when there is none beside the run and none was given."""
     from air_ray.fsio import open_uri
 
-    base = (compare or CompareLayout.default(scores)).rstrip("/")
-    base = posixpath.dirname(base) if base.endswith(".json") else base
+    given = compare or CompareLayout.default(scores)
+    base = posixpath.dirname(CompareLayout.uri_of(given, COMPARE_JSON))
     try:
-        with open_uri(f"{base}/{COMPARE_JSON}", "rt") as f:
+        with open_uri(CompareLayout.uri_of(given, COMPARE_JSON), "rt") as f:
             doc = json.load(f)
-        with open_uri(f"{base}/{COMPARE_PNG}", "rb") as f:
+        with open_uri(CompareLayout.uri_of(given, COMPARE_PNG), "rb") as f:
             ReportLayout(out).image(ReportLayout.COMPARE).write_bytes(f.read())
     except FileNotFoundError:
         if compare:

@@ -335,6 +335,12 @@ class CompareLayout:
         """Where ``air-ray compare`` writes by default and ``air-ray report`` looks: ``<scores>/compare``."""
         return f"{scores.rstrip('/')}/{COMPARE_DIR}"
 
+    @staticmethod
+    def uri_of(uri: str, name: str) -> str:
+        """File ``name`` of the comparison at ``uri`` (its directory, or a JSON file in it)."""
+        base = uri.rstrip("/")
+        return f"{posixpath.dirname(base) if base.endswith('.json') else base}/{name}"
+
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
 
