@@ -144,7 +144,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
                                            "max(L_base, floor); raise it (e.g. 0.05) so that near-zero base losses "
                                            "cannot blow up scores and step weights")()
     backend: str = Opt("hf", choices=BACKENDS,
-                       help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
+                       help="hf: transformers, one weight copy; vllm: two vLLM engines per actor")()
     batch_tokens: int | None = Opt(None, group="placement",
                                    help=f"token budget of one model batch (hf; default: {BATCH_TOKENS['cpu']} on CPU, "
                                         f"{BATCH_TOKENS['gpu']} on GPU)")()
