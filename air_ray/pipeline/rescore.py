@@ -24,7 +24,6 @@ import json
 import time
 
 from air_ray.config.commands import RescoreConfig, ScoreConfig
-from air_ray.errors import AirRayError
 from air_ray.store.layout import HEADS_FILE, LEASE_FILE, RunLayout
 from air_ray.store.scores import NoScores
 
