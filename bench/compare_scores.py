@@ -1,6 +1,6 @@
 """Are two scoring runs' scores the same? ``python bench/compare_scores.py RUN_A RUN_B [--ignore COL] [--atol X]``
 
-Reads every score partition of both runs (``air_ray.outputs.layout``), pairs rows by id and compares every
+Reads every score partition of both runs (``air_ray.store``), pairs rows by id and compares every
 column exactly (floats by their bits: NaN equals NaN, -0.0 differs from 0.0), or with ``--atol X`` floats (also
 inside lists) within X of each other; prints a summary with the largest float difference and exits 1 on any
 difference. Used for the "scores unchanged" checks (issue #13: bit for bit; issue #14: --atol 1e-6)."""
@@ -54,7 +54,8 @@ def _shape(x):
 
 
 def rows(uri: str, ignore: set[str]) -> dict:
-    from air_ray.outputs.layout import SCORES, open_scores
+    from air_ray.store.schemas import SCORES
+    from air_ray.store.scores import open_scores
 
     table = open_scores(uri, "compare").table([c for c in SCORES.names if c not in ignore])
     return {r["id"]: r for r in table.to_pylist()}

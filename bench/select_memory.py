@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from air_ray.outputs.layout import SCORES  # noqa: E402
+from air_ray.store.schemas import SCORES  # noqa: E402
 
 DOMAINS = np.array(["math", "code", "science", "chat"])
 

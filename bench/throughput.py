@@ -545,7 +545,7 @@ def main(argv=None) -> int:
     ref = prepare_model(MODEL)
     shape = model_shape(load_config(ref))
     if a.heads:
-        from air_ray.heads.artifact import load_heads
+        from air_ray.store.heads import load_heads
 
         heads = [list(h) for h in load_heads(a.heads, fingerprint=ref.fingerprint, shape=shape)["heads"]]
     else:

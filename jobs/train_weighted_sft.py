@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/train_weighted_sft.py --selection out/run/selection --scores out/run --input air_ray/data/gsm8k_sample.jsonl --output out/sft
 
 Thin: each response token's loss is weighted by its step's weight from the scores; everything happens in
-air_ray.outputs.training.
+air_ray.training.
 """
 
 import sys

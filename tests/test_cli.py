@@ -106,7 +106,7 @@ def test_unreachable_input_store(tmp_path):
 
 def test_allow_model_mismatch_overrides_only_the_fingerprint(tmp_path):
     from air_ray.errors import AirRayError
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
 
     doc = {"format_version": 1, "model": "m", "model_fingerprint": "aaaa", "num_layers": 2, "num_heads": 4,
            "heads": [[1, 2]]}

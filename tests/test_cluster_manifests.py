@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from air_ray import cli
-from air_ray.config import COMMANDS
+from air_ray.cli import SUBCOMMANDS
 from air_ray.config.options import flag
 from air_ray.errors import AirRayError
 
@@ -247,7 +247,7 @@ def test_job_config_keys_are_options_and_parse(path, monkeypatch):
     assert path.stem in JOB_SUBCOMMAND, f"{path.name}: no job jobs/{path.stem}.py"
     assert (JOBS / f"{path.stem}.py").is_file()
     sub = JOB_SUBCOMMAND[path.stem]
-    names = {f.name for f in COMMANDS[sub].option_fields()}
+    names = {f.name for f in SUBCOMMANDS[sub].config.option_fields()}
     doc = load(path)
     for key in doc:
         assert str(key).replace("-", "_") in names, f"{path.name}: {key!r} is not an option of `air-ray {sub}`"

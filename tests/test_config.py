@@ -15,9 +15,12 @@ import pytest
 import yaml
 
 from air_ray import cli
-from air_ray.config import COMMANDS, EngineOptions, RescoreConfig, ScoreConfig
+from air_ray.cli import SUBCOMMANDS
+from air_ray.config import EngineOptions, RescoreConfig, ScoreConfig
 from air_ray.config.options import flag, kind_of, opt_of
 from air_ray.errors import AirRayError
+
+COMMANDS = {name: command.config for name, command in SUBCOMMANDS.items()}  # subcommand -> its config class
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -283,7 +286,8 @@ def test_print_config_prints_what_config_reads_back(command, tmp_path, capsys):
     assert printed.startswith(f"# air-ray {command}: the effective options")
     doc = yaml.safe_load(printed)
     _, want = cli.parse([*command.split(), "--config", str(given), *args])
-    assert doc == {f.name: getattr(want, f.name) for f in COMMANDS[command].option_fields()}
+    # keys are the long option names: a field named after a Python keyword (from_) is written as the option (from)
+    assert doc == {f.name.rstrip("_"): getattr(want, f.name) for f in COMMANDS[command].option_fields()}
     back = tmp_path / "back.yaml"
     back.write_text(printed)
     assert cli.parse([*command.split(), "--config", str(back)])[1] == want

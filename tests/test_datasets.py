@@ -175,7 +175,7 @@ def shapes_run(tmp_path_factory, tiny_model):
 
     from air_ray.config import ScoreConfig, SelectConfig
     from air_ray.outputs.select import select
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     model_dir, heads = tiny_model
     d = tmp_path_factory.mktemp("shapes")
@@ -213,7 +213,7 @@ def _rows(path: Path) -> dict:
 @pytest.mark.slow
 def test_every_shape_scores_the_same(shapes_run):
     m = shapes_run["manifest"]
-    c = m["counts"]
+    c = m.counts
     assert c["rows_read"] == c["rows_scored"] + c["rows_rejected"] == len(shapes_run["ids"]) + 3
     assert c["rejected_by_reason"] == {"too_deep": 1}
     scores = _rows(shapes_run["dir"] / "run" / "scores")

@@ -111,10 +111,10 @@ def scored(answer: str, reasoning: str | None) -> str:
     return answer if reasoning is None else f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
-def score_and_select(model, corpus, out: Path, top_frac=1.0, **kw) -> dict:
+def score_and_select(model, corpus, out: Path, top_frac=1.0, **kw):
     from air_ray.config import ScoreConfig, SelectConfig
     from air_ray.outputs.select import select
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     model_dir, heads = model
     manifest = run_score(ScoreConfig(input=[str(c) for c in corpus], output=str(out), model=str(model_dir),
@@ -187,14 +187,14 @@ def runs(tmp_path_factory, tiny_model):
 @pytest.mark.slow
 def test_the_corpus_is_read_and_quarantined_as_it_should(runs):
     for m in (runs["chat"], runs["raw"]):
-        c = m["counts"]
+        c = m.counts
         n_rows = sum(len(v) for v in runs["files"].values())
         assert c["rows_read"] == c["rows_scored"] + c["rows_rejected"]
         # every fixture row scored; the truncated .jsonl.zst is one unreadable_file entry (and any rows it gave
         # before it broke off are scored), nothing else is rejected
         assert c["rows_scored"] >= n_rows and c["rejected_by_reason"] == {"unreadable_file": 1}
     # the Alpaca row with a system and history cannot be read by --prompt-field instruction,input: a reason, not a drop
-    alpaca_counts = runs["alpaca"][2]["counts"]
+    alpaca_counts = runs["alpaca"][2].counts
     assert (alpaca_counts["rows_scored"], alpaca_counts["rejected_by_reason"]) == (2, {"dropped_field": 1})
 
 

@@ -171,7 +171,7 @@ def test_fast_equals_plain_smollm2(smol_fp32, smol_batch):
 
 @pytest.mark.slow
 def test_fast_equals_plain_smollm2_detected_heads(smol_fp32, smol_batch, heads_file):
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
 
     heads = load_heads(str(heads_file))["heads"]
     seqs, starts = smol_batch

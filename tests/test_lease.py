@@ -9,7 +9,7 @@ import time
 import fsspec
 import pytest
 
-from air_ray.pipeline.lease import Lease
+from air_ray.store.lease import Lease
 
 
 def test_exclusive_then_released(tmp_path):

@@ -35,7 +35,7 @@ def _uninterrupted(model, heads, corpus: Path, out: Path) -> None:
     import torch
 
     from air_ray.cli import parse
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
     from air_ray.pipeline.stages import PrepareStage, ReadStage, ScoreStage
 
     _, cfg = parse(list(map(str, _score_args(model, heads, corpus, out, "local"))))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from air_ray.outputs import layout as schema
+from air_ray.store import schemas as schema
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def _score_cfg(heads_file, inputs, output, **kw):
 
 @pytest.fixture(scope="module")
 def two_actor_run(tmp_path_factory, heads_file, corpus):
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     out = tmp_path_factory.mktemp("run2")
     manifest = run_score(_score_cfg(heads_file, [corpus["dir"]], out, workers=2, cpus_per_worker=1))
@@ -61,12 +61,12 @@ def two_actor_run(tmp_path_factory, heads_file, corpus):
 
 def test_counts_reconcile_and_both_actors_work(two_actor_run, corpus):
     out, m = two_actor_run
-    c = m["counts"]
+    c = m.counts
     assert c["rows_read"] == corpus["rows_read"] == c["rows_scored"] + c["rows_rejected"]
     assert c["rows_scored"] == len(corpus["good"])
     assert set(c["rejected_by_reason"]) == corpus["rejects"]
-    assert len(m["per_actor_rows"]) == 2 and all(v > 0 for v in m["per_actor_rows"].values())
-    assert sum(m["per_actor_rows"].values()) == c["rows_scored"]
+    assert len(m.per_actor_rows) == 2 and all(v > 0 for v in m.per_actor_rows.values())
+    assert sum(m.per_actor_rows.values()) == c["rows_scored"]
     saved = json.loads((out / "_manifest.json").read_text())
     assert saved["counts"] == c and saved["model_fingerprint"] and saved["heads"]
 
@@ -84,7 +84,7 @@ def test_manifest_step_weight_statistics(two_actor_run):
     out, m = two_actor_run
     rows = _read_dir(out / "scores")
     shares = sorted(round(effective_token_share(r["step_token_counts"], r["step_weights"]), 3) for r in rows)
-    w = m["step_weights"]
+    w = m.step_weights
     assert w["rule"] == "bounded" and w["rows"] == len(rows) and w["rows_without_stats"] == 0
     q = w["effective_token_share"]
     assert q["min"] == shares[0]
@@ -104,7 +104,7 @@ def test_every_row_exactly_once(two_actor_run, corpus):
     ids = [r["id"] for r in scores]
     assert sorted(ids) == sorted(r["id"] for r in corpus["good"])
     assert len(ids) == len(set(ids))
-    assert len(rejected) == m["counts"]["rows_rejected"]
+    assert len(rejected) == m.counts["rows_rejected"]
     assert {r["line"] for r in rejected} == {2, 5, 6, 8}  # 1-based lines; blank lines 3 and 7 are not rows
     assert all(r["source"].endswith("a.jsonl") and r["reason"] and r["detail"] for r in rejected)
     # deterministic partition names: <stem>-<hash>-<chunk>
@@ -176,7 +176,7 @@ def test_select_on_pipeline_output(two_actor_run, tmp_path):
 
 def test_rerun_replaces_not_duplicates(two_actor_run, corpus, heads_file, tmp_path):
     """Deterministic partition names: a second run into the same output leaves the same files."""
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     out, _ = two_actor_run
     copy = tmp_path / "copy"
@@ -251,7 +251,7 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
     """``--executor in-process`` (issue #18: no Ray start-up for a small run) runs the same stages in this process:
     the same partitions, rows, rejected rows and counts as the Ray pipeline, the same scores (the Ray run's actors
     had 1 torch thread, this one 2: float32 sums differ in the last bits); a rerun resumes from the commit markers."""
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     ray_out, ray_m = two_actor_run
     out = tmp_path / "in-process"
@@ -265,8 +265,8 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
         assert torch.get_num_threads() == 1  # the scorer's threads were this process's only while it scored
     finally:
         torch.set_num_threads(threads)
-    assert m["placement"]["executor"] == "in-process" and m["placement"]["torch_threads"] >= 1
-    assert "cluster_s" not in m["phases"] and m["counts"] == ray_m["counts"]
+    assert m.placement["executor"] == "in-process" and m.placement["torch_threads"] >= 1
+    assert "cluster_s" not in m.phases and m.counts == ray_m.counts
     assert sorted(p.name for p in (out / "scores").glob("*.parquet")) == \
         sorted(p.name for p in (ray_out / "scores").glob("*.parquet"))
     want = {r["id"]: r for r in _read_dir(ray_out / "scores")}
@@ -279,5 +279,5 @@ def test_in_process_equals_ray(two_actor_run, corpus, heads_file, tmp_path):
     key = lambda r: (Path(r["source"]).name, r["line"], r["reason"])  # noqa: E731
     assert sorted(map(key, _read_dir(out / "rejected"))) == sorted(map(key, _read_dir(ray_out / "rejected")))
     again = run_score(cfg)
-    assert again["this_run"]["units_skipped"] == again["this_run"]["units"] == m["this_run"]["units"]
-    assert again["counts"] == m["counts"]
+    assert again.this_run["units_skipped"] == again.this_run["units"] == m.this_run["units"]
+    assert again.counts == m.counts

@@ -319,7 +319,7 @@ def test_half_written_partition_is_never_read(tmp_path):
     import pyarrow.dataset as pads
 
     from air_ray.fsio import atomic_open
-    from air_ray.outputs import layout as schema
+    from air_ray.store import schemas as schema
     from air_ray.config import SelectConfig
     from air_ray.outputs.select import select
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from air_ray.errors import AirRayError
-from air_ray.outputs.layout import SCORES, to_table, write_table_atomic
+from air_ray.store.schemas import SCORES, to_table, write_table_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO / "air_ray" / "data" / "gsm8k_sample.jsonl"

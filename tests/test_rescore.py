@@ -136,7 +136,7 @@ def _last_json(log: str) -> dict:
 def test_heads_detect_once_per_model(ray_local, tiny_model, gsm8k_rows, tmp_path):
     """heads: detect runs head detection on the first pass only, keeps the result under <output>/heads/ and
     scores with it; the next pass reuses it (same version, nothing redone)."""
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
     from air_ray.models import prepare_model
 
     model, _ = tiny_model

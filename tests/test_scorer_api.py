@@ -67,7 +67,7 @@ def test_with_closes_the_backend(tiny_model):
 @pytest.mark.slow
 def test_score_stage_teardown_closes_its_scorer(tiny_model, tmp_path):
     from air_ray.config import ScoreConfig
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
     from air_ray.pipeline.runner import _ScoreActor
     from air_ray.pipeline.stages import ScoreStage
 

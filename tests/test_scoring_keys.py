@@ -130,7 +130,7 @@ def _markers(run: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def setting(tiny_model, gsm8k_rows, tmp_path_factory):
-    from air_ray.heads.artifact import load_heads
+    from air_ray.store.heads import load_heads
     from air_ray.models import prepare_model, resolve_dtype
 
     model, heads = tiny_model
@@ -151,7 +151,7 @@ def _score_cfg(s: dict, output: Path, cls=ScoreConfig, **kw) -> ScoreConfig:
 
 @pytest.mark.slow
 def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_numbers):
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     s = setting
     out = s["tmp"] / "run"
@@ -159,7 +159,7 @@ def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_
     first = run_score(auto)
     # auto is resolved on the device that scores: the key of the explicit dtype, the numbers of it
     explicit = run_score(_score_cfg(s, s["tmp"] / "explicit", dtype=s["here"]))
-    assert first["scoring_key"] == explicit["scoring_key"] == auto.scoring_key(s["fingerprint"], s["critical"],
+    assert first.scoring_key == explicit.scoring_key == auto.scoring_key(s["fingerprint"], s["critical"],
                                                                                 s["here"])
     assert _dtypes(out) == {s["here"]}
 
@@ -169,11 +169,11 @@ def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_
     capsys.readouterr()
     again = run_score(_score_cfg(s, out))
     said = capsys.readouterr().out
-    assert again["this_run"] == {"units": 4, "units_skipped": 4, "rows_read": 0, "rows_scored": 0, "rows_rejected": 0}
+    assert again.this_run == {"units": 4, "units_skipped": 4, "rows_read": 0, "rows_scored": 0, "rows_rejected": 0}
     assert "4 partitions were committed under the scoring key of air_ray 0.1.0" in said
     assert f"4 recorded dtype {s['here']}, this run's: kept" in said and "scored again" not in said
     assert _markers(out) == _markers(s["tmp"] / "explicit") != old  # now under the current keys
-    assert again["counts"] == first["counts"]
+    assert again.counts == first.counts
     run_score(_score_cfg(s, out))  # and from then on found as any committed partition
     assert "air_ray 0.1.0" not in capsys.readouterr().out
 
@@ -185,7 +185,7 @@ def test_a_score_run_of_air_ray_0_1_0_is_kept_or_rescored(setting, capsys, same_
     capsys.readouterr()
     redone = run_score(_score_cfg(s, other))
     said = capsys.readouterr().out
-    assert redone["this_run"]["rows_scored"] == 8 and redone["this_run"]["units_skipped"] == 0
+    assert redone.this_run["rows_scored"] == 8 and redone.this_run["units_skipped"] == 0
     assert f"0 recorded dtype {s['here']}, this run's: kept; 4 recorded dtype {s['other']}: scored again" in said
     assert _dtypes(other) == {s["here"]}
 

@@ -18,7 +18,7 @@ import pytest
 
 import air_ray.outputs.select as sel
 from air_ray.errors import AirRayError
-from air_ray.outputs.layout import METADATA_KEY, SCORES, SELECTION
+from air_ray.store.schemas import METADATA_KEY, SCORES, SELECTION
 from air_ray.config import SelectConfig
 from air_ray.outputs.select import select
 

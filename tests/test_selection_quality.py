@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from air_ray.outputs.layout import SCORES, to_table, write_table_atomic
+from air_ray.store.schemas import SCORES, to_table, write_table_atomic
 from tests.test_report import serve  # noqa: F401 (a fixture: a local HTTP server for the page)
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def rho(a: pd.Series, b: pd.Series) -> float:
 
 
 def test_placebo_heads_file(pool, heads_file, tmp_path):
-    from air_ray.heads.artifact import heads_fingerprint, load_heads
+    from air_ray.store.heads import heads_fingerprint, load_heads
 
     real = load_heads(str(heads_file))
     doc = json.loads(pool["placebo_heads"].read_text())
@@ -118,7 +118,7 @@ def test_placebo_flags_go_together(tmp_path, heads_file):
 
 def test_placebo_needs_enough_other_heads():
     from air_ray.errors import AirRayError
-    from air_ray.heads.artifact import placebo_doc
+    from air_ray.store.heads import placebo_doc
 
     doc = {"num_layers": 2, "num_heads": 2, "heads": [[0, 0], [0, 1], [1, 0]], "model_fingerprint": "x"}
     with pytest.raises(AirRayError, match="too few others"):

@@ -1,4 +1,4 @@
-"""Step-weighted fine-tuning (air_ray.outputs.training, jobs/train_weighted_sft.py): token weights under two tokenizer
+"""Step-weighted fine-tuning (air_ray.training, jobs/train_weighted_sft.py): token weights under two tokenizer
 families, the weighted loss against Hugging Face's, the selection + scores + corpus join, the collator, and
 (slow) a few real optimiser steps on the default model showing a step weighted 0 gets no gradient."""
 
@@ -16,13 +16,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from air_ray.outputs import layout as schema
+from air_ray.store import schemas as schema
 from air_ray.errors import AirRayError
 from air_ray.data.rows import RowPreparer, canonical_id
-from air_ray.outputs.training import (
+from air_ray.config import TrainConfig
+from air_ray.training import (
     IGNORE_INDEX,
     StepWeightedCollator,
-    TrainConfig,
     build_trainer,
     encode_examples,
     load_training_rows,
@@ -484,7 +484,7 @@ def test_train_runs_on_ray_train_workers(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
     from air_ray.config import TrainConfig
-    from air_ray.outputs.training import train_weighted_sft
+    from air_ray.training import train_weighted_sft
 
     model, _ = tiny_model
     sel, scores, corpus = write_inputs(str(tmp_path))
@@ -529,7 +529,7 @@ def test_weighted_sft_on_the_default_model(smol_ref, tmp_path):
     """Through the job's Trainer (build_trainer / train_weighted_sft): the logits predicting the tokens of a
     step weighted 0 get exactly zero gradient, so rewriting that (last) step leaves every parameter gradient
     unchanged; then a few real optimiser steps run on Parquet inputs and the model is saved."""
-    from air_ray.outputs.training import load_trainable, train_weighted_sft
+    from air_ray.training import load_trainable, train_weighted_sft
 
     # One thread: on a 2-core machine shared with other processes, two OpenMP threads spin against each other and
     # CPU training gets ~10x slower (measured 42 s vs 4 s for the two optimiser steps below).

@@ -3,7 +3,8 @@
 Every subcommand takes its options as flags, or from ``--config FILE.yaml`` whose keys are the long option
 names (flags given on the command line win). Values from either go through the same checks
 (``Options.validate``) before any model loads or Ray starts. User errors print one line and exit 2
-(``--debug`` shows the traceback); jobs/ entrypoints call ``main([subcommand, *argv])``.
+(``--debug`` shows the traceback); jobs/ entrypoints call ``main([subcommand, *argv])``. ``SUBCOMMANDS`` is the one
+table of subcommands (config class, function, help, whether it drives Ray).
 
 May import: every part (it parses, then calls one function of one part).
 """
@@ -13,32 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
-from air_ray import __version__
 from air_ray.config.commands import (
     SCORING_VERSION, CompareConfig, DemoConfig, ExportConfig, FetchConfig, HeadsConfig, ReportConfig, RescoreConfig,
     ScoreConfig, SelectConfig, TrainConfig,
 )
 from air_ray.config.options import GROUPS, Options, flag, group_of, kind_of, opt_of, optional, warn
 from air_ray.errors import AirRayError
-
-# (subcommand, config class, help); "model fetch" is the subcommand fetch of the group model
-SUBCOMMANDS = (
-    ("model fetch", FetchConfig, "prepare a model offline; prints its local directory last"),
-    ("heads", HeadsConfig, "detect reasoning-critical (retrieval) heads -> heads.json + heads.png"),
-    ("score", ScoreConfig, "score a corpus on Ray Data -> Parquet partitions"),
-    ("select", SelectConfig, "rank every partition globally and select the top"),
-    ("rescore", RescoreConfig, "score only new or changed input files into a versioned output; refresh the "
-                               "selection (for schedules)"),
-    ("report", ReportConfig, "a static HTML report (heads, scores, top/bottom rows, selection) -> DIR/index.html"),
-    ("export", ExportConfig, "the selected rows as a training-ready dataset (messages, prompt/completion or the "
-                             "original records, with scores and step weights; Parquet or JSON lines)"),
-    ("train", TrainConfig, "step-weighted fine-tuning on a selection (step weights -> per-token loss weights)"),
-    ("compare", CompareConfig, "train one student per selection strategy (AIR score vs heuristics) and evaluate "
-                               "each on held-out rows -> compare.json, compare.md, compare.png"),
-    ("demo", DemoConfig, "the whole pipeline on the bundled GSM8K sample, on a local Ray"),
-)
-
+from air_ray.version import __version__
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (through main), instead of usage + message
@@ -115,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for name, cls, helptext in SUBCOMMANDS:
+    for name, command in SUBCOMMANDS.items():
+        cls, helptext = command.config, command.help
         parent = sub
         if " " in name:
             group, name = name.split(" ", 1)
@@ -165,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# air-ray {command}: the effective options (defaults < --config file < flags)")
             print(cfg.to_yaml(), end="")
             return 0
-        if command in supervise.RAY_COMMANDS:
+        run = SUBCOMMANDS[command]
+        if run.ray:
             if not supervise.supervised():  # the work runs in a child: a lost Ray cluster still ends in one line
                 return supervise.run_child(argv)
             supervise.report_normal_exit()
-            return supervise.exit_now(RUN[command](cfg))
-        return RUN[command](cfg)
+            return supervise.exit_now(run.run(cfg))
+        return run.run(cfg)
     except AirRayError as e:
         if debug:
             raise
@@ -209,10 +196,10 @@ def _heads(cfg: HeadsConfig) -> int:
 
 
 def _score(cfg: ScoreConfig) -> int:
-    from air_ray.pipeline.runner import run_score
+    from air_ray.pipeline.score import run_score
 
     manifest = run_score(cfg)
-    rejected = manifest["counts"]["rows_rejected"]
+    rejected = manifest.counts["rows_rejected"]
     if cfg.strict and rejected:
         print(f"air-ray: {rejected:,} rows rejected (--strict); see {cfg.output}/rejected/", file=sys.stderr)
         return 1
@@ -270,6 +257,37 @@ def _demo(cfg: DemoConfig) -> int:
     return 0
 
 
-RUN = {"model fetch": _fetch, "heads": _heads, "score": _score, "select": _select, "rescore": _rescore,
-       "report": _report, "export": _export, "train": _train, "compare": _compare,
-       "demo": _demo}
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``air-ray`` subcommand: its config class (whose ``command`` is its name: ``model fetch`` is fetch of the
+    group model), the function that runs it, its help line, and whether it drives a Ray cluster (``ray``: it runs in
+    a supervised child, ``air_ray.cli.supervise``)."""
+
+    config: type[Options]
+    run: Callable[[Options], int]
+    help: str
+    ray: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.command
+
+
+# every subcommand, once, in --help order
+SUBCOMMANDS: dict[str, Subcommand] = {s.name: s for s in (
+    Subcommand(FetchConfig, _fetch, "prepare a model offline; prints its local directory last"),
+    Subcommand(HeadsConfig, _heads, "detect reasoning-critical (retrieval) heads -> heads.json + heads.png", ray=True),
+    Subcommand(ScoreConfig, _score, "score a corpus on Ray Data -> Parquet partitions", ray=True),
+    Subcommand(SelectConfig, _select, "rank every partition globally and select the top"),
+    Subcommand(RescoreConfig, _rescore, "score only new or changed input files into a versioned output; refresh the "
+                                        "selection (for schedules)", ray=True),
+    Subcommand(ReportConfig, _report, "a static HTML report (heads, scores, top/bottom rows, selection) -> "
+                                      "DIR/index.html"),
+    Subcommand(ExportConfig, _export, "the selected rows as a training-ready dataset (messages, prompt/completion or "
+                                      "the original records, with scores and step weights; Parquet or JSON lines)"),
+    Subcommand(TrainConfig, _train, "step-weighted fine-tuning on a selection (step weights -> per-token loss "
+                                    "weights)", ray=True),
+    Subcommand(CompareConfig, _compare, "train one student per selection strategy (AIR score vs heuristics) and "
+                                        "evaluate each on held-out rows -> compare.json, compare.md, compare.png"),
+    Subcommand(DemoConfig, _demo, "the whole pipeline on the bundled GSM8K sample, on a local Ray", ray=True),
+)}

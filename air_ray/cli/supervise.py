@@ -3,7 +3,7 @@
 When the cluster goes away mid-run (``ray stop``, a dead head node, the embedded cluster's processes killed), Ray's
 core worker ends the driver process from C++ after it fails to reach the GCS: exit 1, no Python exception, no
 ``finally``, and a C++ log line last. Nothing inside that process can say what happened, so ``air-ray`` runs such
-commands (``RAY_COMMANDS``) in a child and waits: the child reports a normal end through a pipe (``STATUS_FD``)
+commands (``Subcommand.ray`` in ``air_ray.cli.SUBCOMMANDS``) in a child and waits: the child reports a normal end through a pipe (``STATUS_FD``)
 when its interpreter exits; a child that ended without it was ended from below, and this process prints
 
     air-ray: error: the Ray cluster was lost mid-run (...); rerun the same command to resume ...
@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 
-RAY_COMMANDS = frozenset({"score", "rescore", "heads", "train", "demo"})
 STATUS_FD = "AIR_RAY_STATUS_FD"
 LOST_EXIT = 3
 _OK = b"ok"

@@ -2,19 +2,19 @@
 are built, and the choice lists every part checks against.
 
 May import: ``air_ray.errors``, ``air_ray.influence`` (the step-weighting rule and the loss floor),
-``air_ray.models.resolve`` (the default model's name) and, lazily, ``air_ray.data.steps`` (the step-rule check).
-Never torch, Ray or the CLI.
+``air_ray.models.resolve`` (the default model's name) and ``air_ray.data`` (the formats, step rules and think tags
+of the data contract). Never torch, Ray or the CLI.
 """
 
 from air_ray.config.commands import (
-    BACKENDS, COMMANDS, DTYPES, EXPORT_STYLES, FORMATS, SELECT_BY, CompareConfig, CorpusOptions, DemoConfig,
+    BACKENDS, DTYPES, EXPORT_STYLES, FORMATS, SELECT_BY, CompareConfig, CorpusOptions, DemoConfig,
     EngineOptions, ExportConfig, FetchConfig, HeadsConfig,
     ModelOptions, ReportConfig, RescoreConfig, ScoreConfig, SelectConfig, TrainConfig,
 )
 from air_ray.config.options import Opt, Options
 
 __all__ = [
-    "BACKENDS", "COMMANDS", "DTYPES", "EXPORT_STYLES", "FORMATS", "SELECT_BY", "CompareConfig", "CorpusOptions",
+    "BACKENDS", "DTYPES", "EXPORT_STYLES", "FORMATS", "SELECT_BY", "CompareConfig", "CorpusOptions",
     "DemoConfig",
     "EngineOptions", "ExportConfig", "FetchConfig",
     "HeadsConfig", "ModelOptions", "Opt", "Options", "ReportConfig", "RescoreConfig", "ScoreConfig",

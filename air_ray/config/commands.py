@@ -1,8 +1,9 @@
 """Every option of every command, declared once; one typed config object per command.
 
 Shared options are ``Opt`` declarations (``MODEL``, ``DTYPE``, ``INPUT``, ``OUTPUT`` ...) placed in each
-command's dataclass; the choice lists (``DTYPES``, ``FORMATS``, ``BACKENDS``, ``SELECT_BY``) live here and every
-part that checks a value uses them. ``air_ray.cli`` builds the flags from these classes, ``Options.load`` reads
+command's dataclass; the choice lists (``DTYPES``, ``BACKENDS``, ``SELECT_BY``) live here and every part that checks
+a value uses them; those of the data contract (``FORMATS``, the step rules, the think tags) are declared in
+``air_ray.data`` and used here. ``air_ray.cli`` builds the flags from these classes, ``Options.load`` reads
 the YAML files, and the Python API takes the objects themselves (``Scorer(EngineOptions(...))``,
 ``run_score(ScoreConfig(...))``).
 """
@@ -13,21 +14,26 @@ import math
 from dataclasses import dataclass
 
 from air_ray.config.options import Opt, Options
+from air_ray.data.rows import FORMATS
+from air_ray.data.steps import RULES, THINK_TAGS, check_rule, parse_think_tags
 from air_ray.errors import AirRayError
 from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
+from air_ray.store.heads import Heads
+from air_ray.store.layout import HEADS_FILE, CompareLayout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMATS = ("chat", "raw")  # air_ray.data.rows: how a row's prompt becomes token ids
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
 # select --by: the AIR score, or a heuristic from the same scoring run (each ranked descending; random = a
 # seeded hash of the id)
 SELECT_BY = ("score", "delta", "loss_base", "entropy_base", "n_response_tokens", "random")
 # select --balance: the column whose pool quantile bins each get their share of the selection
 BALANCE_BY = ("loss_base", "entropy_base", "n_response_tokens")
+# --batch-tokens when not given, by device: on the CPU smaller blocks per layer run faster (bench/RESULTS.md, run I);
+# on a GPU larger batches fill the device
+BATCH_TOKENS = {"cpu": 4096, "gpu": 8192}
 EXPORT_STYLES = ("messages", "prompt-completion", "original")
 EXPORT_FORMATS = ("parquet", "jsonl")
-COMPARE_DIR = "compare"  # air-ray compare writes <scores>/compare by default; air-ray report looks there
 
 # The version of the numbers: bumped, with a line in CHANGELOG.md, only by a change that alters scores. The scoring
 # key hashes it (not the package version), so a release that leaves the numbers alone rescores nothing.
@@ -50,8 +56,10 @@ INPUT = Opt(factory=list, metavar="URI", group="input",
             help="the corpus: files, directories or globs (any fsspec URI)")
 OUTPUT = Opt(None, group="output", help="where this command writes")
 SCORES = Opt(None, metavar="URI", group="input", help="output of `air-ray score` (or a directory of score partitions)")
-HEADS = Opt("heads.json", group="scoring", help="heads.json of `air-ray heads`")
-FORMAT = Opt("chat", choices=FORMATS,
+HEADS = Opt(HEADS_FILE, group="scoring", help="heads.json of `air-ray heads`")
+PLACEBO_SCORES = Opt(None, metavar="URI", group="input",
+                     help="the same pool scored with placebo heads (air-ray heads --placebo)")
+FORMAT = Opt(FORMATS[0], choices=FORMATS,
              help="chat: the prompt through the tokenizer's chat template; raw: plain text")
 SEED = Opt(0, help="random seed")
 TOP_FRAC = Opt(None, group="selection", help="fraction of the rows to select, in (0, 1]")
@@ -97,15 +105,20 @@ class CorpusOptions(Options):
     messages_field: str | None = Opt(None, help="field holding the conversation (OpenAI messages or ShareGPT turns)")()
     id_field: str | None = Opt(None, help="field holding the row id (default: id, else a hash of the content)")()
     domain_field: str | None = Opt(None, help="field holding the row's domain (default: domain)")()
-    think_tags: str = Opt("<think>,</think>", metavar="OPEN,CLOSE",
+    think_tags: str = Opt(",".join(THINK_TAGS), metavar="OPEN,CLOSE",
                           help="tags around reasoning: how reasoning given apart is rendered, and what the "
                                "think step rule looks for")()
 
     def check(self) -> None:
         super().check()
-        open_tag, sep, close_tag = self.think_tags.partition(",")
-        if not sep or not open_tag or not close_tag or "," in close_tag:
-            raise AirRayError(f"--think-tags {self.think_tags!r}: expected OPEN,CLOSE (e.g. <think>,</think>)")
+        parse_think_tags(self.think_tags)
+
+
+@dataclass
+class RunOptions(Options):
+    """The scoring run a command reads (``air-ray score``'s output)."""
+
+    scores: str = SCORES(required=True)
 
 
 @dataclass
@@ -117,7 +130,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
 
     heads: str = HEADS()
     format: str = FORMAT()
-    steps: str = Opt("lines", help="lines | paragraphs | think | regex:PATTERN")()
+    steps: str = Opt(RULES[0], help=" | ".join(RULES))()
     step_weighting: str = Opt("bounded", choices=WEIGHTINGS,
                               help="bounded: w = clip(1 + strength * z, min, max), z the step's mean divergence "
                                    "(nats per token) standardised within the row, renormalised to a token-weighted "
@@ -131,10 +144,10 @@ class EngineOptions(ModelOptions, CorpusOptions):
                                            "max(L_base, floor); raise it (e.g. 0.05) so that near-zero base losses "
                                            "cannot blow up scores and step weights")()
     backend: str = Opt("hf", choices=BACKENDS,
-                       help="hf: transformers, one weight copy (default); vllm: two vLLM engines per actor")()
+                       help="hf: transformers, one weight copy; vllm: two vLLM engines per actor")()
     batch_tokens: int | None = Opt(None, group="placement",
-                                   help="token budget of one model batch (default: 4096 on CPU, where smaller "
-                                        "working sets run faster, 8192 on GPU)")()
+                                   help=f"token budget of one model batch (hf; default: {BATCH_TOKENS['cpu']} on CPU, "
+                                        f"{BATCH_TOKENS['gpu']} on GPU)")()
     max_tokens: int | None = Opt(8192, help="longer rows are rejected (or cut with --truncate)")()
     truncate: bool = Opt(False, help="cut a response that does not fit --max-tokens (column truncated=true) "
                                      "instead of rejecting the row")()
@@ -144,8 +157,6 @@ class EngineOptions(ModelOptions, CorpusOptions):
     allow_model_mismatch: bool = Opt(False, group="model", help="use a heads.json made for another model fingerprint")()
 
     def check(self) -> None:
-        from air_ray.data.steps import check_rule
-
         super().check()
         check_rule(self.steps)
         if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
@@ -181,7 +192,7 @@ class EngineOptions(ModelOptions, CorpusOptions):
             raise ValueError(f"scoring_key needs the dtype resolved on the scoring device, got {resolved!r}")
         doc = {
             "model_fingerprint": model_fingerprint,
-            "heads": sorted([int(l), int(h)] for l, h in heads),
+            "heads": Heads.of(heads).to_json(),
             "format": self.format, "steps": self.steps, "step_temperature": self.step_temperature,
             "dtype": resolved, "max_tokens": self.max_tokens, "truncate": self.truncate,
             "backend": self.backend, **({"air_ray": legacy} if legacy else {"scoring_version": SCORING_VERSION}),
@@ -223,7 +234,7 @@ class HeadsConfig(ModelOptions):
     command = "heads"
     option_group = "detection"
     dtype: str = DTYPE(default="float32")
-    output: str = OUTPUT(default="heads.json", aliases=("out",), help="heads.json to write (heads.png beside it)")
+    output: str = OUTPUT(default=HEADS_FILE, aliases=("out",), help="heads.json to write (heads.png beside it)")
     probes: str | None = Opt(None, group="input",
                              help="JSONL of {prompt, answer}; default: built-in synthetic probes")()
     num_probes: int = NUM_PROBES()
@@ -301,12 +312,11 @@ class ScoreConfig(EngineOptions):
 
 
 @dataclass
-class SelectConfig(Options):
+class SelectConfig(RunOptions):
     """Options of ``air-ray select``; exactly one of ``top_k`` / ``top_frac``."""
 
     command = "select"
     option_group = "selection"
-    scores: str = SCORES(required=True)
     output: str = OUTPUT(required=True, metavar="URI",
                          help="selection directory: selection.parquet, selection.json, score_hist.png")
     top_k: int | None = Opt(None, help="rows to select")()
@@ -386,23 +396,24 @@ class RescoreConfig(ScoreConfig):
 
 
 @dataclass
-class ReportConfig(CorpusOptions):
+class ReportConfig(RunOptions, CorpusOptions):
+    """``air-ray report``: one HTML page of a scoring run (``air_ray.outputs.report``); the field flags and think
+    tags used for scoring show each row's scored text."""
+
     command = "report"
     option_group = "output"
-    scores: str = SCORES(required=True)
     heads: str | None = HEADS(default=None, help="heads.json (heatmap and critical heads)")
     output: str = OUTPUT(required=True, help="local directory for index.html and its images")
     selection: str | None = Opt(None, help="output of `air-ray select` (default: <scores>/selection or "
                                            "<scores>/../selection when there)")()
     compare: str | None = Opt(None, help="output of `air-ray compare` (default: <scores>/compare when there)")()
-    placebo_scores: str | None = Opt(None, metavar="URI",
-                                     help="the same corpus scored with placebo heads (air-ray heads --placebo): "
-                                          "the report shows how much of the ranking they share")()
+    placebo_scores: str | None = PLACEBO_SCORES(group="output", help=PLACEBO_SCORES.help + ": the report shows how "
+                                                                     "much of the ranking they share")
 
 
 @dataclass
 class TrainingOptions(Options):
-    """How a student is fine-tuned (``air_ray.outputs.training``): shared by ``train`` and ``compare``."""
+    """How a student is fine-tuned (``air_ray.training``): shared by ``train`` and ``compare``."""
 
     option_group = "training"
 
@@ -427,7 +438,7 @@ class TrainingOptions(Options):
 
 @dataclass
 class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
-    """Step-weighted fine-tuning on a selection (``air_ray.outputs.training``)."""
+    """Step-weighted fine-tuning on a selection (``air_ray.training``)."""
 
     command = "train"
     dtype: str = DTYPE(default="float32", help="weights dtype (float32; --bf16 for mixed precision on GPUs)")
@@ -470,7 +481,7 @@ COMPARE_STRATEGIES = ("score", "score_balanced", "delta", "delta_balanced", "pla
 
 
 @dataclass
-class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
+class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
     """``air-ray compare``: equal-size selections by several strategies from one scoring run, one student
     fine-tuned on each (same initial weights and hyperparameters), every student evaluated on held-out rows, each
     strategy placed in the null of many random subsets (``air_ray.evaluation``)."""
@@ -478,7 +489,6 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
     command = "compare"
     option_group = "evaluation"
     dtype: str = DTYPE(default="float32", help="the student's weights dtype (float32; --bf16 for mixed precision)")
-    scores: str = SCORES(required=True)
     input: list[str] = INPUT(required=True, help="the corpus that was scored (the pool the selections come from)")
     eval_input: list[str] = INPUT(required=True, group="evaluation",
                                   help="held-out rows the students are evaluated on (none may be in the pool)")
@@ -489,9 +499,7 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
                                 help="the selections compared: deterministic ones train once per --seeds; random and "
                                      "matched_random are the nulls (--random-subsets students each); placebo needs "
                                      "--placebo-scores and is left out of the default without it")()
-    placebo_scores: str | None = Opt(None, metavar="URI", group="input",
-                                     help="the pool scored with placebo heads (air-ray heads --placebo): the placebo "
-                                          "strategy selects from it")()
+    placebo_scores: str | None = PLACEBO_SCORES(help=PLACEBO_SCORES.help + ": the placebo strategy selects from it")
     random_subsets: int = Opt(10, group="selection",
                               help="random subsets, one student each: the null every strategy is placed in")()
     matched_subsets: int | None = Opt(None, group="selection",
@@ -531,16 +539,15 @@ class CompareConfig(TrainingOptions, ModelOptions, CorpusOptions):
 
     @property
     def out_dir(self) -> str:
-        return (self.output or f"{self.scores.rstrip('/')}/{COMPARE_DIR}").removeprefix("file://")
+        return (self.output or CompareLayout.default(self.scores)).removeprefix("file://")
 
 
 @dataclass
-class ExportConfig(CorpusOptions):
+class ExportConfig(RunOptions, CorpusOptions):
     """``air-ray export``: the selected rows as a training-ready dataset (``air_ray.outputs.export``)."""
 
     command = "export"
     option_group = "output"
-    scores: str = SCORES(required=True)
     selection: str | None = Opt(None, group="input", help="output of `air-ray select` (default: <scores>/selection)")()
     input: list[str] = INPUT(required=True, help="the corpus that was scored")
     output: str = OUTPUT(required=True, metavar="URI", help="directory of the export: data/ (the rows), "
@@ -575,11 +582,3 @@ class DemoConfig(Options):
     num_probes: int = NUM_PROBES(default=12)
     probe_tokens: int = PROBE_TOKENS()
     progress: bool = PROGRESS()
-
-
-# subcommand -> its config class (``air-ray model fetch`` is "model fetch")
-COMMANDS: dict[str, type[Options]] = {
-    "model fetch": FetchConfig, "heads": HeadsConfig, "score": ScoreConfig, "select": SelectConfig,
-    "rescore": RescoreConfig, "report": ReportConfig, "export": ExportConfig, "train": TrainConfig,
-    "compare": CompareConfig, "demo": DemoConfig,
-}

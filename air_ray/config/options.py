@@ -243,10 +243,6 @@ class Options:
         return cls(**values).validate()
 
     @classmethod
-    def from_mapping(cls, doc, source: str = "config"):
-        return cls.build(cls.normalise(doc, source), source)
-
-    @classmethod
     def load(cls, config: str | None = None, **given):
         """Defaults < the YAML file ``config`` < ``given`` (field values, e.g. the flags on a command line)."""
         values = cls.normalise(read_yaml(config), f"config {config}") if config else {}

@@ -5,8 +5,8 @@ shape into one ``Conversation`` or a ``RowError`` with a stable reason; ``rows``
 turns it into token ids, response token offsets and step spans (``PreparedRow``); ``steps`` splits a response
 into steps; ``ids`` finds global duplicate ids.
 
-May import: ``air_ray.errors``, ``air_ray.config`` (choice lists); a tokenizer is passed in. Never a model,
-torch or Ray.
+May import: ``air_ray.errors``, ``air_ray.fsio``; a tokenizer is passed in. Never ``config`` (options are read
+by attribute; the choice lists and defaults the options use are declared here), a model, torch or Ray.
 """
 
 from pathlib import Path

@@ -109,8 +109,8 @@ def posix_hidden(path: str) -> bool:
     return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
 
 
-def unit_name(source: str, index: int) -> str:
-    """Deterministic, filesystem-safe partition name: <file stem>-<hash of the URI>-<chunk index>."""
+def unit_prefix(source: str) -> str:
+    """What every partition name of ``source`` starts with: <file stem>-<hash of the URI>-."""
     stem = source.rstrip("/").split("/")[-1]
     for ext in EXTENSIONS:
         if stem.endswith(ext):
@@ -118,7 +118,12 @@ def unit_name(source: str, index: int) -> str:
             break
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._")[:60] or "input"
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
-    return f"{stem}-{digest}-{index:05d}"
+    return f"{stem}-{digest}-"
+
+
+def unit_name(source: str, index: int) -> str:
+    """Deterministic, filesystem-safe partition name: <file stem>-<hash of the URI>-<chunk index>."""
+    return f"{unit_prefix(source)}{index:05d}"
 
 
 def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:

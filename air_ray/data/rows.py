@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from air_ray.config.commands import FORMATS
 from air_ray.data.shapes import Conversation, FieldMap, RowError, canonical_id, parse_row
-from air_ray.data.steps import THINK_TAGS, Span, check_rule, steps_and_kinds
+from air_ray.data.steps import DEFAULT_RULE, THINK_TAGS, Span, check_rule, parse_think_tags, steps_and_kinds
 
-__all__ = ["Conversation", "FieldMap", "PreparedRow", "RowError", "RowPreparer", "canonical_id", "parse_row",
-           "raw_prompt", "render_response"]
+__all__ = ["FORMATS", "Conversation", "FieldMap", "PreparedRow", "RowError", "RowPreparer", "canonical_id",
+           "parse_row", "raw_prompt", "render_response"]
+
+FORMATS = ("chat", "raw")  # how a row's prompt becomes token ids (the module doc); the first is the default
 
 
 @dataclass
@@ -96,7 +97,7 @@ def raw_prompt(prompt, tools: list[dict] | None = None) -> str:
 class RowPreparer:
     """Tokenizes rows and splits their steps; the same ids in every backend."""
 
-    def __init__(self, tokenizer, format: str = "chat", steps: str = "lines", max_tokens: int | None = None,
+    def __init__(self, tokenizer, format: str = FORMATS[0], steps: str = DEFAULT_RULE, max_tokens: int | None = None,
                  truncate: bool = False, fields: FieldMap = FieldMap(), think_tags: tuple[str, str] = THINK_TAGS):
         from air_ray.errors import AirRayError
 
@@ -118,7 +119,7 @@ class RowPreparer:
     def of(cls, tokenizer, options, max_tokens: int | None = None, format: str | None = None) -> "RowPreparer":
         """From an options object (``air_ray.config``: format, steps, truncate, the field map, think tags);
         ``format`` for options that have none (export, report: the format the scores record)."""
-        return cls(tokenizer, format=format or options.format, steps=getattr(options, "steps", "lines"),
+        return cls(tokenizer, format=format or options.format, steps=getattr(options, "steps", DEFAULT_RULE),
                    max_tokens=max_tokens, truncate=getattr(options, "truncate", False), fields=FieldMap.of(options),
                    think_tags=think_tags_of(options))
 
@@ -240,7 +241,4 @@ class RowPreparer:
 def think_tags_of(options) -> tuple[str, str]:
     """``--think-tags OPEN,CLOSE`` -> (OPEN, CLOSE); the default tags when unset."""
     value = getattr(options, "think_tags", None)
-    if not value:
-        return THINK_TAGS
-    open_tag, _, close_tag = value.partition(",")
-    return open_tag, close_tag
+    return parse_think_tags(value) if value else THINK_TAGS

@@ -44,8 +44,16 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 RULES = ("lines", "paragraphs", "think", "regex:PATTERN")
-THINK_TAGS = ("<think>", "</think>")
-KINDS = ("think", "answer", "text")
+DEFAULT_RULE = RULES[0]
+THINK_TAGS = ("<think>", "</think>")  # the default tags around reasoning (``--think-tags``)
+
+
+def parse_think_tags(text: str) -> tuple[str, str]:
+    """``"OPEN,CLOSE"`` (the form of ``--think-tags``) -> ``(OPEN, CLOSE)``; AirRayError for anything else."""
+    open_tag, sep, close_tag = text.partition(",")
+    if not sep or not open_tag or not close_tag or "," in close_tag:
+        raise AirRayError(f"--think-tags {text!r}: expected OPEN,CLOSE (e.g. {','.join(THINK_TAGS)})")
+    return open_tag, close_tag
 
 
 def check_rule(rule: str) -> str:
@@ -58,11 +66,11 @@ def check_rule(rule: str) -> str:
     raise AirRayError(f"unknown step rule {rule!r}: expected lines, paragraphs, think or regex:PATTERN")
 
 
-def split_steps(text: str, rule: str = "lines", think_tags: tuple[str, str] = THINK_TAGS) -> list[Span]:
+def split_steps(text: str, rule: str = DEFAULT_RULE, think_tags: tuple[str, str] = THINK_TAGS) -> list[Span]:
     return steps_and_kinds(text, rule, think_tags)[0]
 
 
-def steps_and_kinds(text: str, rule: str = "lines",
+def steps_and_kinds(text: str, rule: str = DEFAULT_RULE,
                     think_tags: tuple[str, str] = THINK_TAGS) -> tuple[list[Span], list[str]]:
     """(step spans, their kinds) of ``text`` under ``rule``."""
     if rule == "think":

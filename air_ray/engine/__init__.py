@@ -6,6 +6,6 @@ without [tokens x vocab] logits and shares the layers below the first critical h
 ``backends`` gives one interface over transformers (``hf``) and vLLM (``vllm``); ``scorer.Scorer`` ties rows,
 backend and the influence math together.
 
-May import: ``air_ray.errors``, ``config``, ``influence``, ``data``, ``models``, and ``heads.artifact`` (reading
-heads.json); torch, transformers and vLLM. Never Ray or the CLI.
+May import: ``air_ray.errors``, ``config``, ``influence``, ``data``, ``models``, ``store`` (heads.json, the ``Heads``
+value); torch, transformers and vLLM. Never Ray or the CLI.
 """

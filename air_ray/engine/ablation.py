@@ -40,8 +40,10 @@ _HEADS = "_air_ray_uniform_heads"  # attribute of an attention module while abla
 
 def check_heads(heads, shape: tuple[int, int, int, int]) -> list[tuple[int, int]]:
     """The heads as sorted unique (layer, head) pairs, each checked against the model's shape."""
+    from air_ray.store.heads import Heads
+
     n_layers, n_heads = shape[0], shape[1]
-    out = sorted({(int(l), int(h)) for l, h in heads})
+    out = list(Heads.of(heads))
     for l, h in out:
         if not (0 <= l < n_layers and 0 <= h < n_heads):
             raise AirRayError(f"head ({l}, {h}) does not exist in a model of {n_layers}x{n_heads} heads")

@@ -1,23 +1,13 @@
 """Keep freed memory in the process while a model scores on the CPU (glibc only).
 
-glibc hands a block over its mmap threshold (128 kB, raised as blocks are freed, to at most 32 MB) to the OS when
-it is freed, and serves the next one from fresh pages that the kernel faults in and zeroes on first touch. A
-scoring batch of 8,192 tokens allocates and frees blocks of 19 MB (each [tokens, d_model] activation of
-SmolLM2), 50 MB (the MLP's [tokens, 1536]) and 67 MB (a [341, vocab] chunk of logits) in every layer. On some
-corpora the process then spends over a tenth of its CPU time faulting pages in: the 96 last rows of the bundled GSM8K
-sample (float32, 2 cores) took 4.4-5.6 million page faults and 11-15 s of system time in 54-60 s runs; with freed
-memory kept, 0.2 million, 1.5-2.7 s, and 46-53 s (12 % less on average). Where the blocks' sizes suit glibc's
-dynamic threshold it gains less (the 96 first rows: 54.1 -> 49.2 s; interleaved in the bench: 0-3 %), and the
-peak RSS grows by up to ~150 MB (the heap keeps a few freed blocks that an aligned allocation of the same size
-cannot take). bench/RESULTS.md, run H. Elementwise work on such blocks is what gains: the MLP's
-``silu(gate) * up`` on [8140, 1536] took 42 ms with fresh pages and 12 ms with reused ones.
-
-``hold()`` raises the mmap and trim thresholds to their maximum while a CPU model is open, so freed blocks stay
-in the heap and are reused; ``release()`` by the last holder sets glibc's documented defaults back (128 kB; its
-dynamic adjustment stays off once a threshold has been set) and returns the kept memory (``malloc_trim``). The
-figures above are from scoring in a process's main thread (the in-process executor, the bench); a Ray actor runs
-its stage in a worker thread, whose glibc arena has heaps of its own. Other C libraries (musl, macOS): nothing
-changes.
+glibc hands a block over its mmap threshold back to the OS when it is freed and serves the next one from fresh
+pages that the kernel faults in and zeroes; a scoring batch allocates and frees such blocks (activations, a chunk of
+logits) in every layer, and on some corpora the process then spends a large share of its time faulting pages in
+(measured in bench/RESULTS.md, run H). ``hold()`` raises the mmap and trim thresholds to their maximum while a CPU
+model is open, so freed blocks stay in the heap and are reused (the peak RSS grows by the few blocks the heap
+keeps); ``release()`` by the last holder sets glibc's documented defaults back (128 kB; its dynamic adjustment stays
+off once a threshold has been set) and returns the kept memory (``malloc_trim``). A Ray actor runs its stage in a
+worker thread, whose glibc arena has heaps of its own. Other C libraries (musl, macOS): nothing changes.
 """
 
 from __future__ import annotations

@@ -31,11 +31,11 @@ PREFIX_SAFE_DECODERS = frozenset(f.decoder for f in FAMILIES.values())
 
 
 def default_batch_tokens(device) -> int:
-    """The token budget of one batch when ``--batch-tokens`` is not given. On the CPU 4096: smaller blocks per
-    layer (bench/RESULTS.md run I: 96 GSM8K rows under SmolLM2-135M in one call, 2.5-10 % faster than 8192 in
-    four runs of four; in the bench's 24-row rounds faster in four runs of five, -5..+6 %; less peak memory); on a
-    GPU 8192, where larger batches fill the device."""
-    return 4096 if str(device).split(":")[0] == "cpu" else 8192
+    """The token budget of one batch when ``--batch-tokens`` is not given, by device
+    (``air_ray.config.commands.BATCH_TOKENS``, where the option declares it)."""
+    from air_ray.config.commands import BATCH_TOKENS
+
+    return BATCH_TOKENS["cpu" if str(device).split(":")[0] == "cpu" else "gpu"]
 
 
 def batch_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:

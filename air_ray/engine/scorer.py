@@ -17,15 +17,8 @@ from air_ray.engine.ablation import check_heads
 from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, copy_mask, influence
-from air_ray.models.families import family_of
-from air_ray.models.load import load_config, load_tokenizer, model_shape, resolve_device, resolve_dtype
-from air_ray.models.resolve import prepare_model
-
-SCORE_COLUMNS = (
-    "id", "domain", "n_prompt_tokens", "n_response_tokens", "loss_base", "loss_ref", "score",
-    "step_spans", "step_token_counts", "step_scores", "step_weights", "truncated", "entropy_base", "step_kinds",
-    "n_copy_tokens", "delta_copy",
-)
+from air_ray.models.load import resolve_device, resolve_dtype
+from air_ray.models.open import open_model
 
 
 class Scorer:
@@ -34,12 +27,14 @@ class Scorer:
     ``options``: an ``EngineOptions`` (a ``ScoreConfig`` is one), or the model spec as a string; keyword
     arguments set options by name (``Scorer(model=..., heads=..., dtype="float32")``). ``heads`` may also be a
     loaded heads document or a list of (layer, head). Placement, not options: ``gpus`` (GPUs this process
-    holds), ``shard`` (hf: spread over every visible GPU), ``share_prefix`` (hf: False = two full passes).
+    holds; vllm: tensor parallel over them), ``threads`` (CPU threads the backend runs on; None: as the process
+    has them), and the hf backend's own ``shard`` (spread over every visible GPU) and ``share_prefix`` (False = two
+    full passes).
     """
 
     def __init__(self, options: EngineOptions | str | None = None, heads=None, *, gpus: float = 0,
-                 shard: bool = False, share_prefix: bool = True, **overrides):
-        from air_ray.heads.artifact import load_heads
+                 threads: int | None = None, shard: bool = False, share_prefix: bool = True, **overrides):
+        from air_ray.store.heads import load_heads
 
         if isinstance(options, str):
             overrides["model"] = options
@@ -53,13 +48,11 @@ class Scorer:
         if overrides:
             options = options.replace(**overrides)
         self.options = opts = options.validate()
-        self.ref = prepare_model(opts.model, allow_pickle=opts.allow_pickle)
-        self.tokenizer = load_tokenizer(self.ref, trust_remote_code=opts.trust_remote_code)
+        # a model outside the supported families: one line, before any weights load
+        opened = open_model(opts, check_family=True)
+        self.ref, self.tokenizer, config, shape = opened.ref, opened.tokenizer, opened.config, opened.shape
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
-        config = load_config(self.ref, trust_remote_code=opts.trust_remote_code)
-        family_of(config)  # a model outside the supported families: one line, before any weights load
-        shape = model_shape(config)
         if heads is None:
             self.heads_doc = load_heads(opts.heads, fingerprint=self.ref.fingerprint, shape=shape,
                                         allow_mismatch=opts.allow_model_mismatch)
@@ -72,7 +65,7 @@ class Scorer:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.backend: Backend | None = open_backend(opts.backend, BackendSpec(
             ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
-            pad_id=pad_id, gpus=gpus, shard=shard, share_prefix=share_prefix))
+            pad_id=pad_id, gpus=gpus, threads=threads), shard=shard, share_prefix=share_prefix)
         self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -143,7 +136,7 @@ class Scorer:
 
     def describe(self) -> dict:
         """What produced these scores: recorded in every artifact."""
-        import air_ray
+        from air_ray.version import __version__
 
         o = self.options
         return {
@@ -160,6 +153,6 @@ class Scorer:
             "step_weight_max": o.step_weight_max,
             "step_temperature": o.step_temperature,
             "base_loss_floor": o.base_loss_floor,
-            "version": air_ray.__version__,
+            "version": __version__,
             "scoring_version": SCORING_VERSION,
         }

@@ -9,7 +9,7 @@ From one scoring run (``--scores``, the pool ``--input``):
    ``matched_random`` (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's difficulty).
    Every selection must hold exactly ``top_k`` rows;
 2. **train** a student on each from the same initial weights with the same hyperparameters through
-   ``air_ray.outputs.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
+   ``air_ray.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
    ``score_weighted`` (the score selection with its step weights). A deterministic strategy trains once per training
    seed ``0..seeds-1``; random subset ``j`` is one student (selection seed ``j``, training seed ``j mod seeds``);
 3. **evaluate** every student on the held-out rows (``--eval-input``, none of them in the pool) with
@@ -44,6 +44,7 @@ from air_ray.config.commands import CompareConfig, SelectConfig, TrainConfig
 from air_ray.errors import AirRayError
 from air_ray.fsio import local_fs, write_bytes_atomic, write_json_atomic
 from air_ray.outputs.stats import null_position
+from air_ray.store.layout import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, CompareLayout
 
 METRICS = (("loss", "held-out loss (nats/token)", True), ("accuracy", "exact match", False))  # lower is better?
 NULLS = ("random", "matched_random")
@@ -150,13 +151,13 @@ def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids
     """``{run name: key}``: a hash of everything that determines one run's result: the model, the scores it selects
     from, the training and evaluation options, the strategy, its selection and training seeds and the held-out
     rows (``initial``: the initial model's evaluation)."""
-    import air_ray
+    from air_ray.version import __version__
 
     doc = {name: getattr(cfg, name) for name in
            ("dtype", "format", "max_steps", "lr", "batch_size", "max_length", "grad_accum", "bf16", "add_eos",
             "top_k", "max_new_tokens", "think_tags", "prompt_field", "response_field", "reasoning_field",
             "messages_field", "id_field", "domain_field")}
-    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=air_ray.__version__,
+    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=__version__,
                held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest())
     pool = _scores_signature(cfg.scores)
     placebo = _scores_signature(cfg.placebo_scores) if cfg.placebo_scores else None
@@ -176,14 +177,13 @@ def _hash(doc: dict) -> str:
 
 
 def _scores_signature(scores: str) -> list:
-    from air_ray.outputs.layout import find_partitions
+    from air_ray.store.scores import open_scores
 
-    fs, files = find_partitions(scores, "compare")
-    return sorted((f, fs.size(f)) for f in files)
+    return open_scores(scores, "compare", columns=("id",)).signature()
 
 
 def _pool_ids(scores: str) -> set[str]:
-    from air_ray.outputs.layout import open_scores
+    from air_ray.store.scores import open_scores
 
     files = open_scores(scores, "compare", columns=("id",), require=("id",))
     return set(files.table(("id",)).column("id").to_pylist())
@@ -218,13 +218,13 @@ def _train_config(cfg: CompareConfig, run_dir: Path, selection: str, seed: int, 
                               save=False)).validate()
 
 
-def _select(cfg: CompareConfig, out: Path, run: Run) -> tuple[str, float | None]:
+def _select(cfg: CompareConfig, out: CompareLayout, run: Run) -> tuple[str, float | None]:
     """(the selection directory of ``run``, the selected rows' mean loss_base). Select is cheap, so it is made again
     on every invocation and always matches the scores."""
     from air_ray.outputs.select import select
 
     by, balance, scores, _ = STRATEGIES[run.strategy]
-    sel_dir = out / "selections" / run.selection_name
+    sel_dir = out.selection(run.selection_name)
     summary = select(SelectConfig(scores=cfg.placebo_scores if scores == "placebo" else cfg.scores,
                                   output=str(sel_dir), top_k=cfg.top_k, by=by, seed=run.index, balance=balance,
                                   balance_bins=cfg.balance_bins), quiet=True)
@@ -240,15 +240,15 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     """Select, train and evaluate every run of ``plan(cfg)``; write compare.json/.md/.png; return compare.json."""
     from air_ray.data.rows import FieldMap, RowPreparer
     from air_ray.evaluation.students import evaluate, read_held_out
-    from air_ray.models import load_tokenizer, prepare_model
-    from air_ray.outputs.training import load_trainable, train_weighted_sft
+    from air_ray.models import open_model
+    from air_ray.training import load_trainable, train_weighted_sft
 
     cfg = cfg.validate()
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    tokenizer = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
+    out = CompareLayout(cfg.out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    opened = open_model(cfg)
+    ref, tokenizer = opened.ref, opened.tokenizer
     render = RowPreparer.of(tokenizer, cfg).response_text
     held_out, held_counts = read_held_out(list(cfg.eval_input), FieldMap.of(cfg), render, cfg.eval_rows)
     pool_ids = _pool_ids(cfg.scores)
@@ -276,25 +276,25 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
             selections[r.selection_name] = _select(cfg, out, r)
 
     keys = run_keys(cfg, ref.fingerprint, runs, held_ids)
-    initial = _read_json(out / "runs" / "initial" / "result.json")
-    todo = [r for r in runs if (_read_json(out / "runs" / r.name / "result.json") or {}).get("key") != keys[r.name]]
+    initial = _read_json(out.result(out.INITIAL))
+    todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
     state0 = None
     if todo or (initial or {}).get("key") != keys["initial"]:
         t0 = time.perf_counter()
         first = selections[runs[0].selection_name][0]
-        _, _, model0 = load_trainable(_train_config(cfg, out / "runs" / "initial", first, 0, False))
+        _, _, model0 = load_trainable(_train_config(cfg, out.run(out.INITIAL), first, 0, False))
         state0 = {n: p.detach().float().cpu().clone() for n, p in model0.named_parameters()}
         if (initial or {}).get("key") != keys["initial"]:
             initial = {"key": keys["initial"], "strategy": "initial",
                        "eval": evaluate(model0, tokenizer, held_out, **eval_kw), "seconds": time.perf_counter() - t0}
-            write_json_atomic(local_fs(), str(out / "runs" / "initial" / "result.json"), initial)
+            write_json_atomic(local_fs(), str(out.result(out.INITIAL)), initial)
         del model0
     log(f"compare: initial model: {_figures(initial['eval'])}")
 
     results = []
     for i, r in enumerate(runs, 1):
-        run_dir = out / "runs" / r.name
-        done = _read_json(run_dir / "result.json")
+        run_dir = out.run(r.name)
+        done = _read_json(out.result(r.name))
         if done is not None and done.get("key") == keys[r.name]:
             log(f"compare: [{i}/{len(runs)}] {r.name}: done before ({_figures(done['eval'])})")
             results.append(done)
@@ -317,7 +317,7 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
             "eval": evaluate(model, tokenizer, held_out, **eval_kw),
             "seconds": time.perf_counter() - t0,
         }
-        write_json_atomic(local_fs(), str(run_dir / "result.json"), result)
+        write_json_atomic(local_fs(), str(out.result(r.name)), result)
         results.append(result)
         log(f"compare: [{i}/{len(runs)}] {r.name}: trained {result['train']['steps']} steps on "
             f"{result['train']['rows']} rows (train loss {result['train']['loss']:.4f}) in {t_train:.0f} s; "
@@ -338,11 +338,11 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     header, rows = table_rows(doc)
     doc["table"] = {"caption": caption(doc), "header": header, "rows": rows}  # what `air-ray report` shows
     md = markdown(doc)
-    write_bytes_atomic(local_fs(), str(out / "compare.md"), md.encode())
-    write_bytes_atomic(local_fs(), str(out / "compare.png"), plot(doc))
-    write_json_atomic(local_fs(), str(out / "compare.json"), doc)  # last: its presence means complete
+    write_bytes_atomic(local_fs(), str(out.file(COMPARE_MD)), md.encode())
+    write_bytes_atomic(local_fs(), str(out.file(COMPARE_PNG)), plot(doc))
+    write_json_atomic(local_fs(), str(out.file(COMPARE_JSON)), doc)  # last: its presence means complete
     log(md)
-    log(f"compare: wrote {out / 'compare.json'}, compare.md, compare.png in {doc['seconds']:.0f} s")
+    log(f"compare: wrote {out.file(COMPARE_JSON)}, {COMPARE_MD}, {COMPARE_PNG} in {doc['seconds']:.0f} s")
     return doc
 
 

@@ -94,20 +94,16 @@ def predicted_answer(text: str) -> str | None:
 def read_held_out(corpus, fields, render, limit: int | None = None) -> tuple[list[HeldOutRow], dict]:
     """The held-out rows (in file order, the first ``limit``; ``corpus`` as ``load_training_rows`` takes it) and a
     count of what was read and left out (a row that does not parse is left out and counted, never silently)."""
-    from air_ray.data.shapes import RowError, parse_row
-    from air_ray.outputs.training import corpus_rows
+    from air_ray.data.lookup import read_blocks
 
     rows: list[HeldOutRow] = []
     counts = {"rows_read": 0, "rows_unparsable": 0, "rows_duplicate_id": 0}
     seen: set[str] = set()
-    for parsed, row in corpus_rows(corpus):
+    convs = (c for block in read_blocks(corpus, fields) for c in _readable(block))
+    for conv in convs:
         if limit is not None and len(rows) >= limit:
             break
         counts["rows_read"] += 1
-        try:
-            conv = parse_row(row, fields) if parsed and row is not None else None
-        except (RowError, RecursionError):
-            conv = None
         if conv is None:
             counts["rows_unparsable"] += 1
         elif conv.id in seen:
@@ -120,6 +116,13 @@ def read_held_out(corpus, fields, render, limit: int | None = None) -> tuple[lis
         raise AirRayError(f"no usable held-out rows in {corpus} ({counts})")
     counts["rows_used"] = len(rows)
     return rows, counts
+
+
+def _readable(block):
+    """A block's conversations; a file that cannot be read is an error, not a shorter held-out set."""
+    if block.error:
+        raise AirRayError(f"corpus {block.source} cannot be read: {block.error}")
+    return block.convs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,22 +151,28 @@ def _sequence(tokenizer, row: HeldOutRow, format: str, add_eos: bool, max_length
 # the two measures
 
 
+def _by_length(items: list[tuple], batch_size: int):
+    """``(token ids, ...)`` items sorted by length, in batches: ``(batch, its longest length)``."""
+    items = sorted(items, key=lambda x: len(x[0]))
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        yield chunk, max(len(x[0]) for x in chunk)
+
+
 def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat", add_eos: bool = True,
                   max_length: int = 1024, batch_size: int = 16) -> dict:
     """Mean response loss in nats per token (every response token of every row, see the module doc)."""
     import torch
     import torch.nn.functional as F
 
-    from air_ray.outputs.training import pad_token_id
+    from air_ray.training import pad_token_id
 
     device = next(model.parameters()).device
-    seqs = sorted((_sequence(tokenizer, r, format, add_eos, max_length) for r in rows), key=lambda s: len(s[0]))
+    seqs = [_sequence(tokenizer, r, format, add_eos, max_length) for r in rows]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            n = max(len(ids) for ids, _ in chunk)
+        for chunk, n in _by_length(seqs, batch_size):
             ids = torch.full((len(chunk), n), pad_token_id(tokenizer), dtype=torch.long)  # [batch, pos]
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             labels = torch.full((len(chunk), n), IGNORE_INDEX, dtype=torch.long)  # [batch, pos]
@@ -187,20 +196,18 @@ def exact_match(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat
     first few generations are kept in the result as examples."""
     import torch
 
-    from air_ray.outputs.training import pad_token_id
+    from air_ray.training import pad_token_id
 
     device = next(model.parameters()).device
     checkable = [r for r in rows if r.answer is not None]
     if not checkable or max_new_tokens == 0:
         return {"accuracy": None, "n_checkable": len(checkable), "n_correct": 0, "examples": []}
-    prompts = sorted(((prompt_ids(tokenizer, r.prompt, format), r) for r in checkable), key=lambda x: len(x[0]))
+    prompts = [(prompt_ids(tokenizer, r.prompt, format), r) for r in checkable]
     pad = pad_token_id(tokenizer)
     correct, examples = 0, []
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            n = max(len(p) for p, _ in chunk)
+        for chunk, n in _by_length(prompts, batch_size):
             ids = torch.full((len(chunk), n), pad, dtype=torch.long)  # [batch, pos], padded on the left
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             for b, (p, _) in enumerate(chunk):

@@ -11,23 +11,20 @@ from air_ray.config.commands import HeadsConfig
 
 
 def probe_inputs(cfg: HeadsConfig):
-    """``(ModelRef, tokenized probes, probe source)``: everything detection needs but the model's weights.
+    """``(OpenModel, tokenized probes, probe source)``: everything detection needs but the model's weights.
     Cheap (the tokenizer only), so the command runs it first where it was started: a bad model name or probes file
     is a one-line error before any cluster starts."""
     from air_ray.heads.probes import read_probes, synthetic_probes, tokenize_probe
-    from air_ray.models.families import family_of
-    from air_ray.models.load import load_config, load_tokenizer
-    from air_ray.models.resolve import prepare_model
+    from air_ray.models import open_model
 
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    family_of(load_config(ref, trust_remote_code=cfg.trust_remote_code))  # outside the families: one line, now
-    tok = load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
+    model = open_model(cfg, check_family=True)  # outside the families: one line, now
+    tok = model.tokenizer
     if cfg.probes:
         probes, source = read_probes(cfg.probes), cfg.probes
     else:
         probes = synthetic_probes(tok, num=cfg.num_probes, tokens=cfg.probe_tokens, seed=cfg.seed)
         source = "synthetic-kv"
-    return ref, [tokenize_probe(tok, p) for p in probes], source
+    return model, [tokenize_probe(tok, p) for p in probes], source
 
 
 def detect_heads(cfg: HeadsConfig) -> dict:
@@ -36,20 +33,20 @@ def detect_heads(cfg: HeadsConfig) -> dict:
     import os
     import socket
 
-    from air_ray.heads.artifact import heads_doc
+    from air_ray.store.heads import heads_doc
     from air_ray.heads.detect import detect
-    from air_ray.models.load import load_model, model_shape, resolve_device
+    from air_ray.models import resolve_device
 
     t0 = time.time()
-    ref, tokens, source = probe_inputs(cfg)
+    opened, tokens, source = probe_inputs(cfg)
+    ref = opened.ref
     device = resolve_device(cfg.device)
-    model = load_model(ref, dtype=cfg.dtype, device=device, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code)
+    model = opened.load(dtype=cfg.dtype, device=device)
     print(f"[air-ray heads] {ref.name} ({ref.fingerprint}): {len(tokens)} probes, "
           f"{sum(len(t.input_ids) for t in tokens):,} tokens", file=sys.stderr, flush=True)
     det = detect(model, tokens, top_frac=cfg.head_frac, seed=cfg.seed)
     doc = heads_doc(
-        model=ref.name, fingerprint=ref.fingerprint, shape=model_shape(model), top_frac=cfg.head_frac, detection=det,
+        model=ref.name, fingerprint=ref.fingerprint, shape=opened.shape, top_frac=cfg.head_frac, detection=det,
         probes={"source": source, "count": len(tokens), "seed": cfg.seed,
                 "tokens": round(sum(len(t.input_ids) for t in tokens) / len(tokens), 1)},
     )
@@ -65,18 +62,19 @@ def detect_heads(cfg: HeadsConfig) -> dict:
 def run_heads(cfg: HeadsConfig, detect=detect_heads) -> dict:
     """Detect (``detect(cfg)``: here, or through ``run_task`` on a Ray worker) and write heads.json + heads.png
     into ``cfg.output``; returns the document."""
-    from air_ray.heads.artifact import save_heads
+    from air_ray.store.heads import save_heads
+    from air_ray.store.layout import heads_png
 
     doc = detect(cfg)
     save_heads(cfg.output, doc)
-    print(f"[air-ray heads] wrote {cfg.output} and {cfg.output.rsplit('.', 1)[0]}.png", file=sys.stderr, flush=True)
+    print(f"[air-ray heads] wrote {cfg.output} and {heads_png(cfg.output)}", file=sys.stderr, flush=True)
     return doc
 
 
 def run_placebo(cfg: HeadsConfig) -> dict:
-    """``air-ray heads --placebo --from HEADS.json``: the placebo heads document (``artifact.placebo_doc``) written
-    into ``cfg.output`` (heads.png beside it); no model is loaded."""
-    from air_ray.heads.artifact import load_heads, placebo_doc, save_heads
+    """``air-ray heads --placebo --from HEADS.json``: the placebo heads document (``air_ray.store.heads.placebo_doc``)
+    written into ``cfg.output`` (heads.png beside it); no model is loaded."""
+    from air_ray.store.heads import load_heads, placebo_doc, save_heads
 
     doc = placebo_doc(load_heads(cfg.from_), cfg.seed, cfg.from_)
     save_heads(cfg.output, doc)

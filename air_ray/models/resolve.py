@@ -77,7 +77,7 @@ def prepare_model(spec: str | None = None, *, allow_pickle: bool = False) -> Mod
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
         target = air_ray_home() / "models" / spec
-        if not _is_complete(target):
+        if not is_complete(target):
             _convert_gguf(_gguf_for_alias(spec), target)
         path = target
     elif spec.endswith(".gguf"):
@@ -86,7 +86,7 @@ def prepare_model(spec: str | None = None, *, allow_pickle: bool = False) -> Mod
             raise AirRayError(f"unknown model {spec!r}: no such GGUF file")
         digest = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:12]
         target = air_ray_home() / "models" / f"gguf-{gguf.stem}-{digest}"
-        if not _is_complete(target):
+        if not is_complete(target):
             _convert_gguf(gguf, target)
         path = target
     elif Path(spec).expanduser().is_dir():
@@ -104,7 +104,8 @@ def prepare_model(spec: str | None = None, *, allow_pickle: bool = False) -> Mod
     return ModelRef(name=spec, path=path, fingerprint=fingerprint(path))
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """A checkpoint directory air_ray finished writing (config, safetensors weights and its ``.complete`` marker)."""
     return (path / "config.json").exists() and any(path.glob("*.safetensors")) and (path / ".complete").exists()
 
 
@@ -117,7 +118,7 @@ def cached_checkpoint(target: Path, marker: dict, build) -> Path:
     import tempfile
 
     try:
-        if _is_complete(target) and json.loads((target / ".complete").read_text()) == marker:
+        if is_complete(target) and json.loads((target / ".complete").read_text()) == marker:
             return target
     except (OSError, ValueError):
         pass
@@ -232,27 +233,3 @@ def fingerprint(path: Path) -> str:
     for w in weights:
         h.update(f"\n{w.name}:{_file_sha256(w)}".encode())
     return h.hexdigest()[:16]
-
-
-def weights_dir(ref: ModelRef, dtype: str) -> Path:
-    """Where to load ``ref``'s weights in ``dtype`` from: a checkpoint air_ray converted (alias or GGUF,
-    stored in float32) gets a copy already cast to ``dtype``, made once beside it (``<name>@<dtype>``).
-
-    Loading the float32 file as bfloat16 holds the mapped float32 file and the cast copy at once (SmolLM2:
-    1.1 GB peak against 0.39 GB from a bfloat16 file), in every actor on every start. The copy is bound to
-    the fingerprint of the checkpoint it came from and remade when that changes. A user's own checkpoint is
-    loaded as it is (no second copy of a large model on disk)."""
-    home = air_ray_home() / "models"
-    if dtype == "float32" or ref.path.parent != home or not _is_complete(ref.path):
-        return ref.path
-    from transformers import AutoModelForCausalLM
-
-    from air_ray.models.load import torch_dtype
-
-    def build(tmp: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype(dtype), use_safetensors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-
-    marker = {"source": str(ref.path), "fingerprint": ref.fingerprint, "dtype": dtype}
-    cast = cached_checkpoint(home / f"{ref.path.name}@{dtype}", marker, build)
-    return cast if _is_complete(cast) else ref.path

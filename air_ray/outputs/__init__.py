@@ -1,11 +1,9 @@
 """Outputs: what a scoring run leaves behind and everything made from it.
 
-``layout`` owns the output directory (paths, Parquet schemas, listing and reading partitions, commit markers,
-manifest, selection, rescore ledger); ``select`` ranks globally; ``export`` writes the selected rows as training-ready Parquet; ``report`` writes a
-static HTML page;
-``training`` turns step weights into per-token loss weights and fine-tunes; ``columns`` holds the Arrow helpers
-select and report share.
+``select`` ranks globally; ``export`` writes the selected rows as a training-ready dataset; ``report`` writes a
+static HTML page; ``columns`` holds the Arrow helpers select and report share, ``stats`` the rank statistics select,
+report and compare share. Everything is read and written through ``air_ray.store``.
 
-May import: ``air_ray.errors``, ``fsio``, ``config``, ``influence``, ``data``, ``models``, ``heads.artifact``.
-Never Ray.
+May import: ``air_ray.errors``, ``fsio``, ``influence``, ``data``, ``models``, ``store``, ``config``. Never the engine,
+heads or Ray.
 """

@@ -38,76 +38,46 @@ reading stops once every selected id is found.
 from __future__ import annotations
 
 import json
-import posixpath
-from collections import Counter
 
 import pyarrow as pa
 
 from air_ray.config.commands import ExportConfig
 from air_ray.errors import AirRayError
 from air_ray.fsio import with_protocol, write_bytes_atomic, write_json_atomic
-from air_ray.outputs.layout import SELECTION_DIR, RunLayout, open_scores, read_selection, write_table_atomic
+from air_ray.store.layout import EXPORT_DATA_DIR, PARTITION_EXT, ExportLayout, RunLayout
+from air_ray.store.schemas import AIR_COLUMNS, EXPORT_COLUMNS, write_table_atomic
+from air_ray.store.scores import open_scores, read_selection
 
-DATA_DIR = "data"
-SUMMARY_FILE = ".export.json"
-LEGACY_SUMMARY_FILE = "export.json"  # exports written before data/ (parts beside it)
-LLAMAFACTORY_FILE = "dataset_info.json"
 LLAMAFACTORY_NAME = "air_ray_export"
-_PART = "part-{:05d}.{}"
-_EXT = {"parquet": "parquet", "jsonl": "jsonl"}
-
-_STEPS = {"step_spans": pa.list_(pa.list_(pa.int32())), "step_weights": pa.list_(pa.float64()),
-          "step_kinds": pa.list_(pa.string())}
-_SCORE_COLUMNS = {"domain": pa.string(), "score": pa.float64(), "rank": pa.int64(), **_STEPS,
-                  "scored_response": pa.string()}
-# the declared types of the columns export writes; the message structs are inferred (only keys some message has)
-COLUMN_TYPES = {"id": pa.string(), "tools": pa.string(), "reasoning_content": pa.string(), **_SCORE_COLUMNS}
-AIR_COLUMNS = {f"air_{k}": t for k, t in {"id": pa.string(), **_SCORE_COLUMNS}.items()}
 _OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                 "system_tag": "system", "observation_tag": "tool"}
 
 
 def export(cfg: ExportConfig) -> dict:
     """Write the export (see the module doc); returns the summary written to ``.export.json``."""
-    from air_ray.data.corpus import expand_inputs
+    from air_ray.data.lookup import Lookup
     from air_ray.data.shapes import FieldMap
 
     cfg = cfg.validate()
-    ranks = read_selection(cfg.selection or RunLayout(cfg.scores).uri_of(SELECTION_DIR))
+    ranks = read_selection(cfg.selection or RunLayout(cfg.scores).selection)
     steps, meta = _scored(cfg.scores, set(ranks))
     chat = (meta or {}).get("format", "chat") == "chat"
     rows = _Rows(cfg, chat, scored_text(cfg, meta))
-    out = RunLayout(cfg.output)
+    out = ExportLayout(cfg.output)
     writer = _Files(out, cfg.output_format, cfg.rows_per_file,
-                    AIR_COLUMNS if cfg.style == "original" else COLUMN_TYPES)
-    fields = FieldMap.of(cfg)
-    found: set[str] = set()
-    counts: Counter = Counter()
+                    AIR_COLUMNS if cfg.style == "original" else EXPORT_COLUMNS)
+    # the scorer kept the first record of an id: later ones, and records that are no row, were never selected
+    lookup = Lookup({i for i in ranks if i in steps}, FieldMap.of(cfg),
+                    arrow=cfg.style == "original" and cfg.output_format == "parquet")
+    found = lookup.found
     unreadable: list[dict] = []
     try:
-        for source in expand_inputs(cfg.input):
-            arrow = cfg.style == "original" and cfg.output_format == "parquet"
-            for texts, batch, error in _records(source, arrow):
-                picked = []
-                for i, text in enumerate(texts):
-                    counts["corpus_rows_read"] += 1
-                    conv = _parse(text, fields)
-                    if conv is None:
-                        counts["corpus_rows_not_scorable"] += 1  # the scorer rejected it: never selected
-                    elif conv.id in ranks and conv.id in steps:
-                        if conv.id in found:
-                            counts["corpus_rows_later_duplicates"] += 1  # the scorer kept the first
-                        else:
-                            found.add(conv.id)
-                            picked.append((i, text, conv))
-                for item in rows.build(picked, batch, steps, ranks):
-                    writer.add(item)
-                if error:
-                    unreadable.append({"source": source, "error": error})
-                if len(found) == len(ranks):
-                    break
-            if len(found) == len(ranks):
-                break
+        for block, matches in lookup.blocks(cfg.input):
+            picked = [(m.index, m.text, m.conv) for m in matches if m.first]
+            for item in rows.build(picked, block.batch, steps, ranks):
+                writer.add(item)
+            if block.error:
+                unreadable.append({"source": block.source, "error": block.error})
         missing = [i for i in ranks if i not in found]
         if missing:
             why = (f"{len(missing)} of {len(ranks)} selected ids are not in the "
@@ -123,62 +93,32 @@ def export(cfg: ExportConfig) -> dict:
                           "written")
     entry = rows.llamafactory()
     if entry:
-        write_json_atomic(out.fs, out.path(LLAMAFACTORY_FILE), {LLAMAFACTORY_NAME: entry})
-    elif out.fs.exists(out.path(LLAMAFACTORY_FILE)):
-        out.fs.rm(out.path(LLAMAFACTORY_FILE))
+        write_json_atomic(out.fs, out.llamafactory, {LLAMAFACTORY_NAME: entry})
+    elif out.fs.exists(out.llamafactory):
+        out.fs.rm(out.llamafactory)
     summary = {"rows": len(found), "selected": len(ranks), "style": cfg.style, "format": "chat" if chat else "raw",
                "output_format": cfg.output_format, "inline_reasoning": cfg.inline_reasoning,
                "files": [with_protocol(out.fs, f) for f in files], "file_rows": file_rows,
-               "corpus_rows_read": counts["corpus_rows_read"],
-               "corpus_rows_not_scorable": counts["corpus_rows_not_scorable"],
-               "corpus_rows_later_duplicates": counts["corpus_rows_later_duplicates"],
+               "corpus_rows_read": lookup.read, "corpus_rows_not_scorable": lookup.not_scorable,
+               "corpus_rows_later_duplicates": lookup.later_duplicates,
                "unreadable_files": unreadable, "schema": schema,
                "llamafactory": {"dataset_dir": cfg.output, "dataset": LLAMAFACTORY_NAME} if entry else None,
                "config": cfg.__dict__}
-    write_json_atomic(out.fs, out.path(SUMMARY_FILE), summary)
-    print(f"[air-ray export] {len(found):,} rows in {len(files)} files -> {out.uri_of(DATA_DIR)} (summary "
-          f"{out.uri_of(SUMMARY_FILE)})", flush=True)
+    write_json_atomic(out.fs, out.summary, summary)
+    print(f"[air-ray export] {len(found):,} rows in {len(files)} files -> {out.data_dir} (summary "
+          f"{with_protocol(out.fs, out.summary)})", flush=True)
     return summary
 
 
 def _scored(scores_uri: str, ids: set[str]) -> tuple[dict[str, dict], dict | None]:
     """{id: domain, score and step columns} of the selected ids (the first row of an id), and the metadata of
     the scores (model, format)."""
-    import pyarrow.dataset as ds
-
     columns = ("id", "domain", "score", "step_spans", "step_weights", "step_kinds")
     scores = open_scores(scores_uri, "export", columns=columns, require=("id", "step_spans", "step_weights"))
     out: dict[str, dict] = {}
-    table = scores.table(columns, filter=ds.field("id").isin(pa.array(sorted(ids), pa.string())))
-    for row in table.to_pylist():
+    for row in scores.rows_of(ids, columns).to_pylist():
         out.setdefault(row["id"], row)
     return out, scores.metadata()
-
-
-def _records(source: str, arrow: bool):
-    """(raw records, the Arrow batch they are (``arrow`` and a Parquet/Arrow source) or None, the file's error
-    or None) of one corpus file, block by block, in the scorer's order. A file that cannot be read (or breaks off)
-    gives its records so far, then its error, as the scorer read it."""
-    from air_ray.data.corpus import is_arrow_file, read_chunks, record_batches, record_text
-
-    if arrow and is_arrow_file(source):
-        try:
-            for batch in record_batches(source):
-                yield [record_text(r) for r in batch.to_pylist()], batch, None
-        except Exception as e:
-            yield [], None, f"{type(e).__name__}: {e}"[:500]
-        return
-    for chunk in read_chunks(source, 1024):
-        yield chunk.texts, None, chunk.file_error
-
-
-def _parse(text, fields):
-    from air_ray.data.shapes import RowError, load_record, parse_row
-
-    try:
-        return parse_row(load_record(text), fields)
-    except (RowError, RecursionError):
-        return None
 
 
 def scored_text(options, meta: dict | None, need_model: bool = True):
@@ -197,10 +137,12 @@ def scored_text(options, meta: dict | None, need_model: bool = True):
         if not preparer:
             preparer.append(None)
             if meta and meta.get("format", "chat") == "chat" and meta.get("model"):
-                from air_ray.models import load_tokenizer, prepare_model
+                from air_ray.config import ModelOptions
+                from air_ray.models import open_model
 
-                try:
-                    preparer[0] = RowPreparer.of(load_tokenizer(prepare_model(meta["model"])), options, format="chat")
+                try:  # the scoring model, opened as the scorer opened it (its recorded name, default options)
+                    tokenizer = open_model(ModelOptions(model=meta["model"])).tokenizer
+                    preparer[0] = RowPreparer.of(tokenizer, options, format="chat")
                 except AirRayError:
                     if need_model:
                         raise
@@ -307,7 +249,7 @@ class _Rows:
     def llamafactory(self) -> dict | None:
         """The dataset_info.json entry (keys of LLaMA-Factory's data/README.md) for a formatting of LLaMA-Factory's
         that reads this export as it is, or None."""
-        entry: dict = {"file_name": DATA_DIR}
+        entry: dict = {"file_name": EXPORT_DATA_DIR}
         style, cfg = self.cfg.style, self.cfg
         if style == "messages" or (style == "original" and self.shapes == {"messages"} and cfg.messages_field is None
                                    and cfg.prompt_field is None and cfg.response_field is None):
@@ -335,7 +277,7 @@ class _Files:
     ``commit`` gives every Parquet file one schema (the union of the files' columns and struct fields), renames
     them into place and removes parts of an earlier export that are not replaced; ``abort`` removes them."""
 
-    def __init__(self, out: RunLayout, fmt: str, rows_per_file: int, types: dict):
+    def __init__(self, out: ExportLayout, fmt: str, rows_per_file: int, types: dict):
         self.out, self.fmt, self.n, self.types = out, fmt, rows_per_file, types
         self.items: list = []
         self.count = 0
@@ -348,7 +290,7 @@ class _Files:
             self._flush(self.n)
 
     def _path(self, i: int, hidden: bool) -> str:
-        return self.out.path(DATA_DIR, ("." if hidden else "") + _PART.format(i, _EXT[self.fmt]))
+        return self.out.part(i, self.fmt, hidden)
 
     def _flush(self, n: int) -> None:
         path = self._path(len(self.hidden), hidden=True)
@@ -370,12 +312,12 @@ class _Files:
         fs = self.out.fs
         schema = self._unify() if self.fmt == "parquet" and self.hidden else None
         final = [self._path(i, hidden=False) for i in range(len(self.hidden))]
-        stale = fs.glob(self.out.path(DATA_DIR, "part-*")) + fs.glob(self.out.path("part-*.parquet"))
-        for old in stale:  # an earlier export's parts (and those of the layout before data/)
+        for old in self.out.stale_parts():  # an earlier export's parts (and those of the layout before data/)
             if old not in final:
                 fs.rm(old)
-        if fs.exists(self.out.path(LEGACY_SUMMARY_FILE)):
-            fs.rm(self.out.path(LEGACY_SUMMARY_FILE))
+        for old in self.out.summaries()[1:]:  # the summary of the layout before data/
+            if fs.exists(old):
+                fs.rm(old)
         for (tmp, _), path in zip(self.hidden, final):
             fs.mv(tmp, path)
         return final, [n for _, n in self.hidden], schema.to_string(show_schema_metadata=False) if schema else None
@@ -458,9 +400,8 @@ def export_summary(uri: str) -> dict | None:
     """The summary of the export at ``uri`` (``.export.json``, or ``export.json`` of the layout before data/), or
     None when ``uri`` is no export."""
     try:
-        out = RunLayout(uri)
-        for name in (SUMMARY_FILE, LEGACY_SUMMARY_FILE):
-            path = posixpath.join(out.root, name)
+        out = ExportLayout(uri)
+        for path in out.summaries():
             if out.fs.exists(path):
                 with out.fs.open(path, "rb") as f:
                     return json.loads(f.read())
@@ -480,16 +421,16 @@ def read_export(uri: str) -> list[dict]:
 
     from air_ray.data.shapes import FieldMap, RowError, parse_row
 
-    out = RunLayout(uri)
+    out = ExportLayout(uri)
     summary = export_summary(uri) or {}
-    files = sorted(out.fs.glob(out.path(DATA_DIR, "part-*"))) or sorted(out.fs.glob(out.path("part-*.parquet")))
+    files = out.parts()
     if not files:
         raise AirRayError(f"no export at {uri} (no data/part-*; run `air-ray export`)")
     fields = FieldMap.of(_Namespace(summary.get("config") or {}))
     examples = []
     for path in files:
         with out.fs.open(path, "rb") as f:
-            rows = pq.read_table(f).to_pylist() if path.endswith(".parquet") else \
+            rows = pq.read_table(f).to_pylist() if path.endswith(PARTITION_EXT) else \
                 [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
         for row in rows:
             if "air_rank" in row:  # style original: the source record, read as the scorer read it

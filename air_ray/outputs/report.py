@@ -11,9 +11,9 @@ Memory and reads
   16 bytes a row) and the best / worst ``K`` rows as small Arrow tables, reduced after every batch with
   ``pyarrow.compute.select_k_unstable`` (score, then id ascending): no full sort, no Python object per row.
 * Pass 2 reads the remaining columns of those ``2K`` rows only (a pushed-down ``id`` filter).
-* The scores do not hold the text: each shown row's ``source`` file is streamed with
-  ``air_ray.data.corpus.read_chunks`` and its records parsed with ``air_ray.data.rows.split_row`` (which gives the id a
-  row was scored under, explicit or canonical) until every wanted id of that file is found. Only the sources
+* The scores do not hold the text: each shown row's ``source`` file is read back with ``air_ray.data.lookup.Lookup``
+  (the id a row was scored under, explicit or canonical; the first record of an id, as the scorer kept it) until
+  every wanted id of that file is found. Only the sources
   of the shown rows are read. A row whose text is not found is shown with its steps and no text, saying why.
 
 Everything taken from the data (responses, prompts, ids, domains, URIs) is HTML-escaped; the page loads
@@ -36,7 +36,9 @@ import pyarrow.compute as pc
 
 from air_ray.errors import AirRayError
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
-from air_ray.outputs.layout import ScoreFiles, find_selection, open_scores, selected_among
+from air_ray.store.layout import COMPARE_JSON, COMPARE_PNG, CompareLayout, ReportLayout, RunLayout
+from air_ray.store.schemas import RANK_ORDER
+from air_ray.store.scores import ScoreFiles, find_selection, open_scores, selected_among, selection_ids
 
 K = 20                      # rows shown at each end
 MAX_TEXT_CHARS = 20_000     # a longer response is cut for display (the steps after the cut are listed, not shown)
@@ -46,7 +48,7 @@ SCATTER_POINTS = 20_000     # the scatter plot draws a fixed-seed sample of at m
 HIST_BINS = 50
 _BATCH_ROWS = 65_536
 
-TOP_KEYS = [("score", "descending"), ("id", "ascending")]
+TOP_KEYS = RANK_ORDER
 BOTTOM_KEYS = [("score", "ascending"), ("id", "ascending")]
 _PASS1 = ["id", "score", "domain", "n_response_tokens", "loss_base", "loss_ref", "entropy_base", "n_copy_tokens",
           "delta_copy"]
@@ -167,32 +169,22 @@ def find_texts(wanted: dict[str, set[str]], fields=None, render=None
 
     Each source is streamed once and read only until all its wanted ids are found. ``fields``: the field map
     used for scoring; ``render``: conversation -> the scored response text (default: the think tags)."""
-    from air_ray.data.corpus import read_chunks
-    from air_ray.data.rows import FieldMap, RowError, parse_row, render_response
+    from air_ray.data.lookup import Lookup
+    from air_ray.data.rows import FieldMap, render_response
 
     fields, render = fields or FieldMap(), render or render_response
 
     found: dict = {}
     problems: dict = {}
     for source, ids in wanted.items():
-        left = set(ids)
+        lookup = Lookup(set(ids), fields, expand=False)  # the source as the scores name it
         error = None
-        for chunk in read_chunks(source, 1024):
-            for text in chunk.texts:
-                if text is None:
-                    continue
-                try:
-                    conv = parse_row(json.loads(text), fields)
-                except (json.JSONDecodeError, RowError, RecursionError):
-                    continue
-                if conv.id in left:
-                    left.discard(conv.id)
-                    found[(source, conv.id)] = {"prompt": conv.prompt, "response": render(conv)}
-            if chunk.file_error:
-                error = chunk.file_error
-            if not left:
-                break
-        if left:
+        for block, matches in lookup.blocks([source]):
+            for m in matches:
+                if m.first:
+                    found[(source, m.conv.id)] = {"prompt": m.conv.prompt, "response": render(m.conv)}
+            error = block.error or error
+        if not lookup.done:
             problems[source] = (f"the source file cannot be read ({error})" if error
                                 else "no row with this id in the source file")
     return found, problems
@@ -383,7 +375,7 @@ def _bias_html(bias: dict, from_selection: bool) -> str:
                                + [d["spearman"].get(c) for c in BIAS_ROWS]
                                + [d["pool_mean"].get("loss_base"), d["selected_mean"].get("loss_base")]
                                for d in bias["domains"]]))
-    out.append('<div class="plots"><img src="score_vs_loss.png" alt="score vs loss_base, selected rows marked">'
+    out.append(f'<div class="plots"><img src="{ReportLayout.LOSS}" alt="score vs loss_base, selected rows marked">'
                "</div>")
     return "".join(out)
 
@@ -433,7 +425,7 @@ def _placebo_html(agree: dict | None, uri: str | None, heads_info: str) -> str:
     return (f'<p>The same rows scored with placebo heads (<code>{_e(uri)}</code>{heads_info}): as many heads, drawn at '
             "random among the non-critical ones. The closer the two rankings, the less of this one is specific to the "
             "critical heads.</p>" + _table(["", "value"], rows) + overlap +
-            '<div class="plots"><img src="placebo.png" alt="score against the placebo score"></div>')
+            f'<div class="plots"><img src="{ReportLayout.PLACEBO}" alt="score against the placebo score"></div>')
 
 
 def plot_placebo(agree: dict, out: Path) -> None:
@@ -465,8 +457,9 @@ def _copy_html(sc: Scan) -> str:
             + _table(["response tokens", "tokens", "mean L_ref − L_base (nats)"], rows))
 
 
-def _weights_html(manifest: dict | None) -> str:
-    w = (manifest or {}).get("step_weights")
+def _weights_html(manifest) -> str:
+    """``manifest``: the run's ``Manifest`` (None without one)."""
+    w = manifest.step_weights if manifest is not None else None
     if not w:
         return '<p class="note">No step-weight statistics (no <code>_manifest.json</code> with them).</p>'
     share = w.get("effective_token_share") or {}
@@ -678,26 +671,26 @@ def _selection_html(sel: dict | None, sel_dir: str | None) -> str:
 def _compare_html(scores: str, compare: str | None, out: Path) -> str:
     """The section of an ``air-ray compare`` result (``compare.json``'s table, and its plot copied beside the page);
     empty when there is none beside the run and none was given."""
-    from air_ray.config.commands import COMPARE_DIR
     from air_ray.fsio import open_uri
 
-    base = (compare or f"{scores.rstrip('/')}/{COMPARE_DIR}").rstrip("/")
-    base = posixpath.dirname(base) if base.endswith(".json") else base
+    given = compare or CompareLayout.default(scores)
+    base = posixpath.dirname(CompareLayout.uri_of(given, COMPARE_JSON))
     try:
-        with open_uri(f"{base}/compare.json", "rt") as f:
+        with open_uri(CompareLayout.uri_of(given, COMPARE_JSON), "rt") as f:
             doc = json.load(f)
-        with open_uri(f"{base}/compare.png", "rb") as f:
-            (out / "compare.png").write_bytes(f.read())
+        with open_uri(CompareLayout.uri_of(given, COMPARE_PNG), "rb") as f:
+            ReportLayout(out).image(ReportLayout.COMPARE).write_bytes(f.read())
     except FileNotFoundError:
         if compare:
-            raise AirRayError(f"report: no compare.json and compare.png at {compare} (run `air-ray compare`)") from None
+            raise AirRayError(f"report: no {COMPARE_JSON} and {COMPARE_PNG} at {compare} (run `air-ray compare`)") \
+                from None
         return ""
     except (OSError, ValueError) as e:
         raise AirRayError(f"report: compare result {base} cannot be read: {e}") from None
     header, rows = doc["table"]["header"], doc["table"]["rows"]
     return (f'<h2 id="compare">Selection strategies compared</h2>\n<p>{_e(doc["table"]["caption"])} '
             f'(<code>{_e(base)}</code>)</p>\n' + _table(header, rows) +
-            '\n<div class="plots"><img src="compare.png" alt="students per selection strategy"></div>')
+            f'\n<div class="plots"><img src="{ReportLayout.COMPARE}" alt="students per selection strategy"></div>')
 
 
 def _summary_html(sc: Scan) -> str:
@@ -723,7 +716,7 @@ def _heads_html(doc: dict | None, heads_uri: str | None, heatmap: bool, meta: di
         out.append('<p class="note">No heads.json given (<code>--heads</code>).</p>')
     else:
         if heatmap:
-            out.append('<img src="heads.png" alt="retrieval score of every head">')
+            out.append(f'<img src="{ReportLayout.HEADS}" alt="retrieval score of every head">')
         else:
             out.append('<p class="note">heads.json has no per-head "scores": no heatmap.</p>')
         out.append(f'<p>{len(doc["heads"])} critical heads from <code>{_e(heads_uri)}</code> (model '
@@ -758,8 +751,7 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     output of ``air-ray compare`` (default: ``<scores>/compare`` when there); ``placebo_scores``: the same corpus
     scored with placebo heads (``air-ray heads --placebo``)."""
     from air_ray.fsio import local_fs, write_bytes_atomic
-    from air_ray.heads.artifact import load_heads, plot_heads
-    from air_ray.outputs.layout import RunLayout, selection_ids
+    from air_ray.store.heads import load_heads, plot_heads
 
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -773,18 +765,19 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     compared = _compare_html(scores, compare, out)
     bias = (sel or {}).get("bias")
     bias_html = _bias_html(bias, True) if bias else _bias_html(run_bias(sc), False)
-    plot_score_vs_loss(sc, out / "score_vs_loss.png")
+    layout = ReportLayout(out)
+    plot_score_vs_loss(sc, layout.image(layout.LOSS))
     agree, heads_info = None, ""
     if placebo is not None:
         n_ok = int(np.isfinite(sc.scores).sum())
         ks = [(sel or {}).get("counts", {}).get("rows_selected") or 0] + [math.ceil(f * n_ok) for f in (0.05, 0.1, 0.2)]
         agree = placebo_agreement(files, placebo, ks)
-        plot_placebo(agree, out / "placebo.png")
+        plot_placebo(agree, layout.image(layout.PLACEBO))
         pmeta = placebo.metadata() or {}
         if pmeta.get("heads") is not None:
             heads_info = "; heads " + ", ".join(f"L{int(l)}.H{int(h)}" for l, h in pmeta["heads"])
     try:
-        manifest = RunLayout(scores).read_manifest()
+        manifest = RunLayout(scores).manifest()
     except Exception:  # a folder of partitions without a run around it
         manifest = None
 
@@ -794,10 +787,10 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
         doc = dict(heads_doc)
         doc.setdefault("model", "?")
         doc.setdefault("top_frac", len(doc["heads"]) / max(1, np.asarray(doc["scores"]).size))
-        plot_heads(doc, out / "heads.png")
+        plot_heads(doc, layout.image(layout.HEADS))
         heatmap = True
-    plot_histogram(sc, out / "score_hist.png")
-    plot_scatter(sc, out / "score_vs_length.png")
+    plot_histogram(sc, layout.image(layout.HISTOGRAM))
+    plot_scatter(sc, layout.image(layout.LENGTH))
 
     # the extreme rows, their details and texts
     ends = {"top": list(zip(sc.top.column("id").to_pylist(), sc.top.column("score").to_pylist())),
@@ -858,8 +851,8 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
 {_heads_html(heads_doc, heads, heatmap, sc.metadata)}
 <h2 id="scores">Scores</h2>
 {_summary_html(sc)}
-<div class="plots"><img src="score_hist.png" alt="score histogram">
-<img src="score_vs_length.png" alt="score vs response length"></div>
+<div class="plots"><img src="{layout.HISTOGRAM}" alt="score histogram">
+<img src="{layout.LENGTH}" alt="score vs response length"></div>
 <h2 id="top">Top {k} rows (highest score)</h2>
 {overlap}{colors.legend()}
 {rows_html("top")}
@@ -870,6 +863,6 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
 span) is coloured by its step score; hover a step for its score, weight and token count.</p>
 </body></html>
 """
-    index = out / "index.html"
+    index = layout.page
     write_bytes_atomic(local_fs(), str(index.resolve()), page.encode("utf-8"))
     return str(index)

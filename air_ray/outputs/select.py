@@ -61,8 +61,7 @@ Two streaming passes over record batches, reading only the needed columns (never
 
 The last step sorts the kept rows (at most ``sum k``) by (score desc, id asc) and numbers them.
 Both passes must read exactly the rows the footers announce; otherwise the scores changed under us (AirRayError).
-Measured (``bench/select_memory.py``, 2 cores): 10 M rows in 100 partitions, ``top_frac=0.1`` -> 8-13 s and
-0.42-0.51 GB peak RSS, against 143-155 s and 16 GB for ``pandas.read_parquet`` + ``sort_values``.
+Time and memory against a pandas sort: ``bench/select_memory.py`` (README, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -70,7 +69,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import posixpath
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -81,16 +79,16 @@ import pyarrow.compute as pc
 from air_ray.config.commands import SelectConfig
 from air_ray.config.options import warn
 from air_ray.errors import AirRayError
-from air_ray.fsio import url_to_fs, with_protocol, write_bytes_atomic
+from air_ray.fsio import with_protocol, write_bytes_atomic
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
-from air_ray.outputs.layout import SCORES, SELECTION, SELECTION_FILES, ScoreFiles, open_scores, \
-    with_metadata, write_table_atomic
 from air_ray.outputs.stats import spearman
+from air_ray.store.layout import SelectionLayout
+from air_ray.store.schemas import RANK_ORDER, SCORES, SELECTION, with_metadata, write_table_atomic
+from air_ray.store.scores import ScoreFiles, open_scores
 
 QUANTILES = (("p0", 0.0), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90),
              ("p99", 0.99), ("p100", 1.0))
 HIST_BINS = 100
-SORT_KEYS = [("score", "descending"), ("id", "ascending")]
 BIAS_COLUMNS = ("loss_base", "entropy_base", "n_response_tokens")  # what the bias audit relates the ranking to
 BIAS_SAMPLE = 200_000  # Spearman's rho over at most this many evenly spaced candidate rows
 BIAS_WARN = 0.5  # |rho(value, loss_base)| from which select warns (ranking by score or delta, unbalanced)
@@ -331,7 +329,7 @@ def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, group
             buffers.setdefault(g, []).append(t)
             buffered[g] += t.num_rows
             if buffered[g] > max(2 * int(groups.k[g]), _COMPACT_MIN):
-                buffers[g] = [top_k(buffers[g], int(groups.k[g]), SORT_KEYS)]
+                buffers[g] = [top_k(buffers[g], int(groups.k[g]), RANK_ORDER)]
                 buffered[g] = buffers[g][0].num_rows
     if seen != scores.rows:
         raise _changed(cfg.scores, scores.rows, seen)
@@ -342,7 +340,7 @@ def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, group
 def _rank(buffers: dict[int, list], k: np.ndarray) -> tuple[pa.Table, dict]:
     """The kept rows, best ``k`` per group, sorted by (value desc, id asc) and numbered 1..N: (SELECTION, the
     selected rows' bias columns as numpy and their group)."""
-    picked = [_tag(top_k(buffers.pop(g), int(k[g]), SORT_KEYS), g) for g in sorted(buffers)]
+    picked = [_tag(top_k(buffers.pop(g), int(k[g]), RANK_ORDER), g) for g in sorted(buffers)]
     # one chunk: Arrow's multi-key sort is several times slower over many chunks
     if picked:
         table = pa.concat_tables(picked).combine_chunks()
@@ -350,7 +348,7 @@ def _rank(buffers: dict[int, list], k: np.ndarray) -> tuple[pa.Table, dict]:
         table = pa.schema([SCORES.field("id"), SCORES.field("domain"), pa.field("score", pa.float64()),
                            *(SCORES.field(c) for c in BIAS_COLUMNS), pa.field("_group", pa.int64())]).empty_table()
     del picked
-    table = table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
+    table = table.take(pc.sort_indices(table, sort_keys=RANK_ORDER))
     if table.column("id").null_count:
         raise AirRayError("select: a selected row has a null id")
     n = table.num_rows
@@ -457,7 +455,6 @@ def _num4(x):
 
 def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table,
              covariates: dict) -> dict:
-    out_fs, out_root = url_to_fs(cfg.output)
     sel_by_domain = _selected_by_domain(selection)
     bins = groups.bins
     dom_rows = []
@@ -493,7 +490,7 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
                    "balance": cfg.balance, "balance_bins": cfg.balance_bins if cfg.balance else None,
                    "seed": int(cfg.seed) if cfg.by == "random" else None},
         "inputs": [with_protocol(scores.fs, f) for f in scores.files],
-        "outputs": {name: with_protocol(out_fs, posixpath.join(out_root, name)) for name in SELECTION_FILES},
+        "outputs": SelectionLayout(cfg.output).uris(),
         "ranking": {"order": "score desc, id asc", "rank": "global over the whole selection",
                     "score": f"the value ranked: {cfg.by}" + (f" (seeded hash of the id, seed {cfg.seed})"
                                                                if cfg.by == "random" else ""),
@@ -529,13 +526,12 @@ def _balance_summary(cfg: SelectConfig, domains: DomainCodes, groups: _Groups, s
 def _write(output: str, selection: pa.Table, summary: dict) -> None:
     """selection.parquet (the summary as its metadata), then the plot, then selection.json (the completion
     marker)."""
-    out_fs, out_root = url_to_fs(output)
-    out_fs.makedirs(out_root, exist_ok=True)
-    parquet, summary_json, plot = (posixpath.join(out_root, name) for name in SELECTION_FILES)
+    files = SelectionLayout(output)
+    files.fs.makedirs(files.root, exist_ok=True)
     json.dumps(summary, allow_nan=False)  # every number in the summary is finite (non-finite ones are null)
-    write_table_atomic(with_metadata(selection, summary), out_fs, parquet)
-    write_bytes_atomic(out_fs, plot, _plot(summary["histogram"], summary["threshold_score"], summary))
-    write_bytes_atomic(out_fs, summary_json, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    write_table_atomic(with_metadata(selection, summary), files.fs, files.parquet)
+    write_bytes_atomic(files.fs, files.plot, _plot(summary["histogram"], summary["threshold_score"], summary))
+    write_bytes_atomic(files.fs, files.summary, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,24 +1,26 @@
-"""The run's manifest (``_manifest.json``: config, model, heads, versions, counts per reason, per source and
-per actor, timings) and its progress lines. Plain Python: the driver feeds it the stage summaries."""
+"""The run's manifest (``air_ray.store.records.Manifest``: config, model, heads, versions, counts per reason, per
+source and per actor, step weights, placement, timings), built from the units' summaries, and its progress lines.
+Plain Python: the driver feeds it the ``UnitSummary`` of every unit."""
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
 import time
 from collections import Counter
 
+from air_ray.store.records import Manifest, UnitSummary
+
 
 def versions() -> dict:
     """Versions of what produced the scores (read from the installed distributions: nothing is imported)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import air_ray
     from air_ray.config.commands import SCORING_VERSION
+    from air_ray.version import __version__
 
-    out = {"air_ray": air_ray.__version__, "scoring_version": SCORING_VERSION}
+    out = {"air_ray": __version__, "scoring_version": SCORING_VERSION}
     for name in ("ray", "torch", "transformers", "pyarrow", "vllm"):
         try:
             out[name] = version(name)
@@ -52,15 +54,15 @@ class Progress:
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} input{postfix} "
                                        "[{elapsed}<{remaining}]")
 
-    def update(self, s: dict) -> None:
-        self.rows += s["rows_read"]
-        self.tokens += 0 if s["skipped"] else s["tokens"]
-        self.nbytes += s["nbytes"]
+    def update(self, s: UnitSummary) -> None:
+        self.rows += s.rows_read
+        self.tokens += 0 if s.skipped else s.tokens
+        self.nbytes += s.nbytes
         self.parts += 1
         if self.bar is not None:
             rate = self.tokens / max(time.time() - self.t0, 1e-9)
             self.bar.set_postfix_str(f"{self.rows:,} rows, {rate:,.0f} tok/s", refresh=False)
-            self.bar.update(min(s["nbytes"], self.total_bytes - self.bar.n))
+            self.bar.update(min(s.nbytes, self.total_bytes - self.bar.n))
         elif time.time() - self.last >= self.every_s:
             self._line()
 
@@ -93,7 +95,7 @@ def input_size(uri: str) -> int:
         return 0
 
 
-def merge_weight_stats(summaries) -> dict:
+def merge_weight_stats(summaries: list[UnitSummary]) -> dict:
     """The step weights of the whole run from the units' ``weight_stats``: the effective token share of a row's
     weights (``air_ray.influence.effective_token_share``; 1.0 = uniform) at p10 / median / p90, its minimum, and
     the largest weight. Units committed before these statistics existed are counted apart."""
@@ -101,9 +103,9 @@ def merge_weight_stats(summaries) -> dict:
     rows = missing = 0
     top = None
     for s in summaries:
-        w = json.loads(s.get("weights") or "null")
+        w = s.weights
         if w is None:
-            missing += s.get("rows_scored", 0)
+            missing += s.rows_scored
             continue
         rows += w["rows"]
         shares.update({float(k): v for k, v in w["share"].items()})
@@ -128,47 +130,53 @@ def merge_weight_stats(summaries) -> dict:
             "max_weight": top}
 
 
-def build_manifest(cfg, ref, heads_doc, files, summaries, wall) -> dict:
+def build_manifest(cfg, model, heads_doc: dict, files: list[str], summaries: list[UnitSummary], wall: float, *,
+                   scoring_key: str, placement: dict, phases: dict, duplicate_ids: int,
+                   foreign_partitions: list[str]) -> Manifest:
+    """The run's manifest: ``cfg`` as it scored (placement and dtype resolved), ``model`` (an ``OpenModel``), the heads
+    document, the input files and every unit's summary (those skipped counted from their markers)."""
     from dataclasses import asdict
 
     reasons: Counter = Counter()
     per_actor: Counter = Counter()
     per_source: dict[str, Counter] = {}
     for s in summaries:
-        reasons.update(json.loads(s["reasons"]))
-        per_actor[s["actor"]] += s["rows_scored"]
-        src = per_source.setdefault(s["source"], Counter())
-        src.update(rows_read=s["rows_read"], rows_scored=s["rows_scored"], rows_rejected=s["rows_rejected"],
-                   partitions=1)
-    fresh = [s for s in summaries if not s.get("skipped")]
-    tokens = sum(s["tokens"] for s in fresh)
-    counts = {
-        "rows_read": sum(s["rows_read"] for s in summaries),
-        "rows_scored": sum(s["rows_scored"] for s in summaries),
-        "rows_rejected": sum(s["rows_rejected"] for s in summaries),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-    }
-    return {
-        "format_version": 1,
-        "config": asdict(cfg),
-        "model": ref.name,
-        "model_fingerprint": ref.fingerprint,
-        "heads": [list(h) for h in heads_doc["heads"]],
-        "versions": versions(),
-        "inputs": files,
-        "partitions": sorted(s["unit"] for s in summaries),
-        "counts": counts,
-        "this_run": {  # what this run did; a resumed run skips units committed earlier
+        reasons.update(s.reasons)
+        per_actor[s.actor] += s.rows_scored
+        src = per_source.setdefault(s.source, Counter())
+        src.update(rows_read=s.rows_read, rows_scored=s.rows_scored, rows_rejected=s.rows_rejected, partitions=1)
+    fresh = [s for s in summaries if not s.skipped]
+    tokens = sum(s.tokens for s in fresh)
+    return Manifest(
+        config=asdict(cfg),
+        model=model.ref.name,
+        model_fingerprint=model.fingerprint,
+        heads=[list(h) for h in heads_doc["heads"]],
+        versions=versions(),
+        inputs=files,
+        partitions=sorted(s.unit for s in summaries),
+        counts={
+            "rows_read": sum(s.rows_read for s in summaries),
+            "rows_scored": sum(s.rows_scored for s in summaries),
+            "rows_rejected": sum(s.rows_rejected for s in summaries),
+            "rejected_by_reason": dict(sorted(reasons.items())),
+        },
+        this_run={  # what this run did; a resumed run skips units committed earlier
             "units": len(summaries),
             "units_skipped": len(summaries) - len(fresh),
-            "rows_read": sum(s["rows_read"] for s in fresh),
-            "rows_scored": sum(s["rows_scored"] for s in fresh),
-            "rows_rejected": sum(s["rows_rejected"] for s in fresh),
+            "rows_read": sum(s.rows_read for s in fresh),
+            "rows_scored": sum(s.rows_scored for s in fresh),
+            "rows_rejected": sum(s.rows_rejected for s in fresh),
         },
-        "per_actor_rows": dict(sorted(per_actor.items())),
-        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
-        "step_weights": dict(merge_weight_stats(summaries), rule=cfg.step_weighting),
-        "wall_s": round(wall, 3),
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-    }
+        per_actor_rows=dict(sorted(per_actor.items())),
+        per_source={k: dict(v) for k, v in sorted(per_source.items())},
+        step_weights=dict(merge_weight_stats(summaries), rule=cfg.step_weighting),
+        wall_s=round(wall, 3),
+        tokens=tokens,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        scoring_key=scoring_key,
+        placement=placement,
+        phases={k: round(v, 3) for k, v in phases.items()},
+        duplicate_ids=duplicate_ids,
+        foreign_partitions=foreign_partitions,
+    )

@@ -7,7 +7,7 @@ in the cluster's nodes; nothing here imports Ray.
                     has, for those light stages, so its one actor gets every core
     given options:  kept as given; the CPUs split evenly where only ``--workers`` is given
 
-torch runs as many threads as its actor has CPUs (``ScoreStage.setup``).
+The scoring backend runs as many threads as its actor has CPUs (``BackendSpec.threads``).
 
 Where the run goes (``--executor``, ``choose_executor``): a small corpus on one machine is scored in the driver's
 process, by the same stages without Ray; everything else through Ray.

@@ -7,7 +7,7 @@
         ledger.parquet                   one row per input file: uri, size, etag/mtime, sha256, rows, status
         selection/                       recomputed over every partition of the version after each run
         heads.json                       the heads this version was scored with
-        _lease.json                      held while a run writes (``air_ray.pipeline.lease``)
+        _lease.json                      held while a run writes (``air_ray.store.lease``)
 
 A file is *new* when its uri is not in the ledger, *changed* when its content hash differs, *unchanged*
 otherwise (the hash is recomputed only when size and etag/mtime differ from the ledger's). New and changed
@@ -24,8 +24,8 @@ import json
 import time
 
 from air_ray.config.commands import RescoreConfig, ScoreConfig
-from air_ray.errors import AirRayError
-from air_ray.outputs.layout import HEADS_FILE, LEASE_FILE, SELECTION_DIR, RunLayout
+from air_ray.store.layout import HEADS_FILE, LEASE_FILE, RunLayout
+from air_ray.store.scores import NoScores
 
 BUSY = "busy"
 
@@ -77,13 +77,13 @@ def prior_id_hashes(version: RunLayout, exclude_sources: set[str]):
     import numpy as np
 
     from air_ray.data.ids import id_hash
-    from air_ray.outputs.layout import SCORES_DIR, open_scores
+    from air_ray.store.scores import open_scores
 
-    if not version.fs.exists(version.path(SCORES_DIR)):
+    if not version.has_scores():
         return np.empty(0, dtype=np.int64)
     try:
         scores = open_scores(version.uri, "rescore", columns=("id", "source"))
-    except AirRayError:  # a scores/ folder with no partition in it yet
+    except NoScores:  # a scores/ folder with no partition in it yet
         return np.empty(0, dtype=np.int64)
     out = []
     for batch in scores.batches(["id", "source"]):
@@ -95,20 +95,20 @@ def prior_id_hashes(version: RunLayout, exclude_sources: set[str]):
 
 def remove_stale_partitions(version: RunLayout, sources: list[str], keep: set[str]) -> int:
     """Partitions of ``sources`` that this run did not produce (a changed file that now has fewer chunks)."""
-    from air_ray.data.corpus import unit_name
+    from air_ray.data.corpus import unit_prefix
 
-    return sum(version.remove_units(unit_name(src, 0)[: -len("00000")], keep) for src in sources)
+    return sum(version.remove_units(unit_prefix(src), keep) for src in sources)
 
 
-def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]:
-    """heads.json as given, or detected once per model and kept under <output>/heads/<fingerprint>.json."""
+def resolve_heads(cfg: RescoreConfig, out: RunLayout, model) -> tuple[dict, bytes]:
+    """heads.json as given, or detected once per model (an ``OpenModel``) and kept under
+    <output>/heads/<fingerprint>.json."""
     import os
     import tempfile
 
-    from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape
+    from air_ray.store.heads import heads_json, load_heads
 
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
+    ref = model.ref
     path = cfg.heads
     if cfg.heads == "detect":
         from air_ray.fsio import with_protocol, write_bytes_atomic
@@ -123,9 +123,8 @@ def resolve_heads(cfg: RescoreConfig, out: RunLayout, ref) -> tuple[dict, bytes]
                 with open(local, "rb") as f:
                     write_bytes_atomic(out.fs, kept, f.read())
         path = with_protocol(out.fs, kept)
-    doc = load_heads(path, fingerprint=ref.fingerprint, shape=shape, allow_mismatch=cfg.allow_model_mismatch)
-    raw = json.dumps(dict(doc, heads=[list(h) for h in doc["heads"]]), indent=1).encode()
-    return doc, raw
+    doc = load_heads(path, fingerprint=ref.fingerprint, shape=model.shape, allow_mismatch=cfg.allow_model_mismatch)
+    return doc, heads_json(doc)
 
 
 def version_for(out: RunLayout, key: str, legacy: dict[str, str], dtype: str, dtype_option: str) -> tuple[str, str]:
@@ -157,15 +156,17 @@ def run_rescore(cfg: RescoreConfig) -> dict:
     """One scheduled pass; returns (and the CLI prints as its last line) the run summary."""
     from air_ray.data.corpus import expand_inputs
     from air_ray.fsio import write_bytes_atomic
-    from air_ray.models import prepare_model
+    from air_ray.models import open_model
     from air_ray.outputs.select import select
-    from air_ray.pipeline.lease import Lease
-    from air_ray.pipeline.runner import run_score, scoring_dtype
+    from air_ray.store.lease import Lease
+    from air_ray.pipeline.runner import scoring_dtype
+    from air_ray.pipeline.score import run_score
 
     cfg = cfg.validate()
     out = RunLayout(cfg.output)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    heads_doc, heads_raw = resolve_heads(cfg, out, ref)
+    model = open_model(cfg)
+    ref = model.ref
+    heads_doc, heads_raw = resolve_heads(cfg, out, model)
     dtype, _ = scoring_dtype(cfg)
     version, note = version_for(out, cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype),
                                 cfg.legacy_keys(ref.fingerprint, heads_doc["heads"]), dtype, cfg.dtype)
@@ -176,10 +177,10 @@ def run_rescore(cfg: RescoreConfig) -> dict:
     summary = {"version": version, "files_new": 0, "files_changed": 0, "files_unchanged": 0, "rows_scored": 0,
                "rows_total": 0, "selected": 0}
 
-    lease = Lease(fs, vrun.path(LEASE_FILE), ttl_s=cfg.lease_ttl_s)
+    lease = Lease(fs, vrun.lease_file, ttl_s=cfg.lease_ttl_s)
     while not lease.acquire():
         holder = lease.holder() or {}
-        msg = (f"[air-ray rescore] another run holds {vuri}/_lease.json (host {holder.get('host')}, pid "
+        msg = (f"[air-ray rescore] another run holds {vrun.uri_of(LEASE_FILE)} (host {holder.get('host')}, pid "
                f"{holder.get('pid')}, until {time.strftime('%H:%M:%S', time.gmtime(holder.get('expires', 0)))} "
                "UTC)")
         if not cfg.wait:
@@ -204,25 +205,23 @@ def run_rescore(cfg: RescoreConfig) -> dict:
             vrun.write_ledger(ledger)
             prior = prior_id_hashes(vrun, set(todo))
             score_cfg = ScoreConfig.build({f.name: getattr(cfg, f.name) for f in ScoreConfig.option_fields()})
-            score_cfg = score_cfg.replace(input=todo, output=vuri, heads=vrun.uri_of(HEADS_FILE))
+            score_cfg = score_cfg.replace(input=todo, output=vuri, heads=vrun.heads_file)
             manifest = run_score(score_cfg, prior_ids=prior, dtype=dtype)
-            remove_stale_partitions(vrun, kinds["changed"], set(manifest["partitions"]))
-            summary["rows_scored"] = manifest["this_run"]["rows_scored"]
+            remove_stale_partitions(vrun, kinds["changed"], set(manifest.partitions))
+            summary["rows_scored"] = manifest.this_run["rows_scored"]
             stamp = _now()
             for uri in todo:
-                s = manifest["per_source"].get(uri, {})
+                s = manifest.per_source.get(uri, {})
                 ledger[uri] = dict(current[uri], rows=s.get("rows_read", 0), partitions=s.get("partitions", 0),
                                    status="done", time=stamp)
         for uri in kinds["unchanged"]:
             ledger[uri] = dict(ledger[uri], **{k: current[uri][k] for k in ("size", "etag", "mtime")})
         vrun.write_ledger(ledger)
         try:
-            sel = select(cfg.selection_config(vuri, vrun.uri_of(SELECTION_DIR)))
+            sel = select(cfg.selection_config(vuri, vrun.selection))
             summary["rows_total"] = sel["counts"]["rows_total"]
             summary["selected"] = sel["counts"]["rows_selected"]
-        except AirRayError as e:
-            if "no score partitions" not in str(e):
-                raise
+        except NoScores:
             print(f"[air-ray rescore] nothing scored yet in {vuri}: no selection", flush=True)
     finally:
         lease.release()

@@ -1,18 +1,15 @@
-"""Ray wiring for ``air-ray score``: the only module that imports Ray and knows how the stages run.
+"""Ray: the only module that imports it. Joining or starting a cluster (``connect``), a task with the GPUs and CPUs
+it asks for (``run_task``: head detection), Ray Train (``train_on_cluster``), and ``RayData``: the executor that runs
+a chain of stages (``air_ray.pipeline.stages``) on Ray Data.
 
-    1. from_items(files) ─map_batches→ IdStage ─→ driver: global duplicate ids (first occurrence wins)
-    2. from_items(files) ─flat_map→ ReadStage ─map_batches(actor pool)→ PrepareStage
-                         ─map_batches(actor pool: --workers × --gpus/--cpus-per-worker)→ ScoreStage ─→ summaries
+    scoring chain:  from_items(files) ─flat_map→ ReadStage ─(one chunk per block)─map_batches(actor pool)→
+                    PrepareStage ─map_batches(actor pool: --workers × --gpus/--cpus-per-worker)→ ScoreStage
+    id chain:       from_items((index, file)) ─map_batches(a task each)→ IdStage
 
-Each chunk of rows (``rows_per_partition``) is one item; the score actor writes its partition files itself
-(atomically, named from the input file and chunk index), then the unit's commit marker, and returns a summary
-row. Units committed by an earlier run with the same key are skipped and counted from their markers. The
-driver streams the summaries for progress and writes ``_manifest.json``. When an actor ends, its stage's
-``teardown()`` runs (Ray Data deletes the actor's callable on a graceful exit), which closes the scorer.
-
-``--executor in-process`` (by default for a small corpus on a machine with no cluster to join:
-``placement.choose_executor``) runs the same stages in this process instead, one partition after another, and
-starts no Ray; the outputs, commit markers and manifest are the same.
+Items travel pickled, one per row. Each score actor writes its partition files itself (atomically, named from
+the input file and chunk index), then the unit's commit marker, and returns the unit's summary; the driver
+streams them. When an actor ends, its stage's ``teardown()`` runs (Ray Data deletes the actor's callable on a
+graceful exit), which closes the scorer. A stage that fails with an ``AirRayError`` ends the run with its one line.
 """
 
 from __future__ import annotations
@@ -24,44 +21,27 @@ import pickle
 import socket
 import sys
 import time
-from collections import Counter
 from contextlib import contextmanager
 
 from air_ray.config.commands import ScoreConfig
-from air_ray.data.shapes import FieldMap
 from air_ray.errors import AirRayError
-from air_ray.pipeline.manifest import Progress, build_manifest, input_size
-from air_ray.pipeline.placement import SMALL_CORPUS_BYTES, choose_executor, embedded_cpus, plan
-from air_ray.pipeline.stages import LEGACY_KEPT, IdStage, PrepareStage, ReadStage, ScoreStage, UnitKeys
-
+from air_ray.pipeline.executors import Executor, local_gpus, physical_cpus
+from air_ray.pipeline.placement import choose_executor, embedded_cpus
+from air_ray.pipeline.stages import Chain, Link
 
 # ----------------------------------------------------------------------------------------------
-# adapters: a stage inside Ray Data
-
-
-def _read(row: dict, rows_per_partition: int) -> list[dict]:
-    stage = ReadStage(rows_per_partition)
-    return [{"payload": pickle.dumps(c)} for c in stage.process(row["source"])]
-
-
-def _ids(batch: dict, fields) -> dict:
-    import numpy as np
-
-    stage = IdStage(fields)
-    outs = [stage.process((int(i), str(src))) for i, src in zip(batch["index"], batch["source"])]
-    return {k: np.array([x for o in outs for x in o[k]], dtype=np.int64) for k in ("hash", "order")}
+# the executor
 
 
 class _StageActor:
-    """Builds a stage once per Ray worker/actor, then feeds it one pickled item per batch row; the stage's
-    ``teardown()`` runs when the actor lets go of it."""
+    """Builds a stage once per Ray actor, then feeds it one pickled item per batch row; the stage's ``teardown()``
+    runs when the actor lets go of it."""
 
     stage = None
 
     def __init__(self, stage_cls, *args):
         self.stage = stage_cls(*args)
         self.stage.setup()
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __del__(self):
         if self.stage is not None:
@@ -69,10 +49,7 @@ class _StageActor:
             stage.teardown()
 
     def __call__(self, batch: dict) -> dict:
-        outs = [self.stage.process(pickle.loads(b)) for b in batch["payload"]]
-        if outs and isinstance(outs[0], dict):  # summaries
-            return {k: [o[k] for o in outs] for k in outs[0]} | {"actor": [self.name] * len(outs)}
-        return {"payload": [pickle.dumps(o) for o in outs]}
+        return {"payload": [pickle.dumps(self.stage.process(pickle.loads(b))) for b in batch["payload"]]}
 
 
 class _PrepareActor(_StageActor):
@@ -83,8 +60,106 @@ class _ScoreActor(_StageActor):
     """``ray::MapWorker(MapBatches(_ScoreActor))`` in process titles and logs."""
 
 
+_ACTORS = {"prepare": _PrepareActor, "score": _ScoreActor}
+
+
+def _fan_out(row: dict, link: Link) -> list[dict]:
+    """A stage that gives several items per item, as a Ray task (the stage built for it)."""
+    stage = link.build()
+    stage.setup()
+    try:
+        return [{"payload": pickle.dumps(x)} for x in stage.process(pickle.loads(row["payload"]))]
+    finally:
+        stage.teardown()
+
+
+def _each(batch: dict, link: Link) -> dict:
+    """A stage without a pool, as a Ray task per item (the stage built for it)."""
+    stage = link.build()
+    stage.setup()
+    try:
+        return {"payload": [pickle.dumps(stage.process(pickle.loads(b))) for b in batch["payload"]]}
+    finally:
+        stage.teardown()
+
+
+class RayData(Executor):
+    """A chain on Ray Data, on the cluster ``--address`` (or RAY_ADDRESS, or a ``ray start`` cluster here) names, else
+    an embedded one (``connect``). A stage linked with ``fan_out`` runs as a task per item, then one item per block
+    so that the next pool spreads them over its actors; a stage with a ``pool`` runs in an actor pool of that size,
+    each actor holding one built stage; any other as a task per item."""
+
+    name = "ray"
+
+    def __init__(self):
+        super().__init__()
+        self.started = False  # this run started an embedded cluster (and stops it)
+        self.embedded = False
+
+    def start(self, cfg) -> None:
+        import ray
+
+        t = time.time()
+        self.started = self.embedded = connect(cfg.address, embedded_cpus(physical_cpus(), cfg.workers,
+                                                                          cfg.cpus_per_worker))
+        self.phases["cluster_s"] = time.time() - t
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and no advice to turn them on
+        ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
+        for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+            logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+    def nodes(self) -> list[dict]:
+        import ray
+
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    def run(self, chain: Chain, items):
+        import ray
+
+        items = list(items)
+        ds = ray.data.from_items([{"payload": pickle.dumps(x)} for x in items], override_num_blocks=max(1, len(items)))
+        for link in chain.links:
+            if link.fan_out:
+                ds = ds.flat_map(_fan_out, fn_kwargs={"link": link}, **link.resources)
+                ds = ds.repartition(target_num_rows_per_block=1)  # one item per block: the next pool spreads them
+            elif link.pool is None:
+                ds = ds.map_batches(_each, batch_size=1, fn_kwargs={"link": link}, **link.resources)
+            else:
+                pool = link.pool
+                in_flight = {"max_tasks_in_flight_per_actor": pool.in_flight} if pool.in_flight else {}
+                ds = ds.map_batches(_ACTORS.get(link.name, _StageActor), fn_constructor_args=(link.stage, *link.args),
+                                    batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=pool.min,
+                                                                                     max_size=pool.max, **in_flight),
+                                    **link.resources)
+        for row in _rows(ds):
+            yield pickle.loads(row["payload"])
+
+
+def choose(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
+    """``placement.choose_executor`` with this machine's facts: a Ray cluster named (``--address local``: an
+    embedded one; one to join: ``--address``, RAY_ADDRESS, a `ray start` cluster here) and its GPUs (each looked at
+    only when it matters)."""
+    named = None
+    if cfg.executor == "auto":
+        if cfg.address == "local":
+            named = "--address local: an embedded Ray cluster"
+        elif cfg.address is not None or os.environ.get("RAY_ADDRESS") or _ray_start_cluster() is not None:
+            named = "a Ray cluster to join"
+    return choose_executor(cfg.executor, actors=cfg.workers, backend=cfg.backend, total_bytes=total_bytes,
+                           ray_named=named, local_gpus=local_gpus)
+
+
 # ----------------------------------------------------------------------------------------------
-# the run
+# the cluster
 
 
 def connect(address: str | None, embedded_cpus: int, dashboard: bool = False) -> bool:
@@ -165,7 +240,7 @@ def run_task(fn, *args, address: str | None = None, cpus: float | None = None, g
     here as itself (one line)."""
     import ray
 
-    physical = _physical_cpus()
+    physical = physical_cpus()
     started = connect(address, embedded_cpus(physical, 1, cpus))
     try:
         gpus, cpus = _worker_resources(gpus, cpus, started=started, physical=physical)
@@ -244,7 +319,7 @@ def train_on_cluster(cfg) -> dict:
     from ray.util.queue import Queue
 
     cfg = cfg.validate()
-    physical = _physical_cpus()
+    physical = physical_cpus()
     started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker), dashboard=True)
     try:
         gpus, cpus = _worker_resources(cfg.gpus_per_worker, cfg.cpus_per_worker, started=started,
@@ -276,7 +351,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from air_ray.outputs.training import train_weighted_sft
+    from air_ray.training import train_weighted_sft
 
     torch.set_num_threads(config["threads"])
     first = ray.train.get_context().get_world_rank() == 0
@@ -305,10 +380,6 @@ def _worker_resources(gpus: float | None, cpus: float | None, *, started: bool, 
     return gpus, cpus
 
 
-def _physical_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _task(fn, threads: int, *args):
     import ray
     import torch
@@ -317,47 +388,6 @@ def _task(fn, threads: int, *args):
     where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
              "pid": os.getpid()}
     return fn(*args), where
-
-
-def _executor(cfg: ScoreConfig, total_bytes: int) -> tuple[str, str]:
-    """``placement.choose_executor`` with this machine's facts: a Ray cluster named (``--address local``: an
-    embedded one; one to join: ``--address``, RAY_ADDRESS, a `ray start` cluster here) and its GPUs (each looked at
-    only when it matters)."""
-    named = None
-    if cfg.executor == "auto":
-        if cfg.address == "local":
-            named = "--address local: an embedded Ray cluster"
-        elif cfg.address is not None or os.environ.get("RAY_ADDRESS") or _ray_start_cluster() is not None:
-            named = "a Ray cluster to join"
-    return choose_executor(cfg.executor, actors=cfg.workers, backend=cfg.backend, total_bytes=total_bytes,
-                           ray_named=named, local_gpus=_local_gpus)
-
-
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _score_in_process(cfg: ScoreConfig, files: list[str], keys: UnitKeys, duplicates: dict, committed: dict,
-                      heads_doc: dict):
-    """The summaries of the Ray pipeline's stages run in this process: read, prepare and score one partition after
-    another (``--executor in-process``)."""
-    read = ReadStage(cfg.rows_per_partition)
-    prepare = PrepareStage(cfg, keys, duplicates, committed)
-    score = ScoreStage(cfg, heads_doc)
-    name = f"{socket.gethostname()}:{os.getpid()}"
-    prepare.setup()
-    try:
-        score.setup()
-        try:
-            for source in files:
-                for chunk in read.process(source):
-                    yield dict(score.process(prepare.process(chunk)), actor=name)
-        finally:
-            score.teardown()
-    finally:
-        prepare.teardown()
 
 
 def _cluster_to_join(cfg: ScoreConfig) -> bool:
@@ -402,7 +432,7 @@ def scoring_dtype(cfg: ScoreConfig, gpus: float | None = None) -> tuple[str, str
             connect(cfg.address, 1)
             gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive"))
         elif gpus is None:
-            gpus = _local_gpus()
+            gpus = local_gpus()
         device = "cuda" if gpus > 0 else "cpu"
     if device.startswith("cuda"):
         return resolve_dtype("auto", device), f"auto on {device}"
@@ -413,178 +443,3 @@ def scoring_dtype(cfg: ScoreConfig, gpus: float | None = None) -> tuple[str, str
                                                    "with native bf16)"
     dtype = resolve_dtype("auto", "cpu")
     return dtype, f"auto on this machine's CPU ({'with' if dtype == 'bfloat16' else 'without'} native bf16)"
-
-
-def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> dict:
-    """Score a corpus into ``<output>/scores``, ``<output>/rejected`` and ``<output>/_manifest.json``.
-
-    ``prior_ids``: hashes (``air_ray.data.ids.id_hash``) of ids already scored in this output by files that are not
-    inputs of this run (``air-ray rescore``): a record with such an id is a duplicate. The caller then owns the
-    output's other partitions, so they are not reported as foreign. ``dtype``: the dtype to score in, resolved by
-    the caller (``scoring_dtype``; rescore names its version by it), else resolved here once the workers are
-    placed."""
-    from air_ray.data.corpus import expand_inputs
-    from air_ray.heads.artifact import load_heads
-    from air_ray.models import load_config, model_shape, prepare_model
-    from air_ray.outputs.layout import RunLayout
-
-    cfg = cfg.replace()  # a copy: placement and the resolved dtype are filled in below, the caller's stays as given
-    t0 = time.time()
-    phases: dict[str, float] = {}
-    files = expand_inputs(cfg.input)
-    run = RunLayout(cfg.output)
-    run.check_writable()
-    # before the cluster starts, so that a wrong model or heads file is a one-line error (Ray prints as it starts)
-    ref = prepare_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    shape = model_shape(load_config(ref, trust_remote_code=cfg.trust_remote_code))
-    heads_doc = load_heads(cfg.heads, fingerprint=ref.fingerprint, shape=shape,
-                           allow_mismatch=cfg.allow_model_mismatch)
-    legacy_keys = cfg.legacy_keys(ref.fingerprint, heads_doc["heads"])  # of the dtype option as given
-    markers = run.commits()
-    total_bytes = sum(input_size(f) for f in files)
-    phases["prepare_s"] = time.time() - t0
-
-    physical = _physical_cpus()
-    executor, executor_why = _executor(cfg, total_bytes)
-    in_process = executor == "in-process"
-    started = False
-    if not in_process:
-        import ray
-
-        t = time.time()
-        started = connect(cfg.address, embedded_cpus(physical, cfg.workers, cfg.cpus_per_worker))
-        phases["cluster_s"] = time.time() - t
-    try:
-        if in_process:
-            nodes = [{"CPU": physical, "GPU": min(1, _local_gpus())}]
-        else:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        place = plan(nodes, actors=cfg.workers, gpus_per_actor=cfg.gpus_per_worker, cpus_per_actor=cfg.cpus_per_worker,
-                     embedded=started or in_process, physical_cpus=physical)
-        cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker = place.actors, place.gpus_per_actor, place.cpus_per_actor
-        dtype, dtype_why = (dtype, "resolved by the caller") if dtype else scoring_dtype(cfg, place.gpus_per_actor)
-        cfg.dtype = dtype  # every worker scores in the dtype the key names
-        scoring_key = cfg.scoring_key(ref.fingerprint, heads_doc["heads"], dtype)
-        if not in_process:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and no advice to turn them on
-            ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
-            for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
-                logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
-        workers = f"{cfg.workers} worker{'s' * (cfg.workers != 1)}"
-        print(f"[air-ray score] {len(files)} input files, {total_bytes:,} bytes -> {cfg.output} "
-              f"({executor}: {executor_why}; {workers} x {cfg.gpus_per_worker:g} GPU, {cfg.cpus_per_worker:g} CPU = "
-              f"{place.threads} torch threads; {place.why}; {dtype}: {dtype_why})", flush=True)
-
-        t = time.time()
-        duplicates = find_duplicates(files, prior_ids, FieldMap.of(cfg),
-                                     local=in_process or total_bytes <= SMALL_CORPUS_BYTES)
-        phases["ids_s"] = time.time() - t
-        committed = {u: m["key"] for u, m in markers.items()}
-        keys = UnitKeys(scoring_key, tuple(legacy_keys.values()), dtype)
-        t = time.time()
-        if in_process:
-            rows = _score_in_process(cfg, files, keys, duplicates, committed, heads_doc)
-        else:
-            rows = _rows(_pipeline(cfg, files, keys, duplicates, committed, heads_doc))
-        progress = Progress(total_bytes, bar=cfg.progress and sys.stderr.isatty())
-        summaries = []
-        legacy: Counter = Counter()
-        try:
-            for s in rows:
-                s = dict(s)
-                if s["legacy"]:  # committed under a key of a release before SCORING_VERSION
-                    legacy[s["legacy"]] += 1
-                    if s["skipped"]:  # the same numbers: re-keyed, so later runs find it under the current key
-                        run.write_commit(s["unit"], s["key"], markers[s["unit"]]["summary"])
-                if s["skipped"]:  # committed earlier: its counts come from the marker
-                    s = dict(markers[s["unit"]]["summary"], skipped=True, actor="(committed earlier)",
-                             setup_s=s.get("setup_s", 0.0))
-                summaries.append(s)
-                if len(summaries) == 1:
-                    phases["first_partition_s"] = time.time() - t
-                progress.update(s)
-        finally:
-            progress.close()
-        phases["scoring_s"] = time.time() - t
-    finally:
-        if started:
-            ray.shutdown()
-
-    phases["actor_setup_s"] = max((s.get("setup_s", 0.0) for s in summaries), default=0.0)
-    wall = time.time() - t0
-    manifest = build_manifest(cfg, ref, heads_doc, files, summaries, wall)
-    manifest["scoring_key"] = scoring_key
-    manifest["placement"] = {"executor": executor, "actors": place.actors, "gpus_per_actor": place.gpus_per_actor,
-                             "cpus_per_actor": place.cpus_per_actor, "torch_threads": place.threads,
-                             "why": f"{executor}: {executor_why}; {place.why}"}
-    manifest["phases"] = {k: round(v, 3) for k, v in phases.items()}
-    manifest["duplicate_ids"] = sum(len(v) for v in duplicates.values())
-    manifest["foreign_partitions"] = [] if prior_ids is not None else run.foreign_partitions(manifest["partitions"])
-    if manifest["foreign_partitions"]:
-        print(f"[air-ray score] warning: {len(manifest['foreign_partitions'])} partition files in {cfg.output} "
-              "come from other inputs (listed in _manifest.json as foreign_partitions); readers of scores/ "
-              "see them too", flush=True)
-    if legacy:
-        kept = legacy.pop(LEGACY_KEPT, 0)
-        again = "".join(f"; {n} {why}: scored again" for why, n in sorted(legacy.items()))
-        print(f"[air-ray score] {kept + sum(legacy.values())} partitions were committed under the scoring key of "
-              f"air_ray {', '.join(legacy_keys)} (before scoring keys named SCORING_VERSION and the resolved dtype): "
-              f"{kept} recorded dtype {dtype}, this run's: kept{again}", flush=True)
-    run.write_manifest(manifest)
-    c, r = manifest["counts"], manifest["this_run"]
-    resumed = f" ({r['units_skipped']} of {r['units']} partitions committed earlier)" if r["units_skipped"] else ""
-    print("[air-ray score] phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in phases.items()),
-          flush=True)
-    print(f"[air-ray score] done: {c['rows_read']:,} rows read, {c['rows_scored']:,} scored, "
-          f"{c['rows_rejected']:,} rejected{resumed}; this run scored {r['rows_scored']:,} rows in {wall:,.1f}s "
-          f"({manifest['tokens_per_s']:,.0f} tok/s)", flush=True)
-    return manifest
-
-
-def _pipeline(cfg: ScoreConfig, files: list[str], keys: UnitKeys, duplicates: dict, committed: dict, heads_doc: dict):
-    """The Ray Data dataset of the scoring run (the module docstring's pass 2); its rows are the summaries."""
-    import ray
-
-    score_stage = ScoreStage(cfg, heads_doc)
-    return (
-        ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
-        .flat_map(_read, fn_kwargs={"rows_per_partition": cfg.rows_per_partition}, **ReadStage.resources)
-        # one chunk per block, so that the actor pool can spread chunks over its actors
-        .repartition(target_num_rows_per_block=1)
-        .map_batches(_PrepareActor, fn_constructor_args=(PrepareStage, cfg, keys, duplicates, committed),
-                     batch_size=1,
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(files), 4))),
-                     **PrepareStage.resources)
-        .map_batches(_ScoreActor, fn_constructor_args=(ScoreStage, cfg, heads_doc), batch_size=1,
-                     compute=ray.data.ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=1),
-                     **score_stage.resources)
-    )
-
-
-def find_duplicates(files: list[str], prior_ids=None, fields=None, local: bool = False) -> dict[str, dict[int, str]]:
-    """Pass 1 (Ray Data tasks; ``local``: in this process): every valid record's (id hash, order) -> later
-    occurrences of an id."""
-    import numpy as np
-    import ray
-
-    from air_ray.data import ids as dedupe
-
-    fields = fields or FieldMap()
-    hashes, orders = [], []
-    if local:
-        for b in (_ids({"index": [i], "source": [f]}, fields) for i, f in enumerate(files)):
-            hashes.append(b["hash"])
-            orders.append(b["order"])
-    else:
-        ds = ray.data.from_items([{"index": i, "source": f} for i, f in enumerate(files)],
-                                 override_num_blocks=len(files))
-        ds = ds.map_batches(_ids, batch_size=1, fn_kwargs={"fields": fields}, **IdStage.resources)
-        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-            hashes.append(b["hash"])
-            orders.append(b["order"])
-    if not hashes:
-        return {}
-    h, o = dedupe.with_prior(np.concatenate(hashes), np.concatenate(orders), prior_ids)
-    return dedupe.by_source(dedupe.find_duplicates(h, o), files)

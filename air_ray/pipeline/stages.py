@@ -1,18 +1,22 @@
-"""The pipeline's steps, which do not know how they run: ``resources`` they need, ``setup()`` once per worker,
-``process(item)`` per item, ``teardown()`` when the worker ends.
+"""The scoring run's steps and their chains, declared once; how a chain runs is an executor's business
+(``air_ray.pipeline.executors``: in this process; ``air_ray.pipeline.runner``: on Ray Data).
+
+A stage has the ``resources`` one worker of it needs, ``setup()`` once per worker, ``process(item)`` per item and
+``teardown()`` when the worker ends:
 
     IdStage       (file index, URI) -> (id hash, order) of every valid record   (CPU; feeds the dedupe)
-    ReadStage     source URI       -> Chunks of raw records              (CPU)
+    ReadStage     source URI       -> Chunks of raw records              (CPU; several per item)
     PrepareStage  Chunk            -> PreparedChunk: token ids + steps    (CPU: a tokenizer, no model);
                                       or "skipped" when the unit is already committed with the same key
-    ScoreStage    PreparedChunk    -> partition files + commit marker + a summary row
-                                      (an actor: base + ablated model)
+    ScoreStage    PreparedChunk    -> partition files + commit marker + a UnitSummary
+                                      (a worker holding one scorer: base + ablated model)
+
+A ``Chain`` is a sequence of ``Link``s: a stage with its arguments and how many workers run it (``pool``: an actor
+pool of that size; none: a task per item). ``scoring_chain`` is read -> prepare -> score, ``id_chain`` the id pass.
 
 Exactly once: a unit's files are written under hidden names and renamed into place, then its commit marker
-``_commits/<unit>.json`` (key + summary) is written last (``air_ray.outputs.layout``). A rerun skips a unit whose marker key still matches
-(same scoring settings, same input records, same duplicate decisions) and counts it from the marker.
-
-Ray wiring lives in ``air_ray.pipeline.runner``; these classes run the same in a plain loop.
+``_commits/<unit>.json`` (key + summary) is written last (``air_ray.store``). A rerun skips a unit whose marker key
+still matches (same scoring settings, same input records, same duplicate decisions) and counts it from the marker.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from air_ray.config.commands import ScoreConfig
 from air_ray.data.corpus import Chunk, read_chunks
 from air_ray.data.rows import FieldMap, PreparedRow, RowError
+from air_ray.store.records import UnitSummary
 
 
 @dataclass
@@ -66,6 +73,11 @@ def rejected_row(source: str, line: int | None, reason: str, detail: str = "", i
     return {"source": source, "line": line, "id": id, "reason": reason, "detail": detail[:1000]}
 
 
+def worker_name() -> str:
+    """``host:pid`` of this process: where a unit was scored (the manifest's ``per_actor_rows``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Stage(abc.ABC):
     """``resources`` (Ray resources of one worker), ``setup()`` once, ``process(item)`` per item, ``teardown()``
     at the end (release what ``setup`` took)."""
@@ -77,7 +89,7 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def process(self, item):
-        """One item in, its result out."""
+        """One item in, its result out (a stage linked with ``fan_out``: an iterable of results)."""
 
     def teardown(self) -> None:
         pass
@@ -127,13 +139,11 @@ class PrepareStage(Stage):
 
     def setup(self) -> None:
         from air_ray.data.rows import RowPreparer
-        from air_ray.models import load_config, load_tokenizer, prepare_model, token_limit
+        from air_ray.models import open_model
 
-        ref = prepare_model(self.cfg.model, allow_pickle=self.cfg.allow_pickle)
-        tok = load_tokenizer(ref, trust_remote_code=self.cfg.trust_remote_code)
+        model = open_model(self.cfg)
         # the limit the scoring backends apply: --max-tokens, within the model's context
-        limit = token_limit(self.cfg.max_tokens, load_config(ref, trust_remote_code=self.cfg.trust_remote_code))
-        self.preparer = RowPreparer.of(tok, self.cfg, max_tokens=limit)
+        self.preparer = RowPreparer.of(model.tokenizer, self.cfg, max_tokens=model.token_limit(self.cfg.max_tokens))
 
     def process(self, chunk: Chunk) -> PreparedChunk:
         from air_ray.data.shapes import load_record, record_id
@@ -174,13 +184,9 @@ class PrepareStage(Stage):
 
     def _recorded_dtype(self, unit: str) -> str | None:
         """The dtype a unit's score partition records (None: no scored row, so no numbers to disagree)."""
-        from air_ray.outputs.layout import SCORES_DIR, RunLayout, read_metadata
+        from air_ray.store.layout import RunLayout
 
-        run = RunLayout(self.cfg.output)
-        path = run.partition(SCORES_DIR, unit)
-        if not run.fs.exists(path):
-            return None
-        return (read_metadata(run.fs, path) or {}).get("dtype")
+        return (RunLayout(self.cfg.output).unit_metadata(unit) or {}).get("dtype")
 
 
 class ScoreStage(Stage):
@@ -191,7 +197,6 @@ class ScoreStage(Stage):
         self.heads_doc = heads_doc
         self.scorer = None
         self.run = None
-        self.threads_before = None
 
     @property
     def resources(self) -> dict:
@@ -199,28 +204,26 @@ class ScoreStage(Stage):
 
     def setup(self) -> None:
         from air_ray.engine.scorer import Scorer
-        from air_ray.outputs.layout import RunLayout
+        from air_ray.store.layout import RunLayout
 
         t0 = time.time()
         gpus = self.cfg.gpus_per_worker or 0
-        if self.cfg.cpus_per_worker:  # as many torch threads as the actor has CPUs (given back in teardown)
-            import torch
-
-            self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_worker)))
-        self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, shard=gpus > 1)
+        # as many threads as the worker has CPUs (the backend gives them back when it closes)
+        threads = max(1, int(self.cfg.cpus_per_worker)) if self.cfg.cpus_per_worker else None
+        self.scorer = Scorer(self.cfg, heads=self.heads_doc, gpus=gpus, threads=threads, shard=gpus > 1)
         self.run = RunLayout(self.cfg.output)
         self.metadata = dict(self.scorer.describe(), heads_file=self.cfg.heads)
-        self.setup_s = time.time() - t0  # reported with this actor's first summary
+        self.name = worker_name()
+        self.setup_s = time.time() - t0  # reported with this worker's first summary
 
-    def process(self, chunk: PreparedChunk) -> dict:
-        from air_ray.outputs.layout import REJECTED, REJECTED_DIR, SCORES, SCORES_DIR, to_table
+    def process(self, chunk: PreparedChunk) -> UnitSummary:
+        from air_ray.store.layout import REJECTED_DIR, SCORES_DIR
+        from air_ray.store.records import CommitMarker
+        from air_ray.store.schemas import REJECTED, SCORES, to_table
 
         t0 = time.time()
         if chunk.skipped:  # the driver takes its counts from the commit marker
-            summary = summary_row(chunk, skipped=True)
-            summary["setup_s"], self.setup_s = self.setup_s, 0.0
-            return summary
+            return self._summary(chunk)
         rows = [p for _, p in chunk.prepared]
         results = self.scorer.score_prepared(rows)
         scored, rejected = [], list(chunk.rejected)
@@ -231,22 +234,24 @@ class ScoreStage(Stage):
                 scored.append(dict(r, source=chunk.source))
         self.run.write_partition(SCORES_DIR, chunk.unit, to_table(scored, SCORES, self.metadata))
         self.run.write_partition(REJECTED_DIR, chunk.unit, to_table(rejected, REJECTED))
-        summary = summary_row(chunk, scored=len(scored), rejected=rejected,
-                              tokens=sum(len(p.input_ids) for p in rows), seconds=time.time() - t0,
-                              weights=weight_stats(scored))
-        summary["setup_s"], self.setup_s = self.setup_s, 0.0
-        self.run.write_commit(chunk.unit, chunk.key, summary)  # last: the unit is done
+        summary = self._summary(chunk, rows_read=chunk.rows_read, rows_scored=len(scored),
+                                rows_rejected=len(rejected), reasons=dict(Counter(r["reason"] for r in rejected)),
+                                weights=weight_stats(scored), tokens=sum(len(p.input_ids) for p in rows),
+                                seconds=time.time() - t0)
+        self.run.write_commit(CommitMarker(chunk.unit, chunk.key, summary))  # last: the unit is done
+        return summary
+
+    def _summary(self, chunk: PreparedChunk, **counts) -> UnitSummary:
+        """The unit's summary; this worker's setup time goes with its first one."""
+        summary = UnitSummary(chunk.unit, chunk.source, chunk.key, legacy=chunk.legacy, skipped=chunk.skipped,
+                              nbytes=chunk.nbytes, setup_s=self.setup_s, actor=self.name, **counts)
+        self.setup_s = 0.0
         return summary
 
     def teardown(self) -> None:
         if self.scorer is not None:
-            self.scorer.close()
+            self.scorer.close()  # in the caller's process (--executor in-process) torch's threads as they were
             self.scorer = None
-        if self.threads_before:  # run in the caller's process (--executor in-process): leave torch as it was
-            import torch
-
-            torch.set_num_threads(self.threads_before)
-            self.threads_before = None
 
 
 def _stated_id(row, fields: FieldMap) -> str | None:
@@ -267,23 +272,55 @@ def weight_stats(scored: list[dict]) -> dict:
             "max": max((max(r["step_weights"], default=1.0) for r in scored), default=None)}
 
 
-def summary_row(chunk: PreparedChunk, *, skipped: bool = False, scored: int = 0, rejected: list | None = None,
-                tokens: int = 0, seconds: float = 0.0, weights: dict | None = None) -> dict:
-    """One row per unit back to the driver (the same keys whether or not the unit was skipped)."""
-    rejected = rejected or []
-    return {
-        "unit": chunk.unit,
-        "source": chunk.source,
-        "key": chunk.key,
-        "legacy": chunk.legacy,
-        "skipped": skipped,
-        "rows_read": 0 if skipped else chunk.rows_read,
-        "rows_scored": scored,
-        "rows_rejected": len(rejected),
-        "reasons": json.dumps(Counter(r["reason"] for r in rejected)),
-        "weights": json.dumps(weights),  # weight_stats (a string: summaries travel as Arrow columns)
-        "tokens": tokens,
-        "nbytes": chunk.nbytes,
-        "seconds": seconds,
-        "setup_s": 0.0,
-    }
+# ----------------------------------------------------------------------------------------------
+# the chains
+
+
+@dataclass(frozen=True)
+class Pool:
+    """How many workers run a stage on Ray: an actor pool of ``min``..``max`` actors, each given ``in_flight``
+    items at a time (None: Ray Data's default)."""
+
+    min: int
+    max: int
+    in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """One stage of a chain: its class and arguments, whether it gives several items per item (``fan_out``), and
+    its workers on Ray (``pool``; None: a task per item, the stage built for it). ``name`` names its workers."""
+
+    name: str
+    stage: type[Stage]
+    args: tuple = ()
+    fan_out: bool = False
+    pool: Pool | None = None
+
+    def build(self) -> Stage:
+        return self.stage(*self.args)
+
+    @property
+    def resources(self) -> dict:
+        """Ray resources of one worker of this stage (a ``ScoreStage``'s depend on its options)."""
+        return dict(self.build().resources)
+
+
+@dataclass(frozen=True)
+class Chain:
+    links: tuple[Link, ...]
+
+
+def scoring_chain(cfg: ScoreConfig, n_files: int, keys: UnitKeys, duplicates: dict, committed: dict,
+                  heads_doc: dict) -> Chain:
+    """read -> prepare -> score, over the input files: the scoring run (``cfg``'s placement already resolved)."""
+    return Chain((
+        Link("read", ReadStage, (cfg.rows_per_partition,), fan_out=True),
+        Link("prepare", PrepareStage, (cfg, keys, duplicates, committed), pool=Pool(1, max(1, min(n_files, 4)))),
+        Link("score", ScoreStage, (cfg, heads_doc), pool=Pool(cfg.workers, cfg.workers, in_flight=1)),
+    ))
+
+
+def id_chain(fields: FieldMap) -> Chain:
+    """The id pass, over ``(file index, URI)`` items: every valid record's id hash and global order."""
+    return Chain((Link("ids", IdStage, (fields,)),))

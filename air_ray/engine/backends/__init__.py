@@ -4,17 +4,22 @@ A backend is opened for one model and one set of critical heads, and gives, per 
 response token under the base model and under the reference model (the heads disabled), and the base model's
 next-token entropy where it has the full distribution:
 
-    backend = open_backend(spec)              # BackendSpec: model, heads, options, placement
+    backend = open_backend(name, spec, **own) # BackendSpec: model, heads, options, device, dtype, GPUs, threads;
+                                              # own: the fields of the backend's own Spec
     backend.max_tokens                        # the longest row it accepts (None: no limit of its own)
     backend.token_losses(prepared)            # -> [TokenLosses(base, ref, entropy | None)] in row order
     backend.close()                           # release the model / engines now
 
-``hf`` (``air_ray.engine.backends.hf``): transformers, one copy of the weights, the heads switched in place.
-``vllm`` (``air_ray.engine.backends.vllm``): two vLLM engines, the reference an exported checkpoint.
+``hf`` (``air_ray.engine.backends.hf``): transformers, one copy of the weights, the heads switched in place; its
+own spec adds ``shard`` and ``share_prefix``. ``vllm`` (``air_ray.engine.backends.vllm``): two vLLM engines, the
+reference an exported checkpoint, tensor parallel over the GPUs. Both run on ``threads`` CPU threads (torch's, or
+vLLM's OpenMP threads on CPU); the batch budget (``--batch-tokens``) is the hf backend's, vLLM schedules its own
+batches within its KV cache and says so when the budget is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
@@ -37,7 +42,7 @@ class TokenLosses(NamedTuple):
 
 @dataclass
 class BackendSpec:
-    """Everything a backend is opened with."""
+    """What every backend is opened with (a backend's ``Spec`` may add its own fields)."""
 
     ref: ModelRef
     heads: list[tuple[int, int]]  # checked against the model's shape
@@ -46,9 +51,8 @@ class BackendSpec:
     device: str  # resolved: cpu | cuda[:N]
     dtype: str  # resolved: float32 | bfloat16 | float16
     pad_id: int = 0
-    gpus: float = 0  # GPUs this process holds (vllm: tensor parallel over them)
-    shard: bool = False  # hf: spread the model over every visible GPU
-    share_prefix: bool = True  # hf: run the layers below the first critical head once for both passes
+    gpus: float = 0  # GPUs this process holds
+    threads: int | None = None  # CPU threads to run on (None: as the process has them)
 
 
 class Backend(Protocol):
@@ -67,6 +71,10 @@ TABLE = {
 assert tuple(TABLE) == BACKENDS, "every --backend choice has exactly one implementation"
 
 
-def open_backend(name: str, spec: BackendSpec) -> Backend:
-    module, cls = TABLE[name].split(":")
-    return getattr(importlib.import_module(module), cls)(spec)
+def open_backend(name: str, spec: BackendSpec, **own) -> Backend:
+    """Backend ``name`` opened with ``spec`` and the fields of its own ``Spec`` among ``own`` (placement hints of
+    another backend are not its business: hf's ``shard`` means nothing to vLLM, which runs tensor parallel)."""
+    module, cls_name = TABLE[name].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    fields = {f.name for f in dataclasses.fields(cls.Spec)}
+    return cls(cls.Spec(**vars(spec), **{k: v for k, v in own.items() if k in fields}))

@@ -3,13 +3,15 @@
 The reference pass is the same model with the critical heads' attention made uniform for the duration of the
 pass (``air_ray.engine.ablation.HeadAblation``: the model's own attention kernel, wrapped; no weight changes).
 Rows are batched by token budget (sorted by length); per batch the layers below the first ablated layer run once
-for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``). On the CPU the process
-keeps freed memory while the backend is open (``air_ray.engine.heap``: no page faults on each batch's blocks).
+for both passes unless ``share_prefix=False`` (``air_ray.engine.losses.token_nll_pair``). torch runs ``threads``
+threads while the backend is open (given back on ``close``). On the CPU the process keeps freed memory while the
+backend is open (``air_ray.engine.heap``: no page faults on each batch's blocks).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Sequence
 
 from air_ray.data.rows import PreparedRow
@@ -20,11 +22,29 @@ from air_ray.engine.losses import batch_by_tokens, default_batch_tokens, token_n
 from air_ray.models.load import load_model, token_limit
 
 
+@dataclass
+class HFSpec(BackendSpec):
+    shard: bool = False  # spread the model over every visible GPU
+    share_prefix: bool = True  # run the layers below the first critical head once for both passes
+
+
 class HFBackend:
-    def __init__(self, spec: BackendSpec):
+    Spec = HFSpec
+
+    def __init__(self, spec: HFSpec):
+        import torch
+
         opts = spec.options
-        self.model = load_model(spec.ref, dtype=spec.dtype, device=spec.device, allow_pickle=opts.allow_pickle,
-                                trust_remote_code=opts.trust_remote_code, shard=spec.shard)
+        self.model = None
+        self._threads_before = torch.get_num_threads() if spec.threads else None
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        try:
+            self.model = load_model(spec.ref, dtype=spec.dtype, device=spec.device, allow_pickle=opts.allow_pickle,
+                                    trust_remote_code=opts.trust_remote_code, shard=spec.shard, config=spec.config)
+        except BaseException:
+            self._restore_threads()
+            raise
         self.ablation = HeadAblation(self.model, spec.heads)
         self.batch_tokens = int(opts.batch_tokens or default_batch_tokens(spec.device))
         self.max_tokens = token_limit(opts.max_tokens, spec.config)  # --max-tokens, within the model's context
@@ -52,8 +72,16 @@ class HFBackend:
                 out[i] = TokenLosses(b, r, e)
         return out
 
+    def _restore_threads(self) -> None:
+        if self._threads_before:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+
     def close(self) -> None:
-        """Drop the model (its memory goes back when nothing else holds it)."""
+        """Drop the model (its memory goes back when nothing else holds it); torch's threads as they were."""
+        self._restore_threads()
         if self.model is None:
             return
         cuda = any(p.is_cuda for p in self.model.parameters())

