@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The evidence run of docs/EVIDENCE.md on a 2-core CPU, float32 (issue #25: <= 75 min on a quiet machine):
+# The evidence run of docs/EVIDENCE.md on a 2-core CPU, float32 (issue #25: <= 75 min on a quiet machine;
+# measured 59 min on 2026-12-05):
 #   1. critical heads of the default model (32 probes) and placebo heads (as many, random non-critical ones);
 #   2. the 512-row GSM8K pool scored with each;
 #   3. air-ray compare: K rows per strategy (score, score balanced over loss_base bins, delta, delta balanced,
