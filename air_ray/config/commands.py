@@ -123,7 +123,7 @@ class RunOptions(Options):
 
 @dataclass
 class EngineOptions(ModelOptions, CorpusOptions):
-    """What the scoring engine (``air_ray.engine.Scorer``) computes: model, heads, row and step rules,
+    """What the scoring engine (``air_ray.engine.scorer.Scorer``) computes: model, heads, row and step rules,
     numerics, backend. Placement (workers, GPUs per worker) belongs to the pipeline (``ScoreConfig``)."""
 
     option_group = "scoring"

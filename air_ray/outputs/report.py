@@ -1,6 +1,6 @@
 """``air-ray report``: a static HTML page (``DIR/index.html`` with PNG images beside it) of one scoring run.
 
-Contents: the head heatmap (``air_ray.heads.plot_heads``), the score histogram (per domain when the ``domain``
+Contents: the head heatmap (``air_ray.store.heads.plot_heads``), the score histogram (per domain when the ``domain``
 column has values), score vs response length, the top and bottom ``K`` (20) rows with each reasoning step of
 the response shaded by its step score (with a legend), and the selection summary of ``air-ray select``.
 

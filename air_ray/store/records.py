@@ -28,7 +28,7 @@ class UnitSummary:
     rows_scored: int = 0
     rows_rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # rejected rows by reason
-    weights: dict | None = None  # step-weight statistics (air_ray.pipeline.manifest.weight_stats); None: unknown
+    weights: dict | None = None  # step-weight statistics (air_ray.pipeline.stages.weight_stats); None: unknown
     tokens: int = 0
     nbytes: int = 0  # input bytes of the unit
     seconds: float = 0.0
