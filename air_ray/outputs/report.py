@@ -38,7 +38,7 @@ from air_ray.errors import AirRayError
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
 from air_ray.store.layout import COMPARE_JSON, COMPARE_PNG, CompareLayout, ReportLayout, RunLayout
 from air_ray.store.schemas import RANK_ORDER
-from air_ray.store.scores import ScoreFiles, find_selection, open_scores, selected_among, selection_ids
+from air_ray.store.scores import ScoreFiles, find_selection, open_scores, selection_ids
 
 K = 20                      # rows shown at each end
 MAX_TEXT_CHARS = 20_000     # a longer response is cut for display (the steps after the cut are listed, not shown)
@@ -760,7 +760,8 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     files = open_scores(scores, "report")
     placebo = open_scores(placebo_scores, "report --placebo-scores") if placebo_scores else None
     sel, sel_dir = find_selection(scores, selection)
-    sc = scan(files, k, selection_ids(sel_dir) if sel_dir else None)
+    sel_ids = selection_ids(sel_dir) if sel_dir else None  # None: no selection, or it cannot be read
+    sc = scan(files, k, sel_ids)
     out.mkdir(parents=True, exist_ok=True)
     compared = _compare_html(scores, compare, out)
     bias = (sel or {}).get("bias")
@@ -800,7 +801,8 @@ def write_report(scores: str, heads: str | None, output: str | os.PathLike, sele
     for row in details.values():
         by_source.setdefault(row["source"], set()).add(row["id"])
     texts, problems = find_texts(by_source, *_row_reading(corpus, sc.metadata))
-    selected = selected_among(sel_dir, sorted({r["id"] for r in details.values()}))
+    shown = pa.array(sorted({r["id"] for r in details.values()}), pa.string())
+    selected = None if sel_ids is None else set(sel_ids.filter(pc.is_in(sel_ids, value_set=shown)).to_pylist())
     colors = StepColors([v for r in details.values() for v in (r.get("step_scores") or [])])
 
     def rows_html(which: str) -> str:

@@ -172,17 +172,3 @@ def selection_ids(sel_dir: str) -> pa.Array | None:
         return pq.read_table(path, filesystem=fs, columns=["id"]).column("id").combine_chunks()
     except Exception:
         return None
-
-
-def selected_among(sel_dir: str | None, ids: list[str]) -> set[str] | None:
-    """Which of ``ids`` are in ``<sel_dir>/selection.parquet`` (None when it cannot be read)."""
-    if not sel_dir or not ids:
-        return None
-    import pyarrow.compute as pc
-
-    try:
-        fs, path = url_to_fs(selection_parquet(sel_dir))
-        t = pq.read_table(path, filesystem=fs, columns=["id"], filters=pc.field("id").isin(ids))
-        return set(t.column("id").to_pylist())
-    except Exception:
-        return None
