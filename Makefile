@@ -8,7 +8,7 @@ export AIR_RAY_HOME ?= $(HOME)/.cache/air_ray
 OUT ?= out/demo
 DEMO_ARGS ?=
 
-.PHONY: install vllm demo test test-fast bench bench-vllm clean
+.PHONY: install vllm demo test test-fast bench bench-vllm bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,12 @@ test-fast: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+
+# the pipeline at 10^5 and 10^6 rows with a tiny model: every step's time, the driver's and the workers' peak memory,
+# exactly-once (bench/scale.py; ~1 h on a 2-core machine, several GB of disk under out/scale)
+SCALE_ARGS ?=
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # HF vs vLLM backend: startup, tokens/s, agreement (bench/backends.py)
 bench-vllm: $(VLLM_STAMP)

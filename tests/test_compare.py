@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from air_ray.evaluation.compare import NULLS, Run, plan, summarise
-from air_ray.evaluation.students import final_answer, normalise_answer, predicted_answer
+from air_ray.data.answers import final_answer, normalise_answer, predicted_answer
 from air_ray.outputs.stats import null_position
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,35 @@ def test_summary_places_each_strategy_in_the_nulls():
     assert set(NULLS) == {"random", "matched_random"}
 
 
+def test_final_answer_loss_by_hand(tiny_model, smol_tok, gsm8k_rows):
+    """students.response_loss's final-answer loss = the mean -log p of the tokens from the last #### to EOS, each row
+    run alone through a plain forward (no batching, no padding)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from air_ray.evaluation.students import HeldOutRow, prompt_ids, response_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model[0], dtype=torch.float32)
+    rows = [HeldOutRow(r["id"], r["prompt"], r["response"], None) for r in gsm8k_rows[:5]]
+    rows.append(HeldOutRow("plain", "a prompt", "an answer without a marker", None))  # in the loss only
+    got = response_loss(model, smol_tok, rows, batch_size=4)
+    total = n = 0
+    for r in rows[:5]:
+        p = prompt_ids(smol_tok, r.prompt, "chat")
+        cut = r.response.rfind("####")
+        head = smol_tok(r.response[:cut], add_special_tokens=False)["input_ids"]
+        ids = p + smol_tok(r.response, add_special_tokens=False)["input_ids"] + [smol_tok.eos_token_id]
+        assert ids[:len(p) + len(head)] == p + head  # "####" starts a token here: the split is clean
+        start = len(p) + len(head)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+        total += float(nll[start - 1:].sum())
+        n += len(ids) - start
+    assert got["n_answer_tokens"] == n and got["answer_loss"] == pytest.approx(total / n, rel=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 
@@ -107,25 +136,31 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
+    from air_ray.evaluation.defects import plant_defects
+
     model_dir, heads = tiny_model
     pool, held = tmp_path / "pool.jsonl", tmp_path / "heldout.jsonl"
-    pool.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:12]))
+    planted, counts = plant_defects(gsm8k_rows[:12], 0.25, seed=0)  # 3 corrupted rows, a reference on every row
+    assert counts["defective"] == 3
+    pool.write_text("".join(json.dumps(r) + "\n" for r in planted))
     held.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[100:104]) + "{not json\n")
     run, placebo_run = tmp_path / "run", tmp_path / "placebo_run"
     # the scoring runs (the tiny checkpoint with its heads, and with placebo heads: the scores only have to exist;
     # the first through real Ray)
     p = _cli("heads", "--placebo", "--from", heads, "--output", tmp_path / "placebo.json")
     assert p.returncode == 0, p.stdout + p.stderr
-    for out, h, extra in ((run, heads, ["--address", "local"]), (placebo_run, tmp_path / "placebo.json", [])):
+    for out, h, extra in ((run, heads, ["--address", "local", "--embed"]), (placebo_run, tmp_path / "placebo.json", [])):
         p = _cli("score", "--input", pool, "--heads", h, "--model", model_dir, "--output", out, "--dtype", "float32",
                  *extra)
         assert p.returncode == 0, p.stdout + p.stderr
 
-    strategies = ["score", "score_balanced", "delta_balanced", "placebo", "score_weighted", "random", "matched_random"]
+    strategies = ["score", "score_balanced", "delta_balanced", "placebo", "score_weighted", "score_diverse",
+                  "random_diverse", "answer_filter", "random", "matched_random", "clean_random"]
     args = ["compare", "--scores", run, "--input", pool, "--eval-input", held, "--model", smol_ref.name,
             "--strategies", *strategies, "--placebo-scores", placebo_run, "--random-subsets", "3",
-            "--matched-subsets", "2", "--balance-bins", "2", "--top-k", "4", "--seeds", "1", "--max-steps", "1",
-            "--batch-size", "4", "--lr", "1e-4", "--max-length", "256", "--max-new-tokens", "4", "--device", "cpu"]
+            "--matched-subsets", "2", "--clean-subsets", "2", "--diversity", "2", "--balance-bins", "2",
+            "--top-k", "4", "--seeds", "1", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-4",
+            "--max-length", "256", "--max-new-tokens", "4", "--device", "cpu"]
     p = _cli(*args)
     assert p.returncode == 0, p.stdout + p.stderr
     out = run / "compare"  # the default: beside the run, where the report finds it
@@ -135,7 +170,18 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     assert doc["held_out"]["rows_used"] == 4 and doc["held_out"]["rows_unparsable"] == 1
     assert doc["held_out"]["n_checkable"] == 4  # GSM8K's #### N
     names = [(r["strategy"], r["seed"], r["train_seed"]) for r in doc["runs"]]
-    assert names == [(s, 0, 0) for s in strategies] + [("random", 1, 0), ("matched_random", 1, 0), ("random", 2, 0)]
+    assert names == [(s, 0, 0) for s in strategies] + [("random", 1, 0), ("matched_random", 1, 0),
+                                                       ("clean_random", 1, 0), ("random", 2, 0)]
+    # the planted defects: the pool's share, each selection's, the oracle filter's none
+    assert doc["pool_corpus"]["defect_share"] == 0.25 and doc["pool_corpus"]["rows"] == 12
+    for r in doc["runs"]:
+        assert r["selected_corpus"]["defect_share"] is not None
+        if r["strategy"] == "clean_random":
+            assert r["selected_corpus"]["defect_share"] == 0.0
+    assert doc["summary"]["clean_random"]["loss"]["two_sample_vs_random"]["n"] == 2
+    assert set(doc["positive_control"]) == {"loss", "answer_loss"}  # GSM8K's #### N: a final-answer loss too
+    assert all("separated" in c for c in doc["positive_control"].values())
+    assert doc["initial"]["eval"]["n_answer_tokens"] > 0 and doc["initial"]["eval"]["answer_loss"] > 0
     initial = doc["initial"]["eval"]
     for r in doc["runs"]:
         assert r["train"]["steps"] == 1 and r["train"]["rows"] == 4
@@ -147,8 +193,16 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
         assert sel["counts"]["rows_selected"] == 4 and sel["bias"]["selected_mean"]["loss_base"] == \
             pytest.approx(r["selected_loss_base"])
         c = sel["config"]
-        assert c["by"] == {"delta_balanced": "delta", "random": "random", "matched_random": "random"}.get(
+        assert c["by"] == {"delta_balanced": "delta", "random": "random", "matched_random": "random",
+                           "random_diverse": "random", "answer_filter": "random", "clean_random": "random"}.get(
             r["strategy"], "score")
+        assert c["diversity"] == (2 if r["strategy"] in ("score_diverse", "random_diverse") else None)
+        assert c["exclude_wrong_answer"] == (r["strategy"] == "answer_filter")
+        assert c["exclude_defective"] == (r["strategy"] == "clean_random")
+        if c["diversity"]:
+            assert sum(sel["diversity"]["domains"][0]["rows_selected"]) == 4
+        if c["exclude_wrong_answer"]:  # the corrupted final answer and the cut trace fail the check
+            assert sel["counts"]["rows_wrong_answer"] >= 1
         assert c["balance"] == ("loss_base" if r["strategy"] in ("score_balanced", "delta_balanced",
                                                                   "matched_random") else None)
         if c["balance"]:
@@ -172,6 +226,7 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     assert doc["summary"]["random"]["students"] == 3 and doc["summary"]["random"]["loss"]["min"] == min(null)
     md = (out / "compare.md").read_text()
     assert "| score_weighted | 1 |" in md and "initial model" in md and "| random | 3 |" in md
+    assert "Planted defects among the selected rows" in md and "Positive control: clean_random" in md
 
     # the report shows the comparison
     rep = tmp_path / "report"
@@ -188,12 +243,16 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     assert p.stdout.count("done before") == len(doc["runs"]) and "trained" not in p.stdout
     assert before == {r: (out / "runs" / r / "result.json").read_text() for r in before}
 
-    # loss only (--max-new-tokens 0): no decoding, no exact-match column
-    p = _cli(*args[:-4], "--max-new-tokens", "0", "--device", "cpu", "--strategies", "score", "random",
-             "--random-subsets", "2", "--output", tmp_path / "loss_only")
+    # loss only (--max-new-tokens 0): no decoding, no exact-match column; random_diverse in one group is random subset
+    # 0 again (the same rows in the same order): its student is that one, not trained twice
+    p = _cli(*args[:-4], "--max-new-tokens", "0", "--device", "cpu", "--strategies", "random", "random_diverse",
+             "--random-subsets", "2", "--diversity", "1", "--output", tmp_path / "loss_only")
     assert p.returncode == 0, p.stdout + p.stderr
     doc0 = json.loads((tmp_path / "loss_only" / "compare.json").read_text())
     assert all(r["eval"]["accuracy"] is None for r in doc0["runs"]) and "exact match" not in doc0["table"]["header"]
+    by0 = {(r["strategy"], r["seed"]): r for r in doc0["runs"]}
+    assert by0[("random_diverse", 0)]["same_student_as"] == "random-seed0" and p.stdout.count("trained") == 2
+    assert by0[("random_diverse", 0)]["eval"] == by0[("random", 0)]["eval"]
 
     # held-out rows that are in the pool are refused, before any training
     p = _cli(*args[:5], "--eval-input", pool, *args[7:], "--output", tmp_path / "bad")

@@ -36,7 +36,7 @@ def subparser(command: str):
 def test_flags_are_exactly_the_declared_options(command):
     cls = COMMANDS[command]
     p = subparser(command)
-    dests = {a.dest for a in p._actions} - {"help", "config", "print_config"}
+    dests = {a.dest for a in p._actions} - {"help", "config", "print_config", "verbose"}
     assert dests == {f.name for f in cls.option_fields() if opt_of(f).cli}
     for f in cls.option_fields():
         assert opt_of(f).help, f"{command}: option {f.name} has no help"

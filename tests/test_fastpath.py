@@ -188,12 +188,12 @@ def test_scorer_share_prefix_switch(gsm8k_rows):
     assert scorer.backend.share_prefix is False
     losses = []
     token_losses = scorer.token_losses
-    scorer.token_losses = lambda prepared: losses.append(token_losses(prepared)) or losses[-1]
+    scorer.token_losses = lambda prepared, on_batch=None: losses.append(token_losses(prepared)) or losses[-1]
     rows = sorted(gsm8k_rows[10:20], key=lambda r: len(r["prompt"]) + len(r["response"]))[:3]
     plain = scorer.score(rows)
     scorer.backend.share_prefix = True
     fast = scorer.score(rows)
-    for (pb, pr, pe), (fb, fr, fe) in zip(*losses):  # per row: base, ref, entropy
+    for (pb, pr, pe, _), (fb, fr, fe, _) in zip(*losses):  # per row: base, ref, entropy, pooled (None)
         assert max_diff([pb, pr, pe], [fb, fr, fe]) <= TOL
     for p, f in zip(plain, fast):
         assert p["id"] == f["id"]
@@ -251,17 +251,19 @@ def test_chunked_head_equals_full_logits(chunk):
 def test_entropy_sums_against_float64():
     """_exp_sums, block by block (more rows than one block, a partial last block), gives the entropy of
     softmax(logits) within float32 rounding; a -inf logit counts 0 log 0 = 0; a NaN logit gives a NaN entropy."""
-    from air_ray.engine.losses import EXP_ROWS, _exp_sums
+    from air_ray.engine.losses import EXP_ELEMENTS, EXP_ROWS, _exp_sums
 
     gen = torch.Generator().manual_seed(18)
-    logits = torch.randn(2 * EXP_ROWS + 3, 1000, generator=gen) * 4  # [n, vocab]
-    logits[0, 3] = logits[1, :500] = float("-inf")
-    logits[-1, 7] = float("nan")
-    z, e_log_e = _exp_sums(logits - logits.amax(dim=-1, keepdim=True))
-    got = (z.log() - e_log_e / z).double()
-    want = torch.distributions.Categorical(logits=logits[:-1].double()).entropy()
-    assert (got[:-1] - want).abs().max() <= TOL
-    assert torch.isnan(got[-1])
+    # SmolLM2's vocabulary: EXP_ROWS rows a block; a small vocabulary: more rows a block (EXP_ELEMENTS // vocab)
+    for vocab, rows in ((EXP_ELEMENTS // EXP_ROWS, EXP_ROWS), (100, EXP_ELEMENTS // 100)):
+        logits = torch.randn(2 * rows + 3, vocab, generator=gen) * 4  # [n, vocab]
+        logits[0, 3] = logits[1, :vocab // 2] = float("-inf")
+        logits[-1, 7] = float("nan")
+        z, e_log_e = _exp_sums(logits - logits.amax(dim=-1, keepdim=True))
+        got = (z.log() - e_log_e / z).double()
+        want = torch.distributions.Categorical(logits=logits[:-1].double()).entropy()
+        assert (got[:-1] - want).abs().max() <= TOL
+        assert torch.isnan(got[-1])
 
 
 def test_head_chunk_size():

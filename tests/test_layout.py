@@ -16,7 +16,7 @@ PKG = REPO / "air_ray"
 
 # The parts, lowest first: a part may import any part before it, lazily or not. A part is a subpackage, or one of the
 # top-level modules; "__init__" (the package: ``from air_ray import Scorer``) and "__main__" sit on top.
-ORDER = ["version", "errors", "fsio", "influence", "data", "models", "store", "config", "engine", "heads", "outputs",
+ORDER = ["version", "errors", "progress", "fsio", "influence", "data", "models", "store", "config", "engine", "heads", "outputs",
          "training", "pipeline", "evaluation", "cli", "__init__", "__main__"]
 # parts a part must not import although they are below it
 NEVER = {

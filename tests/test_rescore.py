@@ -88,10 +88,18 @@ def test_incremental_story(ray_local, tiny_model, gsm8k_rows, tmp_path):
     dup = [r for r in _read_dir(v / "rejected") if r["reason"] == "duplicate_id"]
     assert [(r["id"], r["detail"]) for r in dup] == [(rows[0]["id"], "first occurrence: already scored in this output")]
 
-    # no change: nothing scored, the selection is recomputed as it was
+    # no change: nothing scored, and not one partition read (the selection is of these very partitions: issue #33);
+    # garbage in every partition file would fail any reader
+    saved = {p: p.read_bytes() for p in (v / "scores").glob("*.parquet")}
+    selection = (v / "selection" / "selection.json").read_bytes()
+    for p in saved:
+        p.write_bytes(b"not a parquet file")
     s3 = _rescore(cfg)
     assert (s3["files_new"], s3["files_changed"], s3["files_unchanged"], s3["rows_scored"]) == (0, 0, 3, 0)
-    assert s3["rows_total"] == 17
+    assert s3["rows_total"] == 17 and s3["selected"] == 9
+    assert (v / "selection" / "selection.json").read_bytes() == selection
+    for p, data in saved.items():
+        p.write_bytes(data)
 
     # a changed file (fewer rows, one response edited): rescored, its stale partition removed, no duplicates
     changed = [rows[6], dict(rows[7], response=rows[7]["response"] + "\nChecked."), rows[20]]

@@ -171,6 +171,7 @@ def test_matches_brute_force(tmp_path, opts, tiny, monkeypatch):
         nan = sum(math.isnan(r[1]) for r in rows)
         below = sum(1 for r in rows if not math.isnan(r[1]) and mn is not None and r[1] < mn)
         assert c == {"rows_total": len(rows), "rows_nan": nan, "rows_below_min_score": below,
+                     "rows_wrong_answer": 0, "rows_defective": 0,
                      "rows_candidates": len(rows) - nan - below, "rows_selected": len(want)}
         thr = min((r[1] for r in want), default=None)
         assert summary["threshold_score"] == (thr if thr is None or math.isfinite(thr) else None)
@@ -332,7 +333,8 @@ def test_outputs_readable_everywhere(tmp_path):
     assert doc == summary
     assert doc["config"] == {"scores": str(tmp_path / "s"), "output": str(out), "top_k": None, "top_frac": 0.3,
                              "per_domain": False, "min_score": -1.0, "by": "score", "balance": None,
-                             "balance_bins": None, "seed": None}
+                             "balance_bins": None, "diversity": None, "exclude_wrong_answer": False,
+                             "exclude_defective": False, "reference_field": None, "input": None, "seed": None}
     cands = np.array([r[1] for r in rows if not math.isnan(r[1]) and r[1] >= -1.0])
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, reported as null
         q = dict(zip(["p0", "p10", "p25", "p50", "p75", "p90", "p99", "p100"],

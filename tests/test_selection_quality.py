@@ -138,7 +138,7 @@ def test_copy_columns_against_the_scorers_token_losses(pool):
     prepared = [scorer.preparer.prepare(r) for r in pool["rows"]]
     losses = scorer.token_losses(prepared)
     some_copies = 0
-    for p, (base, ref, _), got in zip(prepared, losses, pool["real"]):
+    for p, (base, ref, *_), got in zip(prepared, losses, pool["real"]):
         mask = copy_mask(p.input_ids[:p.n_prompt_tokens], p.input_ids[p.n_prompt_tokens:])
         assert got["n_copy_tokens"] == int(mask.sum())
         d = np.asarray(ref, np.float64) - np.asarray(base, np.float64)

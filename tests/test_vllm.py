@@ -77,7 +77,7 @@ def test_agrees_with_hf_on_64_gsm8k_rows(vllm_scorer, hf_scores, rows64):
 def test_token_losses_match_per_token(vllm_scorer, hf_scores, rows64):
     hf, _ = hf_scores
     prepared = [hf.preparer.prepare(r) for r in rows64[:4]]
-    for (vb, vr, ve), (hb, hr, he) in zip(vllm_scorer.token_losses(prepared), hf.token_losses(prepared)):
+    for (vb, vr, ve, _), (hb, hr, he, _) in zip(vllm_scorer.token_losses(prepared), hf.token_losses(prepared)):
         assert ve is None and len(vb) == len(hb) == len(he)
         assert np.abs(vb - hb).max() <= 2e-3 and np.abs(vr - hr).max() <= 2e-3
         assert np.abs((vr - vb) - (hr - hb)).max() <= 2e-3  # the ablation effect itself, token by token

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,7 @@ from air_ray.config.commands import (
 )
 from air_ray.config.options import GROUPS, Options, flag, group_of, kind_of, opt_of, optional, warn
 from air_ray.errors import AirRayError
+from air_ray.progress import VERBOSE_ENV, quiet_libraries
 from air_ray.version import __version__
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +63,9 @@ def add_options(p: argparse.ArgumentParser, cls: type[Options]) -> None:
     p.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                    help="print the effective options as YAML (defaults < --config file < flags; --config reads it "
                         "back) and exit")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show what Ray and the model libraries print on their own (start-up lines, their "
+                        "progress bars); the same as AIR_RAY_VERBOSE=1")
     sections = {g: p.add_argument_group(f"{g} options") for g in GROUPS}
     hints = cls.types()
     for f in cls.option_fields():
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="air-ray", description="AIR data selection by attention head influence")
     ap.add_argument("--version", action="version", version=version_line())
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--verbose", action="store_true", help="also show what Ray and the model libraries print on "
+                                                          "their own (as every command's --verbose)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in SUBCOMMANDS.items():
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from air_ray.cli import supervise
 
     debug = "--debug" in argv
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"  # for this process, its supervised child and an embedded cluster's workers
+    quiet_libraries()
     try:
         command, cfg, ns = _parse(argv)
         if getattr(ns, "print_config", False):
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if not supervise.supervised():  # the work runs in a child: a lost Ray cluster still ends in one line
                 return supervise.run_child(argv)
             supervise.report_normal_exit()
+            supervise.use_direct_stderr()
             return supervise.exit_now(run.run(cfg))
         return run.run(cfg)
     except AirRayError as e:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 from air_ray.config.options import Opt, Options
+from air_ray.data.answers import REFERENCE_FIELDS
+from air_ray.data.corpus import SPLIT_BYTES
 from air_ray.data.rows import FORMATS
 from air_ray.data.steps import RULES, THINK_TAGS, check_rule, parse_think_tags
 from air_ray.errors import AirRayError
@@ -21,6 +23,7 @@ from air_ray.influence import EPS, WEIGHTINGS, StepWeighting
 from air_ray.models.resolve import DEFAULT_MODEL
 from air_ray.store.heads import Heads
 from air_ray.store.layout import HEADS_FILE, CompareLayout
+from air_ray.store.schemas import EMBED_DIMS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("hf", "vllm")  # air_ray.engine.backends: where the per-token losses come from
@@ -155,10 +158,15 @@ class EngineOptions(ModelOptions, CorpusOptions):
                                  help="vllm on GPU: the fraction of the device both engines share")()
     vllm_cpu_kv_cache_gib: float = Opt(1.0, group="placement", help="vllm on CPU: KV cache of each engine, GiB")()
     allow_model_mismatch: bool = Opt(False, group="model", help="use a heads.json made for another model fingerprint")()
+    embed: bool = Opt(False, help=f"also write an embedding column: the base model's last hidden state mean-pooled "
+                                  f"over the response tokens, {EMBED_DIMS} dims by a seeded random projection (for "
+                                  "select --diversity; hf backend)")()
 
     def check(self) -> None:
         super().check()
         check_rule(self.steps)
+        if self.embed and self.backend != "hf":
+            raise AirRayError("--embed needs --backend hf (vLLM gives no hidden states)")
         if not 0 < self.vllm_gpu_memory <= 1 or self.vllm_cpu_kv_cache_gib <= 0:
             raise AirRayError("--vllm-gpu-memory must be in (0, 1] and --vllm-cpu-kv-cache-gib > 0")
         if self.batch_tokens is not None and self.batch_tokens < 1:
@@ -203,6 +211,8 @@ class EngineOptions(ModelOptions, CorpusOptions):
             doc["rows"] = rows
         if self.base_loss_floor != EngineOptions.base_loss_floor:  # keys made before the option stay valid
             doc["base_loss_floor"] = self.base_loss_floor
+        if self.embed:  # a run without it keeps its keys
+            doc["embed"] = EMBED_DIMS
         if self.step_weighting != "softmax":  # softmax (the rule before the option) keeps the keys made with it
             del doc["step_temperature"]
             doc["step_weighting"] = {"rule": self.step_weighting, "strength": self.step_strength,
@@ -287,6 +297,10 @@ class ScoreConfig(EngineOptions):
                                                          "the read/prepare stages need")
     rows_per_partition: int = Opt(512, group="output",
                                   help="rows per output partition (the unit of work and of resume)")()
+    split_bytes: int = Opt(SPLIT_BYTES, group="placement",
+                           help="an uncompressed .jsonl file larger than this is read in byte ranges of about this "
+                                "size, each by its own task (the partitions of such a file are named by its ranges: "
+                                "keep it fixed for a dump you rescore)")()
     executor: str = Opt("auto", choices=("auto", "ray", "in-process"), group="placement",
                         help="ray: the Ray Data pipeline (on the cluster --address names, or an embedded one); "
                              "in-process: the same stages in this process, one partition after another, no Ray; "
@@ -301,8 +315,8 @@ class ScoreConfig(EngineOptions):
         if not self.input:
             raise AirRayError("no --input given")
         super().check()
-        if (self.workers is not None and self.workers < 1) or self.rows_per_partition < 1:
-            raise AirRayError("--workers and --rows-per-partition must be >= 1")
+        if (self.workers is not None and self.workers < 1) or self.rows_per_partition < 1 or self.split_bytes < 1:
+            raise AirRayError("--workers, --rows-per-partition and --split-bytes must be >= 1")
         if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or \
                 (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
             raise AirRayError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
@@ -332,7 +346,23 @@ class SelectConfig(RunOptions):
                                    "--per-domain) and take each bin's share of the selection, so the selection keeps "
                                    "the pool's profile of it (loss_base: its difficulty)")()
     balance_bins: int = Opt(8, help="quantile bins of --balance")()
-    seed: int = SEED(help="seed of --by random")
+    diversity: int | None = Opt(None, metavar="K",
+                                help="diversity quotas: cluster the pool into K groups (seeded k-means on the "
+                                     "scores' embedding column, `air-ray score --embed`) and take each group's share "
+                                     "of the selection by the value ranked; combines with --balance and "
+                                     "--per-domain")()
+    exclude_wrong_answer: bool = Opt(False, help="leave out rows whose final answer (#### N, \\boxed{}, else the "
+                                                 "last number) differs from their reference field (--reference-field); "
+                                                 "rows without a reference are kept and counted; reads the corpus")()
+    exclude_defective: bool = Opt(False, help="leave out rows whose corpus field air_defect is set (a pool with "
+                                              "planted defects: the oracle filter, compare's clean_random); reads "
+                                              "the corpus")()
+    reference_field: str | None = Opt(None, help="the field holding a row's reference answer (default: the first of "
+                                                 + ", ".join(REFERENCE_FIELDS) + " a row has)")()
+    input: list[str] = INPUT(group="input", help="the corpus, read for --exclude-wrong-answer, --exclude-defective "
+                                                 "and the audit's defect and answer shares (default: the files the "
+                                                 "scores name, read with the run's field flags)")
+    seed: int = SEED(help="seed of --by random and of the --diversity clustering")
 
     def check(self) -> None:
         if (self.top_k is None) == (self.top_frac is None):
@@ -345,10 +375,12 @@ class SelectConfig(RunOptions):
             raise AirRayError(f"select: min_score must be a finite number, got {self.min_score!r}")
         if self.balance_bins < 1:
             raise AirRayError(f"select: balance_bins must be >= 1, got {self.balance_bins!r}")
+        if self.diversity is not None and self.diversity < 1:
+            raise AirRayError(f"select: diversity must be >= 1 groups, got {self.diversity!r}")
 
 
 # the keys of rescore's nested `select:` and `detect:` mappings
-RESCORE_SELECT_KEYS = tuple(f.name for f in SelectConfig.option_fields() if f.name not in ("scores", "output"))
+RESCORE_SELECT_KEYS = tuple(f.name for f in SelectConfig.option_fields() if f.name not in ("scores", "output", "input"))
 RESCORE_DETECT_KEYS = ("probes", "num_probes", "probe_tokens", "seed", "head_frac", "dtype", "gpus_per_worker",
                        "cpus_per_worker")
 
@@ -477,7 +509,8 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
 
 # air-ray compare: the selection strategies (air_ray.evaluation.compare.STRATEGIES says how each selects and trains)
 COMPARE_STRATEGIES = ("score", "score_balanced", "delta", "delta_balanced", "placebo", "loss_base", "entropy_base",
-                      "n_response_tokens", "score_weighted", "random", "matched_random")
+                      "n_response_tokens", "score_weighted", "score_diverse", "delta_diverse", "random_diverse",
+                      "answer_filter", "random", "matched_random", "clean_random")
 
 
 @dataclass
@@ -497,15 +530,22 @@ class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
     strategies: list[str] = Opt(factory=lambda: list(COMPARE_STRATEGIES), choices=COMPARE_STRATEGIES,
                                 group="selection",
                                 help="the selections compared: deterministic ones train once per --seeds; random and "
-                                     "matched_random are the nulls (--random-subsets students each); placebo needs "
-                                     "--placebo-scores and is left out of the default without it")()
+                                     "matched_random are the nulls (--random-subsets / --matched-subsets students), "
+                                     "clean_random the positive control of a pool with planted defects "
+                                     "(--clean-subsets students); left out of the default where the run lacks what "
+                                     "they need: placebo a --placebo-scores run, the *_diverse ones an embedding "
+                                     "(score --embed), clean_random a defect column")()
     placebo_scores: str | None = PLACEBO_SCORES(help=PLACEBO_SCORES.help + ": the placebo strategy selects from it")
     random_subsets: int = Opt(10, group="selection",
                               help="random subsets, one student each: the null every strategy is placed in")()
     matched_subsets: int | None = Opt(None, group="selection",
                                       help="difficulty-matched random subsets (random within loss_base bins; default: "
                                            "--random-subsets)")()
+    clean_subsets: int = Opt(10, group="selection",
+                             help="clean_random: random subsets of the rows without a planted defect, one student "
+                                  "each (the positive control: it must beat the random null)")()
     balance_bins: int = Opt(8, group="selection", help="loss_base bins of the balanced strategies and of matched_random")()
+    diversity: int = Opt(8, group="selection", help="k-means groups of the *_diverse strategies (select --diversity)")()
     top_k: int = Opt(64, group="selection", help="rows selected by every strategy")()
     seeds: int = Opt(1, help="training seeds 0..N-1 of each deterministic strategy (random subset j trains with seed "
                              "j mod N): the spread that matters is which subset, not the training order")()
@@ -527,7 +567,8 @@ class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
             self.strategies = [s for s in self.strategies if s != "placebo"]  # the default, without a placebo run
         if self.matched_subsets is None:
             self.matched_subsets = self.random_subsets
-        for name in ("top_k", "seeds", "eval_batch_size", "random_subsets", "matched_subsets", "balance_bins"):
+        for name in ("top_k", "seeds", "eval_batch_size", "random_subsets", "matched_subsets", "clean_subsets",
+                     "balance_bins", "diversity"):
             if getattr(self, name) < 1:
                 raise AirRayError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_new_tokens < 0 or (self.eval_rows is not None and self.eval_rows < 1):

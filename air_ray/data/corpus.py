@@ -14,6 +14,14 @@ chunk is the unit of work and of output: ``rows_per_partition`` consecutive reco
 deterministically from the file and its index, so a rerun replaces a partition rather than adding one.
 Records stay raw text here (``None`` for a line that is not valid UTF-8); parsing and validation happen in
 the prepare step, where a bad record becomes a rejected row instead of an exception.
+
+A large uncompressed JSON-lines file (over ``SPLIT_BYTES``) is read in byte ranges (``Split``), each by its own task,
+as Hadoop reads text files: a split holds the records whose line *starts* in its range, so the line that crosses a
+boundary belongs to the split it starts in, which reads past its end to finish it; the next split skips to the
+first line start after its own start. The splits of a file are planned from its size alone (``plan_splits``), so
+a rerun gives the same splits and the same partition names. Line numbers stay those of the whole file: the id pass
+counts each split's lines, and the scoring pass gives each split its first line number. Compressed files, JSON
+arrays, Parquet and Arrow files are read whole, by one task.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from air_ray.fsio import open_uri, url_to_fs, with_protocol
 COMPRESSIONS = (".gz", ".zst", ".bz2")  # of JSON files, read as streams
 JSON_EXTENSIONS = tuple(e + c for e in (".jsonl", ".json") for c in ("", *COMPRESSIONS))
 EXTENSIONS = (*JSON_EXTENSIONS, ".parquet", ".arrow")
+SPLIT_BYTES = 128 << 20  # a .jsonl file larger than this is read in byte ranges of about this size, in parallel
 _BLOCK = 1 << 16  # bytes read at a time (a file that breaks off loses at most the records of its last block)
 # files a dataset folder holds beside its rows (Hugging Face metadata, docs): never rows
 _NOT_ROWS = ("dataset_info.json", "state.json", "dataset_dict.json", ".gitattributes")
@@ -121,18 +130,56 @@ def unit_prefix(source: str) -> str:
     return f"{stem}-{digest}-"
 
 
-def unit_name(source: str, index: int) -> str:
-    """Deterministic, filesystem-safe partition name: <file stem>-<hash of the URI>-<chunk index>."""
-    return f"{unit_prefix(source)}{index:05d}"
+def unit_name(source: str, index: int, split: int | None = None) -> str:
+    """Deterministic, filesystem-safe partition name: <file stem>-<hash of the URI>-<chunk index>; a chunk of split
+    ``split`` of a file read in byte ranges: <file stem>-<hash of the URI>-s<split>-<chunk index within it>."""
+    return f"{unit_prefix(source)}{'' if split is None else f's{split:04d}-'}{index:05d}"
 
 
-def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
-    """All records of one file, in chunks. If the file cannot be read (or breaks off), the chunk in progress
-    carries ``file_error``: its records so far are kept, and the file gets one rejected entry."""
+@dataclass(frozen=True)
+class Split:
+    """The records of ``source`` whose line starts in the byte range [start, end) (``end`` None: to the end of the
+    file), split ``index`` of ``count``; ``first_line``: the file's 1-based number of the split's first line (known
+    once the id pass has counted the lines of the splits before it)."""
+
+    source: str
+    index: int = 0
+    count: int = 1
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def splittable(source: str) -> bool:
+    """Whether a file can be read in byte ranges: uncompressed JSON lines."""
+    return source.endswith(".jsonl")
+
+
+def plan_splits(source: str, size: int, split_bytes: int | None = None) -> list[Split]:
+    """The splits of a file of ``size`` bytes: one for a small, compressed or non-JSON-lines file, else
+    ceil(size / split_bytes) ranges of equal size (from the size alone: the same splits on every run)."""
+    split_bytes = split_bytes or SPLIT_BYTES
+    if not splittable(source) or size <= split_bytes:
+        return [Split(source)]
+    n = -(-size // split_bytes)
+    bounds = [size * i // n for i in range(n + 1)]
+    return [Split(source, i, n, bounds[i], None if i == n - 1 else bounds[i + 1]) for i in range(n)]
+
+
+def read_chunks(source: str | Split, rows_per_partition: int, counts: dict | None = None) -> Iterator[Chunk]:
+    """All records of one file (or one split of it), in chunks. If the file cannot be read (or breaks off), the chunk
+    in progress carries ``file_error``: its records so far are kept, and the file gets one rejected entry.
+    ``counts["lines"]``: the lines the split holds (blank ones included), added up as they are read."""
+    split = source if isinstance(source, Split) else Split(source)
+    source = split.source
+    part = None if split.count == 1 else split.index
     index = 0
-    chunk = Chunk(unit_name(source, 0), source)
+    chunk = Chunk(unit_name(source, 0, part), source)
     try:
-        records = _arrow_records(source) if is_arrow_file(source) else _text_records(source)
+        if split.count > 1:
+            records = _range_records(split, counts)
+        else:
+            records = _arrow_records(source) if is_arrow_file(source) else _text_records(source)
         for line, text, nbytes in records:
             chunk.lines.append(line)
             chunk.texts.append(text)
@@ -140,7 +187,7 @@ def read_chunks(source: str, rows_per_partition: int) -> Iterator[Chunk]:
             if len(chunk.lines) == rows_per_partition:
                 yield chunk
                 index += 1
-                chunk = Chunk(unit_name(source, index), source)
+                chunk = Chunk(unit_name(source, index, part), source)
     except Exception as e:  # corrupt or truncated compressed file, bad parquet footer, vanished file ...
         chunk.file_error = f"{type(e).__name__}: {e}"[:500]
     if chunk.lines or chunk.file_error or index == 0:
@@ -207,6 +254,40 @@ def _text_records(source: str) -> Iterator[tuple[int, str | None, int]]:
         except UnicodeDecodeError:
             text = None
         yield i, text, len(raw)
+
+
+def _range_records(split: Split, counts: dict | None = None) -> Iterator[tuple[int, str | None, int]]:
+    """The records of one split of a JSON-lines file (see the module doc), numbered from ``split.first_line``; every
+    line of the split (blank ones too) is counted in ``counts["lines"]``."""
+    with open_uri(split.source, "rb", compression=None) as f:
+        first = b""
+        if split.start > 0:  # skip to the first line that starts at or after split.start
+            f.seek(split.start - 1)
+            while True:
+                block = f.read(_BLOCK)
+                if not block:
+                    return
+                cut = block.find(b"\n")
+                if cut >= 0:
+                    first = block[cut + 1:]
+                    pos = f.tell() - len(first)
+                    break
+        else:
+            pos = 0
+        line = split.first_line
+        for raw in _lines(_chain(first, iter(lambda: f.read(_BLOCK), b""))):
+            if split.end is not None and pos >= split.end:
+                return
+            pos += len(raw)
+            if counts is not None:
+                counts["lines"] = counts.get("lines", 0) + 1
+            if raw.strip():  # blank lines are not rows
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None
+                yield line, text, len(raw)
+            line += 1
 
 
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

@@ -170,9 +170,12 @@ def own_logits(model):
         setattr(model, prefix, decoder)
 
 
-# rows of a [chunk, vocab] block whose exp is taken at a time for the entropy on CPU: a small temporary (16 x 49152
-# float32 = 3 MB) that stays in cache and is reused, instead of a second [chunk, vocab] block (on a GPU: the chunk)
+# the entropy on CPU takes the exp of a few rows of a [chunk, vocab] block at a time: a small temporary of about
+# EXP_ELEMENTS floats (16 x 49152 float32 = 3 MB) that stays in cache and is reused, instead of a second [chunk, vocab]
+# block; at least EXP_ROWS rows (16 for SmolLM2's vocabulary; more for a small one, where 16 rows would be a few KB
+# and the loop's per-call cost would dominate). On a GPU: the whole chunk.
 EXP_ROWS = 16
+EXP_ELEMENTS = 16 * 49152
 
 
 def _exp_sums(shifted):
@@ -182,7 +185,8 @@ def _exp_sums(shifted):
     logit gives e = 0 and 0 * -inf = NaN where 0 log 0 = 0 is meant: those NaNs become 0 (a NaN logit still gives
     a NaN entropy, through Z).
     Shapes: shifted [n, vocab] (logits - max, float32); e_r [rows, vocab]; both sums [n]."""
-    rows = EXP_ROWS if shifted.device.type == "cpu" else max(1, len(shifted))
+    rows = max(EXP_ROWS, EXP_ELEMENTS // max(1, shifted.shape[1])) if shifted.device.type == "cpu" else \
+        max(1, len(shifted))
     z = shifted.new_empty(len(shifted))
     e_log_e = shifted.new_empty(len(shifted))
     for r in range(0, len(shifted), rows):
@@ -191,6 +195,15 @@ def _exp_sums(shifted):
         z[r : r + rows] = e_r.sum(dim=-1)
         e_log_e[r : r + rows] = e_r.mul_(s_r).nan_to_num_(nan=0.0).sum(dim=-1)
     return z, e_log_e
+
+
+def _pooled(hidden, b: _Batch) -> np.ndarray:
+    """The last hidden state averaged over each row's response positions [start, len), float32 numpy.
+    Shapes: hidden [batch, pos, d_model]; out [batch, d_model]."""
+    import torch
+
+    rows = [hidden[i, s:n].float().mean(dim=0) for i, (s, n) in enumerate(zip(b.starts, b.lens))]  # [d_model] each
+    return torch.stack(rows).cpu().numpy()
 
 
 def _head_nll(model, hidden, b: _Batch, chunk: int | None, entropy: bool = False):
@@ -328,11 +341,13 @@ def token_nll_pair(
     pad_id: int = 0,
     chunk: int | None = None,
     share_prefix: bool = True,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    pool: bool = False,
+) -> tuple:
     """(base losses, reference losses, base entropies) per sequence: losses as ``token_nll`` gives them, and
     the entropy (nats) of the base model's next-token distribution at the same positions. The reference pass
     runs inside ``ablated()`` (the critical heads disabled), whose lowest layer is ``first_layer`` (None: no
-    head).
+    head). ``pool``: a fourth item, the base pass's last hidden state averaged over each sequence's response
+    positions, [batch, d_model] float32 (``_pooled``).
 
     ``share_prefix`` (default): layers [0, first_layer) run once, in the base pass; the reference pass runs
     layers [first_layer, L) + final norm + LM head on the hidden state the base pass had there. No heads: the
@@ -344,24 +359,34 @@ def token_nll_pair(
     import torch
 
     if not sequences:
-        return [], [], []
+        return ([], [], [], np.zeros((0, 0), np.float32)) if pool else ([], [], [])
     b = _Batch(sequences, starts, pad_id)
+    pooled = []
+
+    def base_pass(hidden):
+        if pool:
+            pooled.append(_pooled(hidden, b))
+        return _head_nll(model, hidden, b, chunk, entropy=True)
+
+    def out(base, ref, ent):
+        return (b.split(base), b.split(ref), b.split(ent)) + ((pooled[0],) if pool else ())
+
     with torch.inference_mode():
         if not share_prefix:
-            base, ent = _head_nll(model, _hidden(model, b), b, chunk, entropy=True)
+            base, ent = base_pass(_hidden(model, b))
             with ablated():
                 ref = _head_nll(model, _hidden(model, b), b, chunk)
-            return b.split(base), b.split(ref), b.split(ent)
+            return out(base, ref, ent)
         if first_layer is None:
-            base, ent = _head_nll(model, _hidden(model, b), b, chunk, entropy=True)
-            return b.split(base), b.split(base.copy()), b.split(ent)
+            base, ent = base_pass(_hidden(model, b))
+            return out(base, base.copy(), ent)
         if not prefix_shareable(model, first_layer):
             return token_nll_pair(model, sequences, starts, ablated=ablated, first_layer=first_layer,
-                                  pad_id=pad_id, chunk=chunk, share_prefix=False)
+                                  pad_id=pad_id, chunk=chunk, share_prefix=False, pool=pool)
         k = first_layer
         with _capture_output(model.base_model.layers[k - 1]) as box:
             hidden = _hidden(model, b)  # [batch, pos, d_model]
-        base, ent = _head_nll(model, hidden, b, chunk, entropy=True)
+        base, ent = base_pass(hidden)
         del hidden
         h_k = box.pop("h", None)  # [batch, pos, d_model]
         with ablated():
@@ -370,4 +395,4 @@ def token_nll_pair(
                     ref = _head_nll(model, _hidden(model, b), b, chunk)
             else:  # the layer did not hand a plain hidden state on: run the full pass
                 ref = _head_nll(model, _hidden(model, b), b, chunk)
-        return b.split(base), b.split(ref), b.split(ent)
+        return out(base, ref, ent)

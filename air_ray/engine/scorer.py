@@ -14,11 +14,14 @@ import numpy as np
 from air_ray.config.commands import SCORING_VERSION, EngineOptions
 from air_ray.data.rows import PreparedRow, RowError, RowPreparer
 from air_ray.engine.ablation import check_heads
-from air_ray.engine.backends import Backend, BackendSpec, TokenLosses, open_backend
+from air_ray.engine.backends import Backend, BackendSpec, OnBatch, TokenLosses, open_backend
 from air_ray.errors import AirRayError
 from air_ray.influence import all_finite, copy_mask, influence
 from air_ray.models.load import resolve_device, resolve_dtype
 from air_ray.models.open import open_model
+
+
+EMBED_SEED = 0  # the random projection of --embed: the same for every run of a model
 
 
 class Scorer:
@@ -67,6 +70,7 @@ class Scorer:
             ref=self.ref, heads=self.heads, options=opts, config=config, device=self.device, dtype=self.dtype,
             pad_id=pad_id, gpus=gpus, threads=threads), shard=shard, share_prefix=share_prefix)
         self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
+        self._projection = None  # [d_model, EMBED_DIMS] of --embed, made on first use
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -89,17 +93,20 @@ class Scorer:
 
     # -- scoring ----------------------------------------------------------------------------------
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
+    def token_losses(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None) -> list[TokenLosses]:
         """Per response token: (loss under the base model, loss under the reference model, entropy of the base
-        model's next-token distribution), in nats; the entropy is None where the backend has no distribution."""
+        model's next-token distribution), in nats; the entropy is None where the backend has no distribution.
+        ``on_batch(rows, tokens)``: called after each model batch (progress inside a long call)."""
         if self.backend is None:
             raise AirRayError("this Scorer is closed")
-        return self.backend.token_losses(prepared)
+        return self.backend.token_losses(prepared, on_batch)
 
-    def score_prepared(self, prepared: Sequence[PreparedRow]) -> list[dict | RowError]:
+    def score_prepared(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None
+                       ) -> list[dict | RowError]:
         """Scores of prepared rows; a row whose losses are not finite comes back as a RowError."""
         results: list[dict | RowError] = []
-        for p, (base, ref, ent) in zip(prepared, self.token_losses(prepared)):
+        for p, losses in zip(prepared, self.token_losses(prepared, on_batch)):
+            base, ref, ent = losses.base, losses.ref, losses.entropy
             if not (all_finite(base, ref) and (ent is None or all_finite(ent))):
                 results.append(RowError("non_finite_loss", f"id {p.id}: a loss is NaN or infinite"))
                 continue
@@ -117,8 +124,21 @@ class Scorer:
             # a heuristic baseline (select --by entropy_base); a backend without the distribution: null
             row["entropy_base"] = None if ent is None else float(np.mean(ent))
             row["step_kinds"] = list(p.step_kinds)
+            if self.options.embed:
+                row["embedding"] = self.embedding(losses.pooled)
             results.append(row)
         return results
+
+    def embedding(self, pooled: np.ndarray) -> list[float]:
+        """A row's ``embedding`` column (``score --embed``): its pooled last hidden state [d_model] times a fixed
+        random projection [d_model, EMBED_DIMS] (seeded Gaussian / sqrt(EMBED_DIMS): distances are kept in
+        expectation), float32."""
+        from air_ray.store.schemas import EMBED_DIMS
+
+        if self._projection is None or self._projection.shape[0] != len(pooled):
+            rng = np.random.default_rng(EMBED_SEED)
+            self._projection = rng.standard_normal((len(pooled), EMBED_DIMS)) / np.sqrt(EMBED_DIMS)
+        return (np.asarray(pooled, np.float64) @ self._projection).astype(np.float32).tolist()
 
     def score(self, rows: Iterable[dict]) -> list[dict]:
         """Score rows; a row that cannot be scored raises RowError naming its index."""
@@ -136,6 +156,7 @@ class Scorer:
 
     def describe(self) -> dict:
         """What produced these scores: recorded in every artifact."""
+        from air_ray.store.schemas import EMBED_DIMS
         from air_ray.version import __version__
 
         o = self.options
@@ -155,4 +176,6 @@ class Scorer:
             "base_loss_floor": o.base_loss_floor,
             "version": __version__,
             "scoring_version": SCORING_VERSION,
+            **({"embed": {"dims": EMBED_DIMS, "seed": EMBED_SEED, "pooled": "last hidden state, mean over the response "
+                                                                       "tokens"}} if o.embed else {}),
         }

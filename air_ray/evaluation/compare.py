@@ -40,28 +40,56 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from air_ray.config.commands import CompareConfig, SelectConfig, TrainConfig
+from air_ray.config.commands import COMPARE_STRATEGIES, CompareConfig, SelectConfig, TrainConfig
 from air_ray.errors import AirRayError
 from air_ray.fsio import local_fs, write_bytes_atomic, write_json_atomic
-from air_ray.outputs.stats import null_position
+from air_ray.outputs.stats import null_position, two_sample
+from air_ray.progress import Ticker, duration, say
 from air_ray.store.layout import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, CompareLayout
 
-METRICS = (("loss", "held-out loss (nats/token)", True), ("accuracy", "exact match", False))  # lower is better?
-NULLS = ("random", "matched_random")
-# strategy -> (select --by, select --balance, scores: "pool" or "placebo", trained with step weights)
+# (key, label, lower is better): the response loss, the loss of the final answer alone (``students.response_loss``),
+# and exact match
+METRICS = (("loss", "held-out loss (nats/token)", True), ("answer_loss", "final-answer loss (nats/token)", True),
+           ("accuracy", "exact match", False))
+LOSSES = ("loss", "answer_loss")
+NULLS = ("random", "matched_random")  # the distributions every strategy is placed in
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a strategy selects (the options of ``air-ray select``, from the pool's scores or the placebo run's) and
+    trains (with step weights or not). ``subsets``: the CompareConfig option counting its random subsets, one
+    student each (the nulls and the positive control); None: one selection, trained once per training seed."""
+
+    by: str
+    balance: str | None = None
+    scores: str = "pool"  # pool | placebo
+    weighted: bool = False
+    diverse: bool = False  # select --diversity (CompareConfig.diversity groups)
+    exclude_wrong_answer: bool = False
+    exclude_defective: bool = False
+    subsets: str | None = None
+
+
 STRATEGIES = {
-    "score": ("score", None, "pool", False),
-    "score_balanced": ("score", "loss_base", "pool", False),
-    "delta": ("delta", None, "pool", False),
-    "delta_balanced": ("delta", "loss_base", "pool", False),
-    "placebo": ("score", None, "placebo", False),
-    "loss_base": ("loss_base", None, "pool", False),
-    "entropy_base": ("entropy_base", None, "pool", False),
-    "n_response_tokens": ("n_response_tokens", None, "pool", False),
-    "score_weighted": ("score", None, "pool", True),
-    "random": ("random", None, "pool", False),
-    "matched_random": ("random", "loss_base", "pool", False),
+    "score": Strategy("score"),
+    "score_balanced": Strategy("score", balance="loss_base"),
+    "delta": Strategy("delta"),
+    "delta_balanced": Strategy("delta", balance="loss_base"),
+    "placebo": Strategy("score", scores="placebo"),
+    "loss_base": Strategy("loss_base"),
+    "entropy_base": Strategy("entropy_base"),
+    "n_response_tokens": Strategy("n_response_tokens"),
+    "score_weighted": Strategy("score", weighted=True),
+    "score_diverse": Strategy("score", diverse=True),
+    "delta_diverse": Strategy("delta", diverse=True),
+    "random_diverse": Strategy("random", diverse=True),  # random inside each group (selection seed 0)
+    "answer_filter": Strategy("random", exclude_wrong_answer=True),  # the curator's filter, then random rows (seed 0)
+    "random": Strategy("random", subsets="random_subsets"),
+    "matched_random": Strategy("random", balance="loss_base", subsets="matched_subsets"),
+    "clean_random": Strategy("random", exclude_defective=True, subsets="clean_subsets"),  # the positive control
 }
+assert tuple(STRATEGIES) == COMPARE_STRATEGIES, "every compare strategy is declared once, in the config's order"
 
 
 @dataclass(frozen=True)
@@ -77,26 +105,28 @@ class Run:
         return f"{self.strategy}-seed{self.index}"
 
     @property
-    def null(self) -> bool:
-        return self.strategy in NULLS
+    def subsets(self) -> bool:
+        """One of the strategies with random subsets (the nulls, the positive control)."""
+        return STRATEGIES[self.strategy].subsets is not None
 
     @property
     def selection_name(self) -> str:
         """Deterministic selections are the same for every training seed (score_weighted is the score one)."""
-        if self.null:
+        if self.subsets:
             return f"{self.strategy}-{self.index}"
         return "score" if self.strategy == "score_weighted" else self.strategy
 
 
-def plan(cfg: CompareConfig) -> list[Run]:
+def plan(cfg: CompareConfig, strategies: list[str] | None = None) -> list[Run]:
     """Every student, in the order they are trained: for each index, the deterministic strategies (index < seeds)
-    then the nulls (index < their subset count), so that an interrupted run has something of each."""
-    n = {"random": cfg.random_subsets, "matched_random": cfg.matched_subsets}
+    then those with subsets (index < their subset count), so that an interrupted run has something of each."""
+    strategies = list(cfg.strategies if strategies is None else strategies)
+    n = {s: getattr(cfg, STRATEGIES[s].subsets) if STRATEGIES[s].subsets else cfg.seeds for s in strategies}
     runs = []
-    for j in range(max(cfg.seeds, cfg.random_subsets, cfg.matched_subsets)):
-        for s in cfg.strategies:
-            if (s in NULLS and j < n[s]) or (s not in NULLS and j < cfg.seeds):
-                runs.append(Run(s, j, j % cfg.seeds if s in NULLS else j))
+    for j in range(max(n.values(), default=0)):
+        for s in strategies:
+            if j < n[s]:
+                runs.append(Run(s, j, j % cfg.seeds if STRATEGIES[s].subsets else j))
     return runs
 
 
@@ -115,24 +145,36 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def summarise(results: list[dict], strategies: list[str]) -> dict:
-    """Per strategy and metric: its students' values, mean and sd; for a deterministic strategy its place in each
-    null (``null_position`` of its mean); for a null its spread (min, max)."""
+    """Per strategy and metric: its students' values, mean and sd, and its place in each null (``null_position`` of
+    its mean); for a strategy with subsets its spread (min, max), and for the positive control (clean_random) also
+    the two-sample test of its students against the random ones (``two_sample``). Per strategy the selected rows'
+    mean loss_base and planted-defect and wrong-answer shares (means over its students) where the pool has them."""
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["strategy"], []).append(r)
-    nulls = {n: {m: [r["eval"][m] for r in by.get(n, [])] for m, _, _ in METRICS} for n in NULLS}
+    nulls = {n: {m: [r["eval"].get(m) for r in by.get(n, [])] for m, _, _ in METRICS} for n in NULLS}
     out = {}
     for s in strategies:
         runs = sorted(by.get(s, []), key=lambda r: r["seed"])
-        entry = {"students": len(runs),  # a null's: the mean over its subsets
+        entry = {"students": len(runs),  # with subsets: the mean over its subsets
                  "selected_loss_base": mean_sd([r.get("selected_loss_base") for r in runs])[0]}
+        corpus = [r["selected_corpus"] for r in runs if r.get("selected_corpus")]
+        if corpus:
+            entry["selected_corpus"] = {k: mean_sd([c.get(k) for c in corpus])[0]
+                                        for k in ("defect_share", "wrong_answer_share") if k in corpus[0]}
+            if "defect_share_by_kind" in corpus[0]:
+                entry["selected_corpus"]["defect_share_by_kind"] = {
+                    kind: mean_sd([c["defect_share_by_kind"].get(kind) for c in corpus])[0]
+                    for kind in corpus[0]["defect_share_by_kind"]}
         for metric, _, lower in METRICS:
-            vals = [r["eval"][metric] for r in runs]
+            vals = [r["eval"].get(metric) for r in runs]
             m, sd = mean_sd(vals)
             e = {"mean": m, "sd": sd, "values": vals}
-            if s in NULLS:
+            if STRATEGIES[s].subsets:
                 finite = [v for v in vals if v is not None]
                 e.update(min=min(finite, default=None), max=max(finite, default=None))
+                if s not in NULLS and nulls["random"][metric]:
+                    e["two_sample_vs_random"] = two_sample(vals, nulls["random"][metric], lower)
             for n in NULLS:
                 if s != n and nulls[n][metric]:
                     e[f"vs_{n}"] = null_position(m, nulls[n][metric], lower)
@@ -143,14 +185,31 @@ def summarise(results: list[dict], strategies: list[str]) -> dict:
     return out
 
 
+def positive_control(summary: dict, alpha: float = 0.05) -> dict | None:
+    """Per loss metric (``LOSSES``): whether the positive control (clean_random) separated from the random null, its
+    students better than the random ones at one-sided permutation p < ``alpha``; a metric on which it did not cannot
+    tell a better selection from random ones at this size. None without a positive control."""
+    out = {}
+    for metric in LOSSES:
+        e = summary.get("clean_random", {}).get(metric, {})
+        test = e.get("two_sample_vs_random")
+        if test and test.get("p_better") is not None:
+            out[metric] = {"alpha": alpha, "separated": test["p_better"] < alpha, **test,
+                           "percentile_of_mean": (e.get("vs_random") or {}).get("percentile")}
+    return out or None
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
 
-def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids: list[str]) -> dict:
-    """``{run name: key}``: a hash of everything that determines one run's result: the model, the scores it selects
-    from, the training and evaluation options, the strategy, its selection and training seeds and the held-out
-    rows (``initial``: the initial model's evaluation)."""
+def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids: list[str],
+             selections: dict[str, "Selected"]) -> dict:
+    """``{run name: key}``: a hash of everything that determines one student: the model, the pool's scores (step
+    weights come from them), the training and evaluation options, the held-out rows, and the run's selected ids in
+    rank order (the order the trainer reads them in), its training seed and whether it trains with step weights
+    (``initial``: the initial model's evaluation). Two runs whose selections are the same rows in the same order
+    (clean_random on a pool without defects is random) have the same key: one student serves both."""
     from air_ray.version import __version__
 
     doc = {name: getattr(cfg, name) for name in
@@ -158,17 +217,12 @@ def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids
             "top_k", "max_new_tokens", "think_tags", "prompt_field", "response_field", "reasoning_field",
             "messages_field", "id_field", "domain_field")}
     doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=__version__,
-               held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest())
-    pool = _scores_signature(cfg.scores)
-    placebo = _scores_signature(cfg.placebo_scores) if cfg.placebo_scores else None
-    keys = {"initial": _hash(dict(doc, strategy="initial", seed=0, scores=pool))}
+               held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest(),
+               scores=_scores_signature(cfg.scores))
+    keys = {"initial": _hash(dict(doc, strategy="initial", seed=0))}
     for r in runs:
-        by, balance, scores, weighted = STRATEGIES[r.strategy]
-        spec = dict(doc, strategy=r.strategy, seed=r.index, train_seed=r.train_seed, weighted=weighted, by=by,
-                    scores=placebo if scores == "placebo" else pool)
-        if balance:
-            spec.update(balance=balance, balance_bins=cfg.balance_bins)
-        keys[r.name] = _hash(spec)
+        keys[r.name] = _hash(dict(doc, selected=selections[r.selection_name].digest, train_seed=r.train_seed,
+                                  weighted=STRATEGIES[r.strategy].weighted))
     return keys
 
 
@@ -218,30 +272,93 @@ def _train_config(cfg: CompareConfig, run_dir: Path, selection: str, seed: int, 
                               save=False)).validate()
 
 
-def _select(cfg: CompareConfig, out: CompareLayout, run: Run) -> tuple[str, float | None]:
-    """(the selection directory of ``run``, the selected rows' mean loss_base). Select is cheap, so it is made again
-    on every invocation and always matches the scores."""
-    from air_ray.outputs.select import select
+@dataclass(frozen=True)
+class Selected:
+    """A selection of one run: its directory, a digest of its ids in rank order, the selected rows' mean loss_base
+    and their defect and answer shares (``select``'s audit; None where the pool has neither)."""
 
-    by, balance, scores, _ = STRATEGIES[run.strategy]
+    dir: str
+    digest: str
+    loss_base: float | None
+    corpus: dict | None
+    pool_corpus: dict | None
+
+
+def _select(cfg: CompareConfig, out: CompareLayout, run: Run) -> Selected:
+    """The selection of ``run`` (``air-ray select`` with its strategy's options). Select is cheap, so it is made
+    again on every invocation and always matches the scores."""
+    from air_ray.outputs.select import select
+    from air_ray.store.scores import read_selection_ids
+
+    st = STRATEGIES[run.strategy]
     sel_dir = out.selection(run.selection_name)
-    summary = select(SelectConfig(scores=cfg.placebo_scores if scores == "placebo" else cfg.scores,
-                                  output=str(sel_dir), top_k=cfg.top_k, by=by, seed=run.index, balance=balance,
-                                  balance_bins=cfg.balance_bins), quiet=True)
+    summary = select(SelectConfig(
+        scores=cfg.placebo_scores if st.scores == "placebo" else cfg.scores, output=str(sel_dir), top_k=cfg.top_k,
+        by=st.by, seed=run.index if st.subsets else 0, balance=st.balance, balance_bins=cfg.balance_bins,
+        diversity=cfg.diversity if st.diverse else None, exclude_wrong_answer=st.exclude_wrong_answer,
+        exclude_defective=st.exclude_defective, input=list(cfg.input)), quiet=True)
     n = summary["counts"]["rows_selected"]
     if n != cfg.top_k:
-        raise AirRayError(f"compare: {run.strategy} (--by {by}) selects {n} rows, not --top-k {cfg.top_k} "
+        raise AirRayError(f"compare: {run.strategy} (--by {st.by}) selects {n} rows, not --top-k {cfg.top_k} "
                           f"(candidates: {summary['counts']['rows_candidates']} of {summary['counts']['rows_total']}; "
-                          f"a row whose {by} is missing is no candidate); lower --top-k or drop the strategy")
-    return str(sel_dir), summary["bias"]["selected_mean"].get("loss_base")
+                          f"a row whose {st.by} is missing is no candidate); lower --top-k or drop the strategy")
+    ids = read_selection_ids(str(sel_dir))
+    corpus = summary["bias"].get("corpus") or {}
+    return Selected(str(sel_dir), hashlib.sha1("\n".join(ids).encode()).hexdigest(),
+                    summary["bias"]["selected_mean"].get("loss_base"), corpus.get("selected"), corpus.get("pool"))
 
 
-def run_compare(cfg: CompareConfig, log=print) -> dict:
+def available(cfg: CompareConfig, log=print) -> list[str]:
+    """The strategies of this run: as asked for; the default leaves out those the run lacks what they need for
+    (placebo: already in the config's check; the *_diverse ones: an embedding column; clean_random: a defect
+    column in the pool), each with a line saying why. Asked for by name, they fail at their selection instead."""
+    from air_ray.data.answers import DEFECT_FIELD
+    from air_ray.outputs.facts import read_facts
+    from air_ray.data.rows import FieldMap
+    from air_ray.store.schemas import EMBEDDING
+    from air_ray.store.scores import open_scores
+
+    strategies = list(cfg.strategies)
+    if [s for s in COMPARE_STRATEGIES if s != "placebo" or cfg.placebo_scores] != strategies:
+        return strategies
+    scores = open_scores(cfg.scores, "compare", columns=(EMBEDDING,))
+    if not any(b.column(EMBEDDING).null_count < b.num_rows for b in scores.batches([EMBEDDING])):
+        log("compare: the scores have no embedding (score --embed): score_diverse, delta_diverse and random_diverse "
+            "are left out")
+        strategies = [s for s in strategies if not STRATEGIES[s].diverse]
+    if not read_facts(list(cfg.input), FieldMap.of(cfg), expand=True).has_defects:
+        log(f"compare: the pool has no {DEFECT_FIELD} column: clean_random (the positive control of a pool with "
+            "planted defects) is left out")
+        strategies = [s for s in strategies if s != "clean_random"]
+    return strategies
+
+
+class _Status:
+    """What compare is doing now, for the progress line every ``progress.EVERY_S`` seconds."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs, self.i, self.what, self.since = runs, 0, "selecting", time.time()
+        self.trained: list[float] = []  # seconds of each student trained in this invocation
+        self.left = len(runs)  # students still to train or to find done
+
+    def set(self, i: int, what: str) -> None:
+        self.i, self.what, self.since = i, what, time.time()
+
+    def line(self) -> str:
+        name = self.runs[self.i - 1].name if 0 < self.i <= len(self.runs) else "-"
+        per = sum(self.trained) / len(self.trained) if self.trained else None
+        eta = f", ETA {duration(per * self.left)}" if per else ""
+        return (f"[air-ray compare] student {self.i} of {len(self.runs)} ({name}): {self.what} for "
+                f"{duration(time.time() - self.since)}; {len(self.trained)} trained this run"
+                + (f", {per:.0f} s each" if per else "") + eta)
+
+
+def run_compare(cfg: CompareConfig, log=say) -> dict:
     """Select, train and evaluate every run of ``plan(cfg)``; write compare.json/.md/.png; return compare.json."""
     from air_ray.data.rows import FieldMap, RowPreparer
     from air_ray.evaluation.students import evaluate, read_held_out
     from air_ray.models import open_model
-    from air_ray.training import load_trainable, train_weighted_sft
+    from air_ray.training import load_trainable
 
     cfg = cfg.validate()
     t_start = time.perf_counter()
@@ -261,27 +378,28 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
                           "placebo heads")
     held_ids = [r.id for r in held_out]
     n_check = sum(r.answer is not None for r in held_out)
-    runs = plan(cfg)
+    strategies = available(cfg, log)
+    runs = plan(cfg, strategies)
     log(f"compare: {len(held_out)} held-out rows ({n_check} with a checkable answer"
         f"{'' if cfg.max_new_tokens else ', not decoded: --max-new-tokens 0'}), {len(runs)} students "
-        f"({', '.join(cfg.strategies)}; {cfg.seeds} training seed(s), {cfg.random_subsets} random and "
-        f"{cfg.matched_subsets} matched subsets), top_k {cfg.top_k}, into {out}")
+        f"({', '.join(strategies)}; {cfg.seeds} training seed(s), {cfg.random_subsets} random, "
+        f"{cfg.matched_subsets} matched and {cfg.clean_subsets} clean subsets), top_k {cfg.top_k}, into {out}")
     eval_kw = dict(format=cfg.format, add_eos=cfg.add_eos, max_length=cfg.max_length,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
 
     # every selection first: a strategy that cannot select top_k rows fails before any training
-    selections = {}
+    selections: dict[str, Selected] = {}
     for r in runs:
         if r.selection_name not in selections:
             selections[r.selection_name] = _select(cfg, out, r)
 
-    keys = run_keys(cfg, ref.fingerprint, runs, held_ids)
+    keys = run_keys(cfg, ref.fingerprint, runs, held_ids, selections)
     initial = _read_json(out.result(out.INITIAL))
     todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
     state0 = None
     if todo or (initial or {}).get("key") != keys["initial"]:
         t0 = time.perf_counter()
-        first = selections[runs[0].selection_name][0]
+        first = selections[runs[0].selection_name].dir
         _, _, model0 = load_trainable(_train_config(cfg, out.run(out.INITIAL), first, 0, False))
         state0 = {n: p.detach().float().cpu().clone() for n, p in model0.named_parameters()}
         if (initial or {}).get("key") != keys["initial"]:
@@ -292,51 +410,35 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     log(f"compare: initial model: {_figures(initial['eval'])}")
 
     results = []
-    for i, r in enumerate(runs, 1):
-        run_dir = out.run(r.name)
-        done = _read_json(out.result(r.name))
-        if done is not None and done.get("key") == keys[r.name]:
-            log(f"compare: [{i}/{len(runs)}] {r.name}: done before ({_figures(done['eval'])})")
-            results.append(done)
-            continue
-        t0 = time.perf_counter()
-        sel_dir, sel_loss = selections[r.selection_name]
-        weighted = STRATEGIES[r.strategy][3]
-        tcfg = _train_config(cfg, run_dir, sel_dir, r.train_seed, weighted)
-        loaded = load_trainable(tcfg)
-        summary = train_weighted_sft(tcfg, log=lambda *_: None, loaded=loaded)
-        model = loaded[2]
-        t_train = time.perf_counter() - t0
-        result = {
-            "key": keys[r.name], "strategy": r.strategy, "seed": r.index, "train_seed": r.train_seed,
-            "selection": sel_dir, "selected_loss_base": sel_loss,
-            "train": {"steps": summary["global_step"], "loss": summary["train_loss"], "losses": summary["losses"],
-                      "rows": summary["join"]["n_examples"], "step_weights": summary["step_weights"],
-                      "seconds": t_train},
-            "weights_delta": _weights_delta(model, state0),
-            "eval": evaluate(model, tokenizer, held_out, **eval_kw),
-            "seconds": time.perf_counter() - t0,
-        }
-        write_json_atomic(local_fs(), str(out.result(r.name)), result)
-        results.append(result)
-        log(f"compare: [{i}/{len(runs)}] {r.name}: trained {result['train']['steps']} steps on "
-            f"{result['train']['rows']} rows (train loss {result['train']['loss']:.4f}) in {t_train:.0f} s; "
-            f"{_figures(result['eval'])} [{result['seconds']:.0f} s]")
-        del loaded, model
-        gc.collect()
+    students: dict[str, dict] = {}  # key -> a finished student (one student serves runs of the same key)
+    status = _Status(runs)
+    with Ticker(status.line):
+        for i, r in enumerate(runs, 1):
+            status.set(i, "training")
+            results.append(_student(cfg, out, r, i, selections[r.selection_name], keys[r.name], students, state0,
+                                    tokenizer, held_out, eval_kw, status, log))
+            status.left -= 1
 
+    summary = summarise(results, strategies)
+    pool_corpus = next((s.pool_corpus for s in selections.values() if s.pool_corpus), None)
     doc = {
         "config": {k: v for k, v in vars(cfg).items()},
         "model": {"name": ref.name, "fingerprint": ref.fingerprint},
         "held_out": dict(held_counts, n_checkable=n_check),
         "nulls": list(NULLS),
+        "strategies": strategies,
+        "pool_corpus": pool_corpus,  # the pool's defect and wrong-answer shares (select's audit), where it has them
         "initial": initial,
         "runs": results,
-        "summary": summarise(results, list(cfg.strategies)),
+        "summary": summary,
+        "positive_control": positive_control(summary),
         "seconds": time.perf_counter() - t_start,
     }
     header, rows = table_rows(doc)
-    doc["table"] = {"caption": caption(doc), "header": header, "rows": rows}  # what `air-ray report` shows
+    defects = defect_rows(doc)
+    doc["table"] = {"caption": caption(doc), "header": header, "rows": rows,  # what `air-ray report` shows
+                    "control": control_line(doc),
+                    "defects": None if defects is None else {"header": defects[0], "rows": defects[1]}}
     md = markdown(doc)
     write_bytes_atomic(local_fs(), str(out.file(COMPARE_MD)), md.encode())
     write_bytes_atomic(local_fs(), str(out.file(COMPARE_PNG)), plot(doc))
@@ -344,6 +446,53 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     log(md)
     log(f"compare: wrote {out.file(COMPARE_JSON)}, {COMPARE_MD}, {COMPARE_PNG} in {doc['seconds']:.0f} s")
     return doc
+
+
+def _student(cfg: CompareConfig, out: CompareLayout, r: Run, i: int, sel: Selected, key: str, students: dict,
+             state0: dict | None, tokenizer, held_out, eval_kw: dict, status: _Status, log) -> dict:
+    """The result of run ``r``: found done before (same key), the student of another run with the same key, or a
+    student trained and evaluated now."""
+    from air_ray.evaluation.students import evaluate
+    from air_ray.training import load_trainable, train_weighted_sft
+
+    own = {"strategy": r.strategy, "seed": r.index, "train_seed": r.train_seed, "selection": sel.dir,
+           "selected_loss_base": sel.loss_base, "selected_corpus": sel.corpus}
+    where = f"compare: [{i}/{len(status.runs)}] {r.name}"
+    done = _read_json(out.result(r.name))
+    if done is not None and done.get("key") == key:
+        log(f"{where}: done before ({_figures(done['eval'])})")
+        students.setdefault(key, done)
+        return dict(done, **own)
+    twin = students.get(key)
+    if twin is not None:  # the same rows in the same order, trained the same way: that student's result
+        result = dict(twin, **own, same_student_as=f"{twin['strategy']}-seed{twin['seed']}", seconds=0.0)
+        write_json_atomic(local_fs(), str(out.result(r.name)), result)
+        log(f"{where}: the same selection as {result['same_student_as']}: its student ({_figures(result['eval'])})")
+        return result
+    t0 = time.perf_counter()
+    tcfg = _train_config(cfg, out.run(r.name), sel.dir, r.train_seed, STRATEGIES[r.strategy].weighted)
+    loaded = load_trainable(tcfg)
+    summary = train_weighted_sft(tcfg, log=lambda *_: None, loaded=loaded, quiet=True)
+    model = loaded[2]
+    t_train = time.perf_counter() - t0
+    status.set(i, "evaluating")
+    result = {
+        "key": key, **own,
+        "train": {"steps": summary["global_step"], "loss": summary["train_loss"], "losses": summary["losses"],
+                  "rows": summary["join"]["n_examples"], "step_weights": summary["step_weights"],
+                  "seconds": t_train},
+        "weights_delta": _weights_delta(model, state0),
+        "eval": evaluate(model, tokenizer, held_out, **eval_kw),
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json_atomic(local_fs(), str(out.result(r.name)), result)
+    students[key] = result
+    status.trained.append(result["seconds"])
+    log(f"{where}: trained {result['train']['steps']} steps on {result['train']['rows']} rows (train loss "
+        f"{result['train']['loss']:.4f}) in {t_train:.0f} s; {_figures(result['eval'])} [{result['seconds']:.0f} s]")
+    del loaded, model
+    gc.collect()
+    return result
 
 
 def _figures(ev: dict) -> str:
@@ -367,26 +516,61 @@ def _place(p: dict | None) -> str:
             + ("" if p["z"] is None else f" · z {p['z']:+.1f}"))
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _corpus_columns(doc: dict) -> list[tuple[str, str]]:
+    """``(header, key)`` of the defect and wrong-answer share columns the pool has (none for a plain pool)."""
+    pool = doc.get("pool_corpus") or {}
+    cols = []
+    if "defect_share" in pool:
+        cols.append((f"defective selected (pool {_pct(pool['defect_share'])})", "defect_share"))
+    if "wrong_answer_share" in pool:
+        cols.append((f"wrong answer selected (pool {_pct(pool['wrong_answer_share'])})", "wrong_answer_share"))
+    return cols
+
+
+def _two_sample(t: dict | None) -> str:
+    if not t or t.get("p_better") is None:
+        return ""
+    return f"; vs the random students: {t['diff']:+.4f}, permutation p {t['p_better']:.3f}"
+
+
+def _spread(e: dict) -> str:
+    """A metric's mean (± sd, and [min, max] for a strategy with subsets)."""
+    if e.get("mean") is None:
+        return "–"
+    if "min" in e:
+        return f"{_num(e['mean'], '.4f')} ± {_num(e['sd'], '.4f')} [{_num(e['min'], '.4f')}, {_num(e['max'], '.4f')}]"
+    return _num(e["mean"], ".4f") + ("" if e["sd"] is None else f" ± {e['sd']:.4f}")
+
+
 def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     """The comparison table (header, rows) of a compare.json: used by compare.md and by ``air-ray report``."""
     decoded = doc["config"].get("max_new_tokens", 0) > 0
-    header = ["strategy", "students", "selected loss_base", "held-out loss (nats/token)", "vs random",
-              "vs matched random"]
+    corpus = _corpus_columns(doc)
+    answers = any((e.get("answer_loss") or {}).get("mean") is not None for e in doc["summary"].values())
+    header = ["strategy", "students", "selected loss_base", *(h for h, _ in corpus), "held-out loss (nats/token)",
+              "vs random", "vs matched random"]
+    if answers:
+        header += ["final-answer loss (nats/token)", "final-answer loss vs random"]
     if decoded:
         header += ["exact match (%)", "exact match vs random"]
     header.append("min rel. weight change")
     ini = doc["initial"]["eval"]
-    rows = [["initial model (no training)", "–", "–", f"{ini['loss']:.4f}", "–", "–"]
+    rows = [["initial model (no training)", "–", "–", *("–" for _ in corpus), f"{ini['loss']:.4f}", "–", "–"]
+            + ([_num(ini.get("answer_loss"), ".4f"), "–"] if answers else [])
             + (["–" if ini["accuracy"] is None else f"{100 * ini['accuracy']:.1f}", "–"] if decoded else []) + ["0"]]
     for s, e in doc["summary"].items():
         loss, acc = e["loss"], e["accuracy"]
-        if s in NULLS:
-            spread = (f"{_num(loss['mean'], '.4f')} ± {_num(loss['sd'], '.4f')} [{_num(loss['min'], '.4f')}, "
-                      f"{_num(loss['max'], '.4f')}]")
-        else:
-            spread = _num(loss["mean"], ".4f") + ("" if loss["sd"] is None else f" ± {loss['sd']:.4f}")
-        row = [s, str(e["students"]), _num(e["selected_loss_base"], ".3f"), spread,
-               _place(loss.get("vs_random")), _place(loss.get("vs_matched_random"))]
+        shares = e.get("selected_corpus") or {}
+        row = [s, str(e["students"]), _num(e["selected_loss_base"], ".3f"), *(_pct(shares.get(k)) for _, k in corpus),
+               _spread(loss), _place(loss.get("vs_random")) + _two_sample(loss.get("two_sample_vs_random")),
+               _place(loss.get("vs_matched_random"))]
+        if answers:
+            a = e.get("answer_loss") or {}
+            row += [_spread(a), _place(a.get("vs_random")) + _two_sample(a.get("two_sample_vs_random"))]
         if decoded:
             row += [_num(acc["mean"], ".1f", 100) + ("" if acc["sd"] is None else f" ± {100 * acc['sd']:.1f}"),
                     _place(acc.get("vs_random"))]
@@ -395,18 +579,59 @@ def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def defect_rows(doc: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The share of each planted defect kind among the selected rows, per strategy, beside the pool's (None when
+    the pool has no defect column)."""
+    pool = (doc.get("pool_corpus") or {}).get("defect_share_by_kind")
+    if not pool:
+        return None
+    kinds = sorted(pool)
+    rows = [["pool", *(_pct(pool[k]) for k in kinds), _pct(doc["pool_corpus"]["defect_share"])]]
+    for s, e in doc["summary"].items():
+        shares = e.get("selected_corpus") or {}
+        by_kind = shares.get("defect_share_by_kind") or {}
+        rows.append([s, *(_pct(by_kind.get(k)) for k in kinds), _pct(shares.get("defect_share"))])
+    return ["selected by", *kinds, "all defects"], rows
+
+
 def caption(doc: dict) -> str:
     c = doc["config"]
     decoded = c.get("max_new_tokens", 0) > 0
+    clean = ("clean_random" in doc.get("strategies", [])) and \
+        f", the positive control clean_random with {c.get('clean_subsets')} random subsets of the clean rows"
     return (f"Students ({doc['model']['name']}) fine-tuned on {c['top_k']} rows per selection; deterministic "
             f"strategies with {c['seeds']} training seed(s), the nulls with {c['random_subsets']} random and "
-            f"{c['matched_subsets']} difficulty-matched random subsets, one student each. Held-out: "
+            f"{c['matched_subsets']} difficulty-matched random subsets{clean or ''}, one student each. Held-out: "
             f"{doc['held_out']['rows_used']} rows"
             + (f" ({doc['held_out']['n_checkable']} with a checkable answer, greedy decoding up to "
                f"{c['max_new_tokens']} new tokens)" if decoded else " (loss only, no decoding)")
             + ". \"vs random\": the strategy's place in the null of random-subset students: percentile (100 % = "
               "better than every one), one-sided empirical p-values of better / worse ((1 + null draws at least as "
-              "good) / (N + 1)), z (positive = better). Loss: lower is better; exact match: higher is better.")
+              "good) / (N + 1)), z (positive = better); for a strategy with subsets of its own, that of its mean "
+              "and the permutation test of its students against the random ones. Loss: lower is better; exact "
+              "match: higher is better. Defect and wrong-answer shares: of the selected rows (means over a "
+              "strategy's students), beside the pool's.")
+
+
+def control_line(doc: dict) -> str | None:
+    """What the positive control says, one sentence per loss metric (None without one)."""
+    pcs = doc.get("positive_control")
+    if not pcs:
+        return None
+    label = {m: lab for m, lab, _ in METRICS}
+    out = []
+    for metric, pc in pcs.items():
+        what = label[metric].split(" (")[0]
+        if pc["separated"]:
+            out.append(f"Positive control on the {what}: clean_random beat the random students ({pc['diff']:+.4f} "
+                       f"better in the mean, one-sided permutation p {pc['p_better']:.3f} < {pc['alpha']}): on this "
+                       "measure the experiment can tell a better selection from random ones.")
+        else:
+            out.append(f"Positive control on the {what}: clean_random did NOT separate from the random students "
+                       f"(difference {pc['diff']:+.4f}, one-sided permutation p {pc['p_better']:.3f} >= {pc['alpha']}): "
+                       "on this measure the experiment cannot tell a better selection from random ones at this size, "
+                       "so no strategy's place in its null says anything.")
+    return " ".join(out)
 
 
 def markdown(doc: dict) -> str:
@@ -415,6 +640,14 @@ def markdown(doc: dict) -> str:
     lines = [f"# air-ray compare: {c['top_k']} rows per selection, student {doc['model']['name']}", "", caption(doc),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    control = control_line(doc)
+    if control:
+        lines += ["", control]
+    defects = defect_rows(doc)
+    if defects:
+        h, rs = defects
+        lines += ["", "## Planted defects among the selected rows", "", "| " + " | ".join(h) + " |",
+                  "|" + "---|" * len(h)] + ["| " + " | ".join(r) + " |" for r in rs]
     return "\n".join(lines) + "\n"
 
 
@@ -428,17 +661,20 @@ def plot(doc: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if m[0] == "loss" or doc["config"].get("max_new_tokens", 0) > 0]
+    metrics = [m for m in METRICS if (m[0] in LOSSES and any(e.get(m[0], {}).get("mean") is not None
+                                                             for e in doc["summary"].values()))
+               or (m[0] == "accuracy" and doc["config"].get("max_new_tokens", 0) > 0)]
     names = list(doc["summary"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 0.42 * len(names) + 1.8), squeeze=False)
     for ax, (metric, label, lower) in zip(axes[0], metrics):
         scale = 100.0 if metric == "accuracy" else 1.0
         for y, n in enumerate(names):
             vals = [scale * v for v in doc["summary"][n][metric]["values"] if v is not None]
-            null = n in NULLS
-            ax.scatter(vals, [y] * len(vals), s=22 if null else 60, marker="o" if null else "D",
-                       color="#777777" if null else ("#4C72B0" if n.startswith(("score", "delta")) else "#DD8452"),
-                       alpha=0.7 if null else 0.95, zorder=3)
+            many = STRATEGIES[n].subsets is not None  # one dot per subset's student
+            color = "#777777" if n in NULLS else "#2CA02C" if many else \
+                "#4C72B0" if n.startswith(("score", "delta")) else "#DD8452"
+            ax.scatter(vals, [y] * len(vals), s=22 if many else 60, marker="o" if many else "D", color=color,
+                       alpha=0.7 if many else 0.95, zorder=3)
         e = doc["summary"].get("random", {}).get(metric) or {}
         if e.get("min") is not None:
             ax.axvspan(scale * e["min"], scale * e["max"], color="#bbbbbb", alpha=0.3, zorder=1,
@@ -446,7 +682,7 @@ def plot(doc: dict) -> bytes:
             ax.legend(loc="lower right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
-        ini = doc["initial"]["eval"][metric]
+        ini = doc["initial"]["eval"].get(metric)
         ax.set_xlabel(f"{label}{' (%)' if scale != 1 else ''}: {'lower' if lower else 'higher'} is better"
                       + ("" if ini is None else f" (initial model: {scale * ini:.4g})"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)

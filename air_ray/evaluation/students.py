@@ -18,14 +18,12 @@ only; ``n_checkable`` says how many were decoded.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
+from air_ray.data.answers import final_answer, predicted_answer
 from air_ray.errors import AirRayError
 
 IGNORE_INDEX = -100
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass
@@ -34,57 +32,6 @@ class HeldOutRow:
     prompt: str | list[dict]
     response: str
     answer: str | None  # the reference's checkable final answer, normalised
-
-
-# ----------------------------------------------------------------------------------------------
-# answers
-
-
-def _boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth, out = start + len("\\boxed{"), 1, []
-    while i < len(text):
-        c = text[i]
-        depth += (c == "{") - (c == "}")
-        if depth == 0:
-            return "".join(out)
-        out.append(c)
-        i += 1
-    return None
-
-
-def normalise_answer(text: str | None) -> str | None:
-    """``" $1,234.0. "`` -> ``"1234"``; non-numbers are stripped of spaces and ``$``."""
-    if text is None:
-        return None
-    t = text.strip().rstrip(".").replace(",", "").replace("$", "").replace(" ", "")
-    try:
-        x = float(t)
-    except ValueError:
-        return t or None
-    if not math.isfinite(x):
-        return t
-    return str(int(x)) if x == int(x) else repr(x)
-
-
-def final_answer(text: str) -> str | None:
-    """A reference's checkable answer: the text after the last ``####``, else the last ``\\boxed{}``."""
-    if "####" in text:
-        after = text.rsplit("####", 1)[1].strip()
-        return normalise_answer(after.splitlines()[0]) if after else None
-    return normalise_answer(_boxed(text))
-
-
-def predicted_answer(text: str) -> str | None:
-    """A generation's answer: ``#### N`` or ``\\boxed{}`` as in ``final_answer``, else its last number."""
-    found = final_answer(text)
-    if found is not None:
-        return found
-    numbers = _NUMBER.findall(text)
-    return normalise_answer(numbers[-1]) if numbers else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,13 +85,28 @@ def prompt_ids(tokenizer, prompt, format: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def _sequence(tokenizer, row: HeldOutRow, format: str, add_eos: bool, max_length: int) -> tuple[list[int], int]:
-    """(prompt + response ids cut to ``max_length``, number of prompt ids)."""
+def answer_offset(response: str) -> int | None:
+    """Where a reference response's final answer starts: its last ``####`` (GSM8K), else its last ``\\boxed{``;
+    None when it has neither."""
+    for marker in ("####", "\\boxed{"):
+        at = response.rfind(marker)
+        if at >= 0:
+            return at
+    return None
+
+
+def _sequence(tokenizer, row: HeldOutRow, format: str, add_eos: bool, max_length: int
+              ) -> tuple[list[int], int, int | None]:
+    """(prompt + response ids cut to ``max_length``, number of prompt ids, the position of the first token of the
+    final answer (``answer_offset``; the tokens from there to the end, EOS included) or None)."""
     p = prompt_ids(tokenizer, row.prompt, format)
-    r = tokenizer(row.response, add_special_tokens=False)["input_ids"]
+    enc = tokenizer(row.response, add_special_tokens=False, return_offsets_mapping=True)
+    r = list(enc["input_ids"])
+    at = answer_offset(row.response)
+    first = None if at is None else next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > at), None)
     if add_eos and tokenizer.eos_token_id is not None:
         r = r + [int(tokenizer.eos_token_id)]
-    return (p + r)[:max_length], len(p)
+    return (p + r)[:max_length], len(p), None if first is None else len(p) + first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +123,9 @@ def _by_length(items: list[tuple], batch_size: int):
 
 def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat", add_eos: bool = True,
                   max_length: int = 1024, batch_size: int = 16) -> dict:
-    """Mean response loss in nats per token (every response token of every row, see the module doc)."""
+    """Mean response loss in nats per token (every response token of every row, see the module doc), and the same
+    over the final-answer tokens only (``answer_loss``: from the last ``####`` or ``\\boxed{`` to the end, EOS
+    included; rows without one are not in it): what exact match would judge, as a loss."""
     import torch
     import torch.nn.functional as F
 
@@ -169,25 +133,30 @@ def response_loss(model, tokenizer, rows: list[HeldOutRow], *, format: str = "ch
 
     device = next(model.parameters()).device
     seqs = [_sequence(tokenizer, r, format, add_eos, max_length) for r in rows]
-    total, count = 0.0, 0
+    total, count, answer, n_answer = 0.0, 0, 0.0, 0
     model.eval()
     with torch.no_grad():
         for chunk, n in _by_length(seqs, batch_size):
             ids = torch.full((len(chunk), n), pad_token_id(tokenizer), dtype=torch.long)  # [batch, pos]
             mask = torch.zeros((len(chunk), n), dtype=torch.long)  # [batch, pos]
             labels = torch.full((len(chunk), n), IGNORE_INDEX, dtype=torch.long)  # [batch, pos]
-            for b, (s, n_prompt) in enumerate(chunk):
+            for b, (s, n_prompt, _) in enumerate(chunk):
                 ids[b, :len(s)] = torch.tensor(s)
                 mask[b, :len(s)] = 1
                 labels[b, n_prompt:len(s)] = torch.tensor(s[n_prompt:], dtype=torch.long)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [batch, pos, vocab]
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
-                                  ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(nll)
+                                  ignore_index=IGNORE_INDEX, reduction="none").view(len(chunk), n - 1)  # [batch, pos-1]
+            total += float(nll.sum())
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            for b, (s, _, start) in enumerate(chunk):
+                if start is not None and start < len(s):  # position t - 1 predicts token t
+                    answer += float(nll[b, start - 1:len(s) - 1].sum())
+                    n_answer += len(s) - start
     if count == 0:
         raise AirRayError("no held-out response token is left after max_length")
-    return {"loss": total / count, "n_tokens": count}
+    return {"loss": total / count, "n_tokens": count, "answer_loss": answer / n_answer if n_answer else None,
+            "n_answer_tokens": n_answer}
 
 
 def exact_match(model, tokenizer, rows: list[HeldOutRow], *, format: str = "chat", max_new_tokens: int = 256,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from air_ray.errors import AirRayError
 from air_ray.heads.probes import ProbeTokens
+from air_ray.progress import Elapsed, Ticker, duration
 
 CAPTURE_PREFIX = "air_ray_capture_"  # + the model's own kernel (sdpa | eager)
 
@@ -129,7 +129,7 @@ class Detection:
 def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int = 0, progress: bool = True
            ) -> Detection:
     """Retrieval scores of every head, the critical heads, and the ablation check."""
-    from air_ray.engine.ablation import HeadAblation, check_supported
+    from air_ray.engine.ablation import check_supported
     from air_ray.engine.losses import token_nll
     from air_ray.models.load import model_shape
 
@@ -139,13 +139,38 @@ def detect(model, probes: list[ProbeTokens], top_frac: float = 0.05, seed: int =
     L, H, _, _ = model_shape(model)
     totals = np.zeros((L, H))
     base_losses = []
-    with capturing(model) as capture:
-        for i, p in enumerate(probes):
-            capture.rows = slice(p.n_prompt - 1, len(p.input_ids) - 1)  # the rows predicting answer tokens
-            base_losses.append(token_nll(model, [p.input_ids], [p.n_prompt])[0])
-            totals += copy_fraction(capture.take(L), p)  # argmax [layer, head, answer]
-            if progress and (i + 1) % max(1, len(probes) // 8) == 0:
-                print(f"heads: {i + 1}/{len(probes)} probes", file=sys.stderr, flush=True)
+    done = {"probes": 0, "tokens": 0, "what": "probes"}
+    total_tokens = sum(len(p.input_ids) for p in probes)
+    clock = Elapsed()
+
+    def line() -> str:
+        if done["what"] != "probes":
+            return f"[air-ray heads] {len(probes)} probes read; {done['what']} ({duration(clock.seconds)} in all)"
+        return (f"[air-ray heads] {done['probes']} of {len(probes)} probes, {done['tokens']:,} of {total_tokens:,} "
+                f"tokens, {done['tokens'] / max(clock.seconds, 1e-9):,.0f} tok/s, "
+                f"{clock.eta(done['tokens'], total_tokens)}")
+
+    ticker = Ticker(line).start() if progress else None
+    try:
+        with capturing(model) as capture:
+            for p in probes:
+                capture.rows = slice(p.n_prompt - 1, len(p.input_ids) - 1)  # the rows predicting answer tokens
+                base_losses.append(token_nll(model, [p.input_ids], [p.n_prompt])[0])
+                totals += copy_fraction(capture.take(L), p)  # argmax [layer, head, answer]
+                done["probes"] += 1
+                done["tokens"] += len(p.input_ids)
+        done["what"] = "the ablation check: the answer loss with the critical heads, then random heads, disabled"
+        return _detection(model, probes, totals, base_losses, top_frac, seed, L, H)
+    finally:
+        if ticker is not None:
+            ticker.stop()
+
+
+def _detection(model, probes, totals, base_losses, top_frac, seed, L, H) -> Detection:
+    """The critical heads from the summed copy fractions, and the ablation check."""
+    from air_ray.engine.ablation import HeadAblation
+    from air_ray.engine.losses import token_nll
+
     scores = totals / len(probes)
     heads = top_heads(scores, top_frac)
 

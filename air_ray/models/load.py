@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from air_ray.errors import AirRayError
+from air_ray.progress import quiet_libraries
 from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint, is_complete
 
 
@@ -23,13 +24,20 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated and
-    several times slower than float32."""
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX) and torch runs its AVX-512 kernels here;
+    without both, bf16 is emulated and several times slower than float32. (A process restricted to AVX2 kernels,
+    ``ATEN_CPU_CAPABILITY=avx2``, runs as a CPU without native bf16 would.)"""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    if not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return True
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_dtype(dtype: str, device: str, cpu_bf16: bool | None = None) -> str:
@@ -105,6 +113,7 @@ def load_model(
     )
     if shard and dev.startswith("cuda") and torch.cuda.device_count() > 1:
         kw["device_map"] = "auto"
+    quiet_libraries()  # no "Loading weights" bar per load (in every worker) unless --verbose
     model = AutoModelForCausalLM.from_pretrained(weights_dir(ref, dtype), **kw)
     if "device_map" not in kw:
         model.to(dev)

@@ -687,9 +687,13 @@ def _compare_html(scores: str, compare: str | None, out: Path) -> str:
         return ""
     except (OSError, ValueError) as e:
         raise AirRayError(f"report: compare result {base} cannot be read: {e}") from None
-    header, rows = doc["table"]["header"], doc["table"]["rows"]
-    return (f'<h2 id="compare">Selection strategies compared</h2>\n<p>{_e(doc["table"]["caption"])} '
-            f'(<code>{_e(base)}</code>)</p>\n' + _table(header, rows) +
+    table = doc["table"]
+    control = f'\n<p><b>{_e(table["control"])}</b></p>' if table.get("control") else ""
+    defects = table.get("defects")
+    planted = ("\n<h3>Planted defects among the selected rows</h3>\n" + _table(defects["header"], defects["rows"])
+               if defects else "")
+    return (f'<h2 id="compare">Selection strategies compared</h2>\n<p>{_e(table["caption"])} '
+            f'(<code>{_e(base)}</code>)</p>\n' + _table(table["header"], table["rows"]) + control + planted +
             f'\n<div class="plots"><img src="{ReportLayout.COMPARE}" alt="students per selection strategy"></div>')
 
 

@@ -33,12 +33,24 @@ Semantics
   the lower bin, never more than a bin holds); each bin's best rows are selected; the union is ranked globally as
   above. A row whose ``COLUMN`` is null is no candidate (counted in ``rows_nan``). ``selection.json["balance"]``
   has each group's edges and per-bin candidates, k and rows selected.
+* ``--diversity K``: the candidates of each domain group are assigned to K k-means groups of the scores'
+  ``embedding`` column (``air_ray.outputs.clusters``: fitted on at most ``FIT_SAMPLE`` evenly spaced rows, seeded by
+  ``--seed``, before pass 1; every row assigned to its nearest centre as it streams, in both passes); the group's k
+  is split over its clusters in proportion to their candidates (largest remainder), and, with ``--balance``, each
+  cluster's share over its balance bins the same way. A row without an embedding is no candidate (``rows_nan``).
+  ``selection.json["diversity"]`` has the fit and each cluster's candidates, k and rows selected.
+* ``--exclude-wrong-answer`` / ``--exclude-defective``: rows whose answer check fails or that carry a planted defect
+  (``air_ray.outputs.facts``: the corpus read once before pass 1) are no candidates, counted in
+  ``rows_wrong_answer`` / ``rows_defective`` (a row is counted under the first rule it fails, in the order NaN,
+  below min_score, wrong answer, defective; the counts add up to ``rows_total``).
 * ``bias`` (every run): Spearman's rho of the value ranked with ``loss_base``, ``entropy_base`` and
   ``n_response_tokens`` over the candidates, the candidates' and the selected rows' means of each (and the same
   per domain when there are several). rho is computed on every candidate among at most ``BIAS_SAMPLE`` (200,000)
   evenly spaced rows of the footers' order (exact for smaller runs); the means are exact. When the value is
   ``score`` or ``delta``, unbalanced, and ``|rho(value, loss_base)| >= 0.5``, ``bias.warning`` says so and
-  ``select`` prints it as one warning line naming ``--balance loss_base``.
+  ``select`` prints it as one warning line naming ``--balance loss_base``. Where the corpus was read (a filter,
+  ``--input``, or a run whose manifest says its rows carry a defect or reference field), ``bias.corpus`` has the
+  defect share (by kind) and the wrong-answer share of the pool (every row with a value) and of the selection.
 
 Algorithm and memory
 --------------------
@@ -78,12 +90,15 @@ import pyarrow.compute as pc
 
 from air_ray.config.commands import SelectConfig
 from air_ray.config.options import warn
+from air_ray.data.answers import REFERENCE_FIELDS
 from air_ray.errors import AirRayError
 from air_ray.fsio import with_protocol, write_bytes_atomic
+from air_ray.outputs.clusters import FIT_SAMPLE, Clusters, fit, vectors
 from air_ray.outputs.columns import DomainCodes, float_column, top_k
+from air_ray.outputs.facts import CorpusFacts, FactTally
 from air_ray.outputs.stats import spearman
 from air_ray.store.layout import SelectionLayout
-from air_ray.store.schemas import RANK_ORDER, SCORES, SELECTION, with_metadata, write_table_atomic
+from air_ray.store.schemas import EMBEDDING, RANK_ORDER, SCORES, SELECTION, with_metadata, write_table_atomic
 from air_ray.store.scores import ScoreFiles, open_scores
 
 QUANTILES = (("p0", 0.0), ("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90),
@@ -104,23 +119,106 @@ _BATCH_READAHEAD = 4
 
 def select(cfg: SelectConfig, quiet: bool = False) -> dict:
     """Rank every scores partition globally, write the selection and return its summary (see module doc):
-    pass 1 (counts, candidate values, bias sums and sample) -> thresholds per group -> pass 2 (rows at or above
-    them) -> rank -> summary -> files. ``quiet``: the bias warning goes into the summary only, not to stderr."""
+    the corpus facts and the clusters when asked for -> pass 1 (counts, candidate values, bias sums and sample) ->
+    thresholds per group -> pass 2 (rows at or above them) -> rank -> summary -> files. ``quiet``: the bias warning
+    goes into the summary only, not to stderr."""
     cfg = cfg.validate()
     by = (cfg.by, int(cfg.seed))
     value_columns = list(_VALUE_COLUMNS.get(cfg.by, (cfg.by,)))
     require = list(dict.fromkeys(["id", *value_columns] + ([cfg.balance] if cfg.balance else [])))
-    columns = list(dict.fromkeys(["id", "domain", *value_columns, *BIAS_COLUMNS]))
+    columns = list(dict.fromkeys(["id", "domain", "source", *value_columns, *BIAS_COLUMNS, EMBEDDING]))
     scores = open_scores(cfg.scores, "select", columns=columns, require=require)
-    counted = _count(scores, cfg, by)
-    groups = _thresholds(counted, cfg)
-    kept = _keep(scores, cfg, by, counted.domains, groups) if groups.active.any() else {}
+    ctx = _Context(cfg, _corpus_facts(cfg, scores), _clusters(cfg, scores))
+    counted = _count(scores, cfg, by, ctx)
+    groups = _thresholds(counted, cfg, ctx)
+    kept = _keep(scores, cfg, by, counted.domains, groups, ctx) if groups.active.any() else {}
     selection, covariates = _rank(kept, groups.k)
-    summary = _summary(cfg, scores, counted, groups, selection, covariates)
+    summary = _summary(cfg, scores, counted, groups, selection, covariates, ctx)
     _write(cfg.output, selection, summary)
     if summary["bias"].get("warning") and not quiet:
         warn(summary["bias"]["warning"])
     return summary
+
+
+# ------------------------------------------------------------------------------------------------------
+# what pass 1 and pass 2 apply to every batch alike: the corpus facts' exclusions and the clusters
+
+
+class _Context:
+    """The rows left out by the corpus facts (``--exclude-wrong-answer``, ``--exclude-defective``) and each row's
+    cluster (``--diversity``), the same in both passes; ``columns``: what they read besides the value."""
+
+    def __init__(self, cfg: SelectConfig, facts: CorpusFacts | None, clusters: Clusters | None):
+        self.facts, self.clusters = facts, clusters
+        self.exclude_failed = cfg.exclude_wrong_answer
+        self.exclude_defective = cfg.exclude_defective
+        self.columns = (["id"] if facts is not None else []) + ([EMBEDDING] if clusters is not None else [])
+        self.k = clusters.k if clusters is not None else 1
+
+    def excluded(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(rows whose answer check failed, rows with a defect), each only when its filter is on."""
+        rows = batch.num_rows
+        none = np.zeros(rows, bool)
+        if self.facts is None:
+            return none, none
+        ids = batch.column("id")
+        failed = self.facts.failed_of(ids) >= 0 if self.exclude_failed else none
+        defective = self.facts.defect_of(ids) >= 0 if self.exclude_defective else none
+        return failed, defective
+
+    def cluster(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(each row's cluster, whether it has an embedding): all in cluster 0 without --diversity."""
+        if self.clusters is None:
+            return np.zeros(batch.num_rows, np.int64), np.ones(batch.num_rows, bool)
+        x, present = vectors(batch.column(EMBEDDING))
+        codes = np.zeros(batch.num_rows, np.int64)
+        if present.any():
+            codes[present] = self.clusters.assign(x[present])
+        return codes, present
+
+
+def _corpus_facts(cfg: SelectConfig, scores: ScoreFiles) -> CorpusFacts | None:
+    """The corpus facts (``air_ray.outputs.facts``) when a filter needs them, ``--input`` names the corpus, or the
+    run's manifest says its rows carry a defect or reference field; else None (the corpus is not read)."""
+    from types import SimpleNamespace
+
+    from air_ray.data.shapes import FieldMap
+    from air_ray.outputs.facts import read_facts
+    from air_ray.store.layout import RunLayout
+
+    manifest = RunLayout(cfg.scores).manifest()
+    carried = (manifest.corpus_fields or {}) if manifest is not None else {}
+    if not (cfg.exclude_wrong_answer or cfg.exclude_defective or cfg.input or any(carried.values())):
+        return None
+    run_cfg = (manifest.config or {}) if manifest is not None else {}  # the field flags the run scored with
+    fields = FieldMap.of(SimpleNamespace(**{f"{k}_field": run_cfg.get(f"{k}_field")
+                                            for k in FieldMap.__dataclass_fields__}))
+    if cfg.input:
+        return read_facts(list(cfg.input), fields, cfg.reference_field, expand=True)
+    sources: set[str] = set()
+    for batch in scores.batches(["source"], batch_size=_BATCH_ROWS):
+        sources.update(v for v in pc.unique(batch.column("source")).to_pylist() if v is not None)
+    return read_facts(sorted(sources), fields, cfg.reference_field)
+
+
+def _clusters(cfg: SelectConfig, scores: ScoreFiles) -> Clusters | None:
+    """``--diversity K``: k-means fitted on at most ``clusters.FIT_SAMPLE`` evenly spaced rows' embeddings."""
+    if cfg.diversity is None:
+        return None
+    total = scores.rows
+    m = min(total, FIT_SAMPLE)
+    xs, offset = [], 0
+    for batch in scores.batches([EMBEDDING], batch_size=_BATCH_ROWS):
+        take = evenly_spaced(offset, batch.num_rows, total, m)
+        offset += batch.num_rows
+        if take.any():
+            x, present = vectors(batch.column(EMBEDDING).filter(pa.array(take)))
+            if present.any():
+                xs.append(x[present])
+    if not xs:
+        raise AirRayError(f"select --diversity: the scores under {cfg.scores} have no embedding column; score with "
+                          "`air-ray score --embed` (the base model's pooled hidden state, written beside the scores)")
+    return fit(np.concatenate(xs), int(cfg.diversity), int(cfg.seed))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -133,25 +231,33 @@ class _Counted:
     totals: "_Counter"
     nans: "_Counter"
     belows: "_Counter"
+    failed: "_Counter"  # left out by --exclude-wrong-answer
+    defective: "_Counter"  # left out by --exclude-defective
     scores: np.ndarray  # [candidates] the value ranked
-    dom: np.ndarray | None  # [candidates] domain code (per_domain or balance only)
+    dom: np.ndarray | None  # [candidates] domain code (grouped only)
     bal: np.ndarray | None  # [candidates] the --balance column (balance only)
+    clu: np.ndarray | None  # [candidates] cluster (diversity only)
     bias: "_Bias"
+    pool: FactTally | None  # the corpus facts over the rows with a value
 
 
-def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
-    """Unbalanced, not per domain: the candidate values go straight into one preallocated float64 array (rows
-    from the footers). Otherwise numpy chunks of value, domain code and balance value, joined at the end."""
+def _count(scores: ScoreFiles, cfg: SelectConfig, by, ctx: _Context) -> _Counted:
+    """One group (not per domain, unbalanced, no diversity): the candidate values go straight into one preallocated
+    float64 array (rows from the footers). Otherwise numpy chunks of value, domain code, balance value and cluster,
+    joined at the end. A row is a candidate when it has a value (and a balance value and an embedding where those
+    are used), is not below --min-score and is not left out by a corpus filter; each row that is not is counted
+    under the first of these it fails."""
     footer_rows = scores.rows
     min_score = cfg.min_score
     domains = DomainCodes()  # domain value (None for null) -> dense id
-    totals, nans, belows = _Counter(), _Counter(), _Counter()
-    grouped = cfg.per_domain or cfg.balance is not None
+    totals, nans, belows, failed, defective = _Counter(), _Counter(), _Counter(), _Counter(), _Counter()
+    grouped = cfg.per_domain or cfg.balance is not None or ctx.clusters is not None
     flat = None if grouped else np.empty(footer_rows, np.float64)
     n_flat = 0
-    parts: list[tuple] = []  # (values, domain codes, balance values) of each batch's candidates (grouped only)
+    parts: list[tuple] = []  # (values, domain codes, balance values, clusters) of each batch's candidates (grouped)
     bias = _Bias(footer_rows)
-    for batch in _batches(scores, ["score", "domain", *BIAS_COLUMNS], by):
+    pool = FactTally(ctx.facts) if ctx.facts is not None else None
+    for batch in _batches(scores, ["score", "domain", *BIAS_COLUMNS, *ctx.columns], by):
         s = float_column(batch)
         gid = domains.encode(batch.column("domain"))
         valid = ~np.isnan(s)
@@ -159,15 +265,24 @@ def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
         if cfg.balance is not None:
             bal = float_column(batch, cfg.balance)
             valid &= ~np.isnan(bal)  # a row that cannot be put in a bin is no candidate (counted with the NaNs)
+        clu, present = ctx.cluster(batch)
+        valid &= present  # nor one without an embedding under --diversity
         cand = valid if min_score is None else valid & (s >= min_score)
         totals.add(gid)
         nans.add(gid[~valid])
         if min_score is not None:
             belows.add(gid[valid & ~cand])
+        if pool is not None:
+            pool.add(batch.column("id").filter(pa.array(valid)))
+        out_failed, out_defective = ctx.excluded(batch)
+        failed.add(gid[cand & out_failed])
+        cand &= ~out_failed
+        defective.add(gid[cand & out_defective])
+        cand &= ~out_defective
         bias.add(batch, s, gid, cand)
         if grouped:
             if cand.any():
-                parts.append((s[cand], gid[cand], None if bal is None else bal[cand]))
+                parts.append((s[cand], gid[cand], None if bal is None else bal[cand], clu[cand]))
         else:
             m = int(np.count_nonzero(cand))
             if n_flat + m > footer_rows:
@@ -180,19 +295,21 @@ def _count(scores: ScoreFiles, cfg: SelectConfig, by) -> _Counted:
         raise AirRayError("select --by entropy_base: no row has an entropy_base value (scores made with "
                           "--backend vllm have none: vLLM returns no full next-token distribution)")
     pa.default_memory_pool().release_unused()  # the allocator keeps freed batch memory otherwise
+    counters = (domains, totals, nans, belows, failed, defective)
     if not grouped:
-        return _Counted(domains, totals, nans, belows, flat[:n_flat], None, None, bias)
+        return _Counted(*counters, flat[:n_flat], None, None, None, bias, pool)
 
     def cat(i, dtype):
         return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype)
 
     values, dom = cat(0, np.float64), cat(1, np.int64)
     bal = cat(2, np.float64) if cfg.balance is not None else None
-    return _Counted(domains, totals, nans, belows, values, dom, bal, bias)
+    clu = cat(3, np.int64) if ctx.clusters is not None else None
+    return _Counted(*counters, values, dom, bal, clu, bias, pool)
 
 
 # ------------------------------------------------------------------------------------------------------
-# thresholds: the selection groups (domain x balance bin), k per group and its k-th largest value
+# thresholds: the selection groups (domain x cluster x balance bin), k per group and its k-th largest value
 
 
 @dataclass
@@ -201,7 +318,8 @@ class _Groups:
     thresh: np.ndarray  # [groups] a row of group g is kept in pass 2 iff active[g] and value >= thresh[g]
     active: np.ndarray  # [groups] k > 0
     n: np.ndarray  # [groups] candidates
-    bins: int = 1  # balance bins per domain group (group = domain group * bins + bin)
+    bins: int = 1  # balance bins per cluster (group = (domain group * clusters + cluster) * bins + bin)
+    clusters: int = 1  # --diversity groups per domain group
     edges: dict = field(default_factory=dict)  # domain group -> [bins - 1] inner bin edges of the balance column
     histogram: dict = field(default_factory=dict)
     quantiles: dict = field(default_factory=dict)
@@ -230,7 +348,7 @@ def split_quota(k: int, sizes: np.ndarray) -> np.ndarray:
     return quota
 
 
-def _thresholds(c: _Counted, cfg: SelectConfig) -> _Groups:
+def _thresholds(c: _Counted, cfg: SelectConfig, ctx: _Context) -> _Groups:
     """The groups, k per group and the exact k-th largest value per group (``numpy.partition``, in place), then
     the histogram and quantiles from the same array, which is dropped after."""
     histogram, quantiles = _histogram(c.scores), None
@@ -244,14 +362,16 @@ def _thresholds(c: _Counted, cfg: SelectConfig) -> _Groups:
             thresh[0] = c.scores[n - int(k[0])]
         groups = _Groups(k=k, thresh=thresh, active=k > 0, n=np.array([n], np.int64))
     else:
-        groups = _grouped_thresholds(c, cfg, floor)
+        groups = _grouped_thresholds(c, cfg, floor, ctx.k)
     groups.histogram, groups.quantiles = histogram, quantiles or _quantiles(c.scores)
     c.scores = np.empty(0, np.float64)
-    c.dom = c.bal = None
+    c.dom = c.bal = c.clu = None
     return groups
 
 
-def _grouped_thresholds(c: _Counted, cfg: SelectConfig, floor: float) -> _Groups:
+def _grouped_thresholds(c: _Counted, cfg: SelectConfig, floor: float, clusters: int) -> _Groups:
+    """Each domain group's k (one group unless --per-domain) split over its clusters in proportion to their
+    candidates, each cluster's over its balance bins the same way (``split_quota``); then the thresholds."""
     n_dom = max(len(c.domains), 1)
     dgroup = c.dom if cfg.per_domain else np.zeros(len(c.scores), np.int64)
     n_d = np.bincount(dgroup, minlength=n_dom) if len(dgroup) else np.zeros(n_dom, np.int64)
@@ -259,17 +379,20 @@ def _grouped_thresholds(c: _Counted, cfg: SelectConfig, floor: float) -> _Groups
         np.array([_k_of(cfg, int(n_d.sum()))] + [0] * (n_dom - 1), np.int64)
     bins = cfg.balance_bins if cfg.balance is not None else 1
     edges: dict = {}
-    sub = dgroup * bins
+    sub = (dgroup * clusters + (c.clu if c.clu is not None else 0)) * bins
     if bins > 1:
         for g in np.flatnonzero(n_d):
             m = dgroup == g
             edges[int(g)] = np.quantile(c.bal[m], [j / bins for j in range(1, bins)])
             sub[m] += np.searchsorted(edges[int(g)], c.bal[m], side="right")
-    n_groups = n_dom * bins
+    n_groups = n_dom * clusters * bins
     n = np.bincount(sub, minlength=n_groups) if len(sub) else np.zeros(n_groups, np.int64)
     k = np.zeros(n_groups, np.int64)
     for g in range(n_dom):
-        k[g * bins:(g + 1) * bins] = split_quota(int(k_d[g]), n[g * bins:(g + 1) * bins])
+        cells = n[g * clusters * bins:(g + 1) * clusters * bins].reshape(clusters, bins)
+        for j, kc in enumerate(split_quota(int(k_d[g]), cells.sum(1))):
+            start = (g * clusters + j) * bins
+            k[start:start + bins] = split_quota(int(kc), cells[j])
     order = np.argsort(sub, kind="stable")
     values = c.scores[order]
     del order
@@ -282,18 +405,19 @@ def _grouped_thresholds(c: _Counted, cfg: SelectConfig, floor: float) -> _Groups
             view.partition(size - int(k[g]))
             thresh[g] = view[size - int(k[g])]
         off += size
-    return _Groups(k=k, thresh=thresh, active=k > 0, n=n, bins=bins, edges=edges)
+    return _Groups(k=k, thresh=thresh, active=k > 0, n=n, bins=bins, clusters=clusters, edges=edges)
 
 
-def _group_of(batch, cfg: SelectConfig, domains: DomainCodes, groups: _Groups) -> tuple[np.ndarray, np.ndarray]:
+def _group_of(batch, cfg: SelectConfig, domains: DomainCodes, groups: _Groups, ctx: _Context
+              ) -> tuple[np.ndarray, np.ndarray]:
     """(selection group of each row of a pass-2 batch, whether the row can be a candidate at all)."""
     rows = batch.num_rows
     dgroup = domains.encode(batch.column("domain"), grow=False) if cfg.per_domain else np.zeros(rows, np.int64)
-    ok = np.ones(rows, bool)
-    sub = dgroup * groups.bins
+    clu, ok = ctx.cluster(batch)
+    sub = (dgroup * groups.clusters + clu) * groups.bins
     if cfg.balance is not None:
         bal = float_column(batch, cfg.balance)
-        ok = ~np.isnan(bal)
+        ok &= ~np.isnan(bal)
         for g, inner in groups.edges.items():
             m = dgroup == g
             sub[m] += np.searchsorted(inner, bal[m], side="right")
@@ -304,25 +428,30 @@ def _group_of(batch, cfg: SelectConfig, domains: DomainCodes, groups: _Groups) -
 # pass 2: keep only rows at or above their group's threshold, compact ties
 
 
-def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, groups: _Groups) -> dict[int, list]:
+def _keep(scores: ScoreFiles, cfg: SelectConfig, by, domains: DomainCodes, groups: _Groups, ctx: _Context
+          ) -> dict[int, list]:
     """``{group: [tables]}`` holding that group's best ``k`` rows (and ties, cut back to ``k`` whenever a
-    group's buffer exceeds ``max(2k, _COMPACT_MIN)`` rows), with the bias columns."""
+    group's buffer exceeds ``max(2k, _COMPACT_MIN)`` rows), with the bias columns. A row a corpus filter leaves out
+    is never kept."""
     buffers: dict[int, list[pa.Table]] = {}
     buffered = np.zeros(len(groups.k), np.int64)
     seen = 0
     single = len(groups.k) == 1
-    for batch in _batches(scores, ["id", "score", "domain", *BIAS_COLUMNS], by):
+    kept_columns = ["id", "score", "domain", *BIAS_COLUMNS]
+    for batch in _batches(scores, list(dict.fromkeys(kept_columns + ctx.columns)), by):
         seen += batch.num_rows
         s = float_column(batch)
         if single:
             gid = None
             keep = s >= groups.thresh[0]
         else:
-            gid, ok = _group_of(batch, cfg, domains, groups)
+            gid, ok = _group_of(batch, cfg, domains, groups, ctx)
             keep = ok & groups.active[gid] & (s >= groups.thresh[gid])
+        out_failed, out_defective = ctx.excluded(batch)
+        keep &= ~(out_failed | out_defective)
         if not keep.any():
             continue
-        kept = pa.Table.from_batches([batch.filter(pa.array(keep))])
+        kept = pa.Table.from_batches([batch.select(kept_columns).filter(pa.array(keep))])
         parts = [(0, None)] if single else _split(gid[keep], np.arange(kept.num_rows))
         for g, rows in parts:
             t = kept if rows is None else kept.take(pa.array(rows))
@@ -388,13 +517,8 @@ class _Bias:
             ok = cand & np.isfinite(v)  # means of finite values (a +-inf score is ranked, not averaged)
             self.sums[c].add(gid[ok], v[ok])
             self.counts[c].add(gid[ok])
-        i = np.arange(self.offset, self.offset + len(s), dtype=np.int64)
+        in_sample = evenly_spaced(self.offset, len(s), self.total, self.m)
         self.offset += len(s)
-        if self.m < self.total:  # row i is sampled iff i = floor(j * N / m) for some j < m
-            j = (i * self.m + self.total - 1) // self.total
-            in_sample = (j < self.m) & ((j * self.total) // self.m == i)
-        else:
-            in_sample = np.ones(len(s), bool)
         take = in_sample & cand
         if take.any():
             self.sample.append({"gid": gid[take], **{c: v[take] for c, v in cols.items()}})
@@ -437,6 +561,16 @@ class _Bias:
         return out
 
 
+def evenly_spaced(offset: int, n: int, total: int, m: int) -> np.ndarray:
+    """[n] bool: which of rows offset..offset+n-1 (of ``total``) are among ``m`` evenly spaced ones: row i is iff
+    i = floor(j * total / m) for some j < m (every row when m >= total)."""
+    if m >= total:
+        return np.ones(n, bool)
+    i = np.arange(offset, offset + n, dtype=np.int64)
+    j = (i * m + total - 1) // total
+    return (j < m) & ((j * total) // m == i)
+
+
 def _rename(means: dict, by: str) -> dict:
     """The value's mean under its own name (``score``, ``delta``, ...) beside the bias columns."""
     out = {c: v for c, v in means.items() if c != "score"}
@@ -454,17 +588,19 @@ def _num4(x):
 
 
 def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups, selection: pa.Table,
-             covariates: dict) -> dict:
+             covariates: dict, ctx: _Context) -> dict:
     sel_by_domain = _selected_by_domain(selection)
-    bins = groups.bins
+    span = groups.clusters * groups.bins  # groups per domain group
     dom_rows = []
     for d, key in enumerate(c.domains.keys):
         total, nan, below = c.totals.get(d), c.nans.get(d), c.belows.get(d)
+        failed, defective = c.failed.get(d), c.defective.get(d)
         n_sel_d, thr_d = sel_by_domain.get(key, (0, None))
         dom_rows.append({
             "domain": key, "rows_total": total, "rows_nan": nan, "rows_below_min_score": below,
-            "rows_candidates": total - nan - below,
-            "k": int(groups.k[d * bins:(d + 1) * bins].sum()) if cfg.per_domain else None,
+            "rows_wrong_answer": failed, "rows_defective": defective,
+            "rows_candidates": total - nan - below - failed - defective,
+            "k": int(groups.k[d * span:(d + 1) * span].sum()) if cfg.per_domain else None,
             "rows_selected": n_sel_d, "threshold_score": _num(thr_d),
         })
     dom_rows.sort(key=lambda r: (r["domain"] is not None, r["domain"] or ""))
@@ -472,23 +608,27 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
     n_cand = int(groups.n.sum())
     threshold = float(pc.min(selection.column("score")).as_py()) if n_sel else None
     selected = dict(covariates, domain=selection.column("domain").to_pylist())
+    bias = c.bias.summary(cfg, c.domains, selected, n_cand)
+    if ctx.facts is not None:
+        chosen = FactTally(ctx.facts)
+        chosen.add(selection.column("id").combine_chunks())
+        bias["corpus"] = {"sources": len(ctx.facts.sources), "read": ctx.facts.counts,
+                          "reference_field": cfg.reference_field or "auto: " + ", ".join(REFERENCE_FIELDS),
+                          "pool": c.pool.summary(), "selected": chosen.summary(),
+                          "pool_rows": "every scored row with a value, before --min-score and the corpus filters"}
     summary = {
         "counts": {
             "rows_total": int(c.totals.total()), "rows_nan": int(c.nans.total()),
-            "rows_below_min_score": int(c.belows.total()), "rows_candidates": n_cand,
-            "rows_selected": n_sel,
+            "rows_below_min_score": int(c.belows.total()), "rows_wrong_answer": int(c.failed.total()),
+            "rows_defective": int(c.defective.total()), "rows_candidates": n_cand, "rows_selected": n_sel,
         },
         "k": int(groups.k.sum()),
         "threshold_score": _num(threshold),
         "quantiles": groups.quantiles,
         "domains": dom_rows,
         "histogram": groups.histogram,
-        "bias": c.bias.summary(cfg, c.domains, selected, n_cand),
-        "config": {"scores": cfg.scores, "output": cfg.output, "top_k": cfg.top_k,
-                   "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
-                   "per_domain": cfg.per_domain, "min_score": cfg.min_score, "by": cfg.by,
-                   "balance": cfg.balance, "balance_bins": cfg.balance_bins if cfg.balance else None,
-                   "seed": int(cfg.seed) if cfg.by == "random" else None},
+        "bias": bias,
+        "config": select_config_doc(cfg),
         "inputs": [with_protocol(scores.fs, f) for f in scores.files],
         "outputs": SelectionLayout(cfg.output).uris(),
         "ranking": {"order": "score desc, id asc", "rank": "global over the whole selection",
@@ -496,8 +636,14 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
                                                                if cfg.by == "random" else ""),
                     "top_frac_count": "ceil(F * n), F as written in decimal, n = candidates (per domain)"},
     }
+    if ctx.clusters is not None:
+        summary["ranking"]["diversity"] = (f"the candidates{' of each domain' if cfg.per_domain else ''} in "
+                                           f"{ctx.k} k-means groups of their embedding (seed {cfg.seed}); k split "
+                                           "over the groups in proportion to their candidates (largest remainder)"
+                                           + ("" if not cfg.balance else ", each group's share over its balance bins"))
+        summary["diversity"] = _diversity_summary(cfg, c.domains, groups, covariates["_group"], ctx.clusters)
     if cfg.balance:
-        summary["ranking"]["balance"] = (f"{cfg.balance} cut into {bins} quantile bins over the candidates"
+        summary["ranking"]["balance"] = (f"{cfg.balance} cut into {groups.bins} quantile bins over the candidates"
                                          f"{' of each domain' if cfg.per_domain else ''}; k split over the bins in "
                                          "proportion to their candidates (largest remainder); the best rows of each "
                                          "bin selected, then ranked together")
@@ -505,22 +651,51 @@ def _summary(cfg: SelectConfig, scores: ScoreFiles, c: _Counted, groups: _Groups
     return summary
 
 
-def _balance_summary(cfg: SelectConfig, domains: DomainCodes, groups: _Groups, selected_group: np.ndarray) -> list:
-    """Per domain group (one unless --per-domain): the inner bin edges, and candidates, k and rows selected per
-    bin."""
-    bins = groups.bins
+def select_config_doc(cfg: SelectConfig) -> dict:
+    """The options a selection was made with, as ``selection.json["config"]`` records them."""
+    return {"scores": cfg.scores, "output": cfg.output, "top_k": cfg.top_k,
+            "top_frac": None if cfg.top_frac is None else float(cfg.top_frac),
+            "per_domain": cfg.per_domain, "min_score": cfg.min_score, "by": cfg.by,
+            "balance": cfg.balance, "balance_bins": cfg.balance_bins if cfg.balance else None,
+            "diversity": cfg.diversity, "exclude_wrong_answer": cfg.exclude_wrong_answer,
+            "exclude_defective": cfg.exclude_defective, "reference_field": cfg.reference_field,
+            "input": list(cfg.input) or None,
+            "seed": int(cfg.seed) if cfg.by == "random" or cfg.diversity else None}
+
+
+def _cells(groups: _Groups, selected_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates, k and rows selected per group, as [domain groups, clusters, bins]."""
+    shape = (-1, groups.clusters, groups.bins)
     picked = np.bincount(selected_group, minlength=len(groups.k)) if len(selected_group) else \
         np.zeros(len(groups.k), np.int64)
+    return groups.n.reshape(shape), groups.k.reshape(shape), picked.reshape(shape)
+
+
+def _balance_summary(cfg: SelectConfig, domains: DomainCodes, groups: _Groups, selected_group: np.ndarray) -> list:
+    """Per domain group (one unless --per-domain): the inner bin edges, and candidates, k and rows selected per
+    bin (over every cluster)."""
+    n, k, picked = (a.sum(1) for a in _cells(groups, selected_group))
     out = []
-    for g in range(len(groups.k) // bins):
-        sl = slice(g * bins, (g + 1) * bins)
-        if not groups.n[sl].any():
+    for g in range(len(n)):
+        if not n[g].any():
             continue
         out.append({"domain": domains.keys[g] if cfg.per_domain else "(all)",
                     "edges": [_num(float(e)) for e in groups.edges.get(g, [])],
-                    "rows_candidates": [int(x) for x in groups.n[sl]], "k": [int(x) for x in groups.k[sl]],
-                    "rows_selected": [int(x) for x in picked[sl]]})
+                    "rows_candidates": [int(x) for x in n[g]], "k": [int(x) for x in k[g]],
+                    "rows_selected": [int(x) for x in picked[g]]})
     return out
+
+
+def _diversity_summary(cfg: SelectConfig, domains: DomainCodes, groups: _Groups, selected_group: np.ndarray,
+                       clusters: Clusters) -> dict:
+    """The clustering (sample, iterations, inertia) and, per domain group, candidates, k and rows selected per
+    cluster (over every balance bin)."""
+    n, k, picked = (a.sum(2) for a in _cells(groups, selected_group))
+    per = [{"domain": domains.keys[g] if cfg.per_domain else "(all)", "rows_candidates": [int(x) for x in n[g]],
+            "k": [int(x) for x in k[g]], "rows_selected": [int(x) for x in picked[g]]}
+           for g in range(len(n)) if n[g].any()]
+    return {"groups": clusters.k, "seed": int(cfg.seed), "fit_rows": clusters.sample_rows,
+            "iterations": clusters.iterations, "inertia": _num(clusters.inertia), "domains": per}
 
 
 def _write(output: str, selection: pa.Table, summary: dict) -> None:

@@ -67,3 +67,43 @@ def null_position(value: float, null, lower_is_better: bool) -> dict:
     return {"n": n, "percentile": 100.0 * (below + 0.5 * ties) / n,
             "p_better": (1 + int((nl >= v).sum())) / (n + 1), "p_worse": (1 + int((nl <= v).sum())) / (n + 1),
             "z": (v - float(nl.mean())) / sd if sd > 0 else None}
+
+
+def two_sample(values, null, lower_is_better: bool, permutations: int = 20_000, seed: int = 0) -> dict:
+    """Whether the students of a strategy with subsets of its own (``values``, e.g. compare's clean_random) do
+    better than those of a null (``null``, the random subsets): the difference of the means on the "better" scale
+    (positive = better), and the one-sided permutation p-value of "better": (1 + relabellings whose difference is at
+    least as large) / (1 + ``permutations``), the students' labels shuffled with a seeded generator (every
+    relabelling exactly when there are no more than ``permutations`` of them). Welch's t beside it."""
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    b = np.asarray([v for v in null if v is not None and math.isfinite(v)], np.float64)
+    out = {"n": len(a), "n_null": len(b), "diff": None, "p_better": None, "t": None, "permutations": 0}
+    if len(a) < 2 or len(b) < 2:
+        return out
+    sign = -1.0 if lower_is_better else 1.0
+    a, b = sign * a, sign * b
+    both = np.concatenate([a, b])
+    observed = a.mean() - b.mean()
+    total = math.comb(len(both), len(a))
+    if total <= permutations:  # every relabelling (the observed one among them)
+        from itertools import combinations
+
+        idx = np.arange(len(both))
+        diffs = []
+        for pick in combinations(range(len(both)), len(a)):
+            mask = np.isin(idx, pick)
+            diffs.append(both[mask].mean() - both[~mask].mean())
+        diffs = np.asarray(diffs)
+        p = float((diffs >= observed - 1e-12).sum()) / len(diffs)
+        n_perm = len(diffs)
+    else:
+        rng = np.random.default_rng(seed)
+        hits = 0
+        for _ in range(permutations):
+            perm = rng.permutation(both)
+            hits += perm[:len(a)].mean() - perm[len(a):].mean() >= observed - 1e-12
+        p = float((1 + hits) / (1 + permutations))
+        n_perm = permutations
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    out.update(diff=float(observed), p_better=p, t=float(observed / se) if se > 0 else None, permutations=n_perm)
+    return out

@@ -3,7 +3,7 @@
     executor.start(cfg)                      # join or start what it runs on (nothing, or a Ray cluster)
     executor.nodes()                         # the resources it places workers on ({"CPU": n, "GPU": m} per node)
     for out in executor.run(chain, items):   # the last stage's results, as they come
-        ...
+        executor.live()                      # (rows, tokens) the pooled stages reported inside their items so far
     executor.stop()                          # give back what start took
 
 ``InProcess`` runs the stages in this process, one item after another (``setup`` once, ``teardown`` at the end);
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 from contextlib import ExitStack
 from typing import Iterable, Iterator
 
@@ -53,6 +54,10 @@ class Executor(abc.ABC):
     def run(self, chain: Chain, items: Iterable) -> Iterator:
         """The results of ``chain``'s last stage over ``items``, in any order."""
 
+    def live(self) -> tuple[int, int]:
+        """(rows, tokens) the stages of the running chain reported with ``Stage.progress`` so far."""
+        return (0, 0)
+
     def __enter__(self):
         return self
 
@@ -65,14 +70,22 @@ class InProcess(Executor):
 
     name = "in-process"
 
+    def __init__(self):
+        super().__init__()
+        self.counts = Counts()
+
     def nodes(self) -> list[dict]:
         return [{"CPU": physical_cpus(), "GPU": min(1, local_gpus())}]
+
+    def live(self) -> tuple[int, int]:
+        return self.counts.totals()
 
     def run(self, chain: Chain, items: Iterable) -> Iterator:
         with ExitStack() as stack:
             stages = []
             for link in chain.links:
                 stage = link.build()
+                stage.progress = self.counts.add
                 stage.setup()
                 stack.callback(stage.teardown)  # in reverse order, also when a stage fails
                 stages.append(stage)
@@ -88,3 +101,21 @@ class InProcess(Executor):
             for item in items:
                 yield from feed(0, item)
 
+
+
+class Counts:
+    """Rows and tokens stages report inside their items (``Stage.progress``), added up (from any thread); the Ray
+    executor keeps one in an actor its workers report to."""
+
+    def __init__(self):
+        self.rows = self.tokens = 0
+        self._lock = threading.Lock()
+
+    def add(self, rows: int, tokens: int) -> None:
+        with self._lock:
+            self.rows += rows
+            self.tokens += tokens
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return self.rows, self.tokens

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 
+from air_ray.progress import EVERY_S, Ticker, duration, say
 from air_ray.store.records import Manifest, UnitSummary
 
 
@@ -30,14 +31,21 @@ def versions() -> dict:
 
 
 class Progress:
-    """The run's progress over its input bytes: a bar on stderr (tqdm: rows, tokens/s, ETA) when ``bar``, else a
-    plain line on stdout every ``every_s`` seconds (readable in a log file and in `ray job logs`). ``close()`` ends
-    the bar."""
+    """The run's progress: rows done of the records the id pass counted (``total_rows``), counting the rows of
+    partitions still being scored (``live``: the executor's (rows, tokens) reported after each model batch), tokens,
+    tokens/s and an ETA. On a terminal (``bar``) a bar on stderr (tqdm, over the input bytes), refreshed as
+    partitions finish and every 2 s; elsewhere a plain line on stdout every ``every_s`` seconds while the run lasts
+    (``air_ray.progress.EVERY_S``), when a partition finishes at most every 5 s, and one at the end. ``close()``
+    ends it."""
 
-    def __init__(self, total_bytes: int, every_s: float = 5.0, bar: bool = False):
-        self.total_bytes, self.every_s = max(total_bytes, 1), every_s
+    def __init__(self, total_bytes: int, total_rows: int | None = None, live=None, bar: bool = False,
+                 every_s: float = EVERY_S):
+        self.total_bytes, self.total_rows = max(total_bytes, 1), total_rows
+        self.live = live or (lambda: (0, 0))
         self.t0 = self.last = time.time()
-        self.rows = self.tokens = self.nbytes = self.parts = self.printed = 0
+        self.rows = self.tokens = self.nbytes = self.parts = 0  # of the finished partitions
+        self.reported = 0  # rows of the finished partitions that went through the model (live counts them too)
+        self.printed = -1
         self.bar = None
         if bar:
             import os
@@ -53,34 +61,65 @@ class Progress:
                             mininterval=0.5, postfix="0 rows, 0 tok/s",
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} input{postfix} "
                                        "[{elapsed}<{remaining}]")
+        self.ticker = Ticker(self._tick, every_s=2.0 if bar else every_s).start()  # _tick prints itself
 
     def update(self, s: UnitSummary) -> None:
         self.rows += s.rows_read
-        self.tokens += 0 if s.skipped else s.tokens
         self.nbytes += s.nbytes
         self.parts += 1
+        if not s.skipped:
+            self.tokens += s.tokens
+            self.reported += s.rows_scored + s.reasons.get("non_finite_loss", 0)
         if self.bar is not None:
-            rate = self.tokens / max(time.time() - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"{self.rows:,} rows, {rate:,.0f} tok/s", refresh=False)
+            self._postfix()
             self.bar.update(min(s.nbytes, self.total_bytes - self.bar.n))
-        elif time.time() - self.last >= self.every_s:
+        elif time.time() - self.last >= 5.0:
             self._line()
+
+    def counts(self) -> tuple[int, int]:
+        """(rows, tokens) done: the finished partitions' and what the running ones reported so far."""
+        try:
+            rows, tokens = self.live()
+        except Exception:  # the progress board is gone (the run is ending): the finished partitions only
+            rows, tokens = self.reported, self.tokens
+        return self.rows + max(0, rows - self.reported), self.tokens + max(0, tokens - self.tokens)
+
+    def _tick(self) -> None:
+        if self.bar is not None:
+            self._postfix()
+            self.bar.refresh()
+        else:
+            self._line()
+
+    def _postfix(self) -> None:
+        rows, tokens = self.counts()
+        self.bar.set_postfix_str(f"{rows:,} rows, {tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s",
+                                 refresh=False)
 
     def _line(self) -> None:
         self.last = now = time.time()
         self.printed = self.parts
+        rows, tokens = self.counts()
         el = now - self.t0
-        frac = min(self.nbytes / self.total_bytes, 1.0)
-        eta = el * (1 - frac) / frac if frac > 0 else float("nan")
-        print(f"[air-ray score] {self.parts} partitions, {self.rows:,} rows, {self.tokens:,} tokens, "
-              f"{self.tokens / max(el, 1e-9):,.0f} tok/s, {frac:.0%} of input, ETA {eta:,.0f}s", flush=True)
+        if self.total_rows:
+            frac = min(rows / self.total_rows, 1.0)
+            of = f"{rows:,} of {self.total_rows:,} rows ({frac:.0%})"
+        else:
+            frac = min(self.nbytes / self.total_bytes, 1.0)
+            of = f"{rows:,} rows ({frac:.0%} of input)"
+        eta = duration(el * (1 - frac) / frac) if frac > 0 else "?"
+        waiting = "" if rows or self.parts else " (the scoring workers are starting: loading the model)"
+        say(f"[air-ray score] {of}, {tokens:,} tokens, {tokens / max(el, 1e-9):,.0f} tok/s, {self.parts} "
+            f"partitions done, ETA {eta}{waiting}")
 
     def close(self) -> None:
-        """End the bar, or print the last line (where anything happened since the one before)."""
+        """Stop the ticks; end the bar, or print the last line (where anything happened since the one before)."""
+        self.ticker.stop()
         if self.bar is not None:
+            self._postfix()
             self.bar.close()
             self.bar = None
-        elif self.parts > self.printed:
+        elif self.parts != self.printed:
             self._line()
 
 
@@ -132,16 +171,18 @@ def merge_weight_stats(summaries: list[UnitSummary]) -> dict:
 
 def build_manifest(cfg, model, heads_doc: dict, files: list[str], summaries: list[UnitSummary], wall: float, *,
                    scoring_key: str, placement: dict, phases: dict, duplicate_ids: int,
-                   foreign_partitions: list[str]) -> Manifest:
+                   foreign_partitions: list[str], id_pass: dict | None = None) -> Manifest:
     """The run's manifest: ``cfg`` as it scored (placement and dtype resolved), ``model`` (an ``OpenModel``), the heads
     document, the input files and every unit's summary (those skipped counted from their markers)."""
     from dataclasses import asdict
 
     reasons: Counter = Counter()
+    carried: Counter = Counter()
     per_actor: Counter = Counter()
     per_source: dict[str, Counter] = {}
     for s in summaries:
         reasons.update(s.reasons)
+        carried.update(s.corpus_fields)
         per_actor[s.actor] += s.rows_scored
         src = per_source.setdefault(s.source, Counter())
         src.update(rows_read=s.rows_read, rows_scored=s.rows_scored, rows_rejected=s.rows_rejected, partitions=1)
@@ -179,4 +220,6 @@ def build_manifest(cfg, model, heads_doc: dict, files: list[str], summaries: lis
         phases={k: round(v, 3) for k, v in phases.items()},
         duplicate_ids=duplicate_ids,
         foreign_partitions=foreign_partitions,
+        corpus_fields=dict(sorted(carried.items())),
+        id_pass=id_pass,
     )

@@ -100,6 +100,22 @@ def remove_stale_partitions(version: RunLayout, sources: list[str], keep: set[st
     return sum(version.remove_units(unit_prefix(src), keep) for src in sources)
 
 
+def current_selection(version: RunLayout, cfg) -> dict | None:
+    """The version's selection.json when it was made with ``cfg`` (a ``SelectConfig``) from exactly the partitions
+    the version lists now, else None. Only a directory listing and that file are read: a pass with nothing new reads
+    no partition. (Partitions change only through a rescore, which then selects again; a listing catches any that
+    came or went otherwise.)"""
+    from air_ray.fsio import with_protocol
+    from air_ray.outputs.select import select_config_doc
+    from air_ray.store.scores import find_partitions, find_selection
+
+    doc, _ = find_selection(version.uri, version.selection)
+    if not doc or doc.get("config") != select_config_doc(cfg.validate()):
+        return None
+    fs, files = find_partitions(version.uri, "rescore")
+    return doc if sorted(doc.get("inputs") or []) == sorted(with_protocol(fs, f) for f in files) else None
+
+
 def resolve_heads(cfg: RescoreConfig, out: RunLayout, model) -> tuple[dict, bytes]:
     """heads.json as given, or detected once per model (an ``OpenModel``) and kept under
     <output>/heads/<fingerprint>.json."""
@@ -218,7 +234,13 @@ def run_rescore(cfg: RescoreConfig) -> dict:
             ledger[uri] = dict(ledger[uri], **{k: current[uri][k] for k in ("size", "etag", "mtime")})
         vrun.write_ledger(ledger)
         try:
-            sel = select(cfg.selection_config(vuri, vrun.selection))
+            sel_cfg = cfg.selection_config(vuri, vrun.selection)
+            sel = None if todo else current_selection(vrun, sel_cfg)
+            if sel is not None:  # nothing new, and the selection is of these very partitions: not one row read
+                print(f"[air-ray rescore] nothing new: the selection of {len(sel['inputs'])} partitions is current",
+                      flush=True)
+            else:
+                sel = select(sel_cfg)
             summary["rows_total"] = sel["counts"]["rows_total"]
             summary["selected"] = sel["counts"]["rows_selected"]
         except NoScores:

@@ -25,9 +25,10 @@ from contextlib import contextmanager
 
 from air_ray.config.commands import ScoreConfig
 from air_ray.errors import AirRayError
-from air_ray.pipeline.executors import Executor, local_gpus, physical_cpus
+from air_ray.pipeline.executors import Counts, Executor, local_gpus, physical_cpus
 from air_ray.pipeline.placement import choose_executor, embedded_cpus
 from air_ray.pipeline.stages import Chain, Link
+from air_ray.progress import verbose
 
 # ----------------------------------------------------------------------------------------------
 # the executor
@@ -35,12 +36,14 @@ from air_ray.pipeline.stages import Chain, Link
 
 class _StageActor:
     """Builds a stage once per Ray actor, then feeds it one pickled item per batch row; the stage's ``teardown()``
-    runs when the actor lets go of it."""
+    runs when the actor lets go of it. ``board``: the run's ``Counts`` actor, where the stage's ``progress`` goes."""
 
     stage = None
 
-    def __init__(self, stage_cls, *args):
+    def __init__(self, stage_cls, *args, board=None):
         self.stage = stage_cls(*args)
+        if board is not None:
+            self.stage.progress = lambda rows, tokens: board.add.remote(rows, tokens)  # not waited for
         self.stage.setup()
 
     def __del__(self):
@@ -95,6 +98,7 @@ class RayData(Executor):
         super().__init__()
         self.started = False  # this run started an embedded cluster (and stops it)
         self.embedded = False
+        self.board = None  # a Counts actor the pooled stages report their progress to (made by run)
 
     def start(self, cfg) -> None:
         import ray
@@ -106,6 +110,10 @@ class RayData(Executor):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the run's own progress (Progress) instead of one bar per operator
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # and no advice to turn them on
+        if not verbose():  # Ray Data's INFO lines (execution plan, start, end of each dataset) stay in its log file
+            for handler in logging.getLogger("ray.data").handlers:
+                if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                    handler.setLevel(max(handler.level, logging.WARNING))
         ctx.raise_original_map_exception = True  # an AirRayError in a stage reaches _rows as itself: one line
         for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
             logging.getLogger(name).addFilter(_QUIET)  # where Ray Data logs a failed stage (idempotent)
@@ -122,9 +130,16 @@ class RayData(Executor):
 
         return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
+    def live(self) -> tuple[int, int]:
+        import ray
+
+        return tuple(ray.get(self.board.totals.remote(), timeout=30)) if self.board is not None else (0, 0)
+
     def run(self, chain: Chain, items):
         import ray
 
+        if self.board is None:
+            self.board = ray.remote(Counts).options(num_cpus=0).remote()
         items = list(items)
         ds = ray.data.from_items([{"payload": pickle.dumps(x)} for x in items], override_num_blocks=max(1, len(items)))
         for link in chain.links:
@@ -137,7 +152,7 @@ class RayData(Executor):
                 pool = link.pool
                 in_flight = {"max_tasks_in_flight_per_actor": pool.in_flight} if pool.in_flight else {}
                 ds = ds.map_batches(_ACTORS.get(link.name, _StageActor), fn_constructor_args=(link.stage, *link.args),
-                                    batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=pool.min,
+                                    fn_constructor_kwargs={"board": self.board}, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=pool.min,
                                                                                      max_size=pool.max, **in_flight),
                                     **link.resources)
         for row in _rows(ds):
@@ -175,6 +190,8 @@ def connect(address: str | None, embedded_cpus: int, dashboard: bool = False) ->
 
     if ray.is_initialized():
         return False
+    if not sys.stdout.isatty():  # the workers' lines arrive prefixed "(worker pid=...)": no colour codes in a log
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kw = dict(log_to_driver=True, configure_logging=False)
     target = address if address not in (None, "auto", "local") else None
     if target is None and address != "local":

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from air_ray.config.commands import ScoreConfig
+from air_ray.data.corpus import Split, plan_splits
 from air_ray.data.shapes import FieldMap
 from air_ray.pipeline.executors import Executor, InProcess, physical_cpus
 from air_ray.pipeline.manifest import Progress, build_manifest, input_size
@@ -54,18 +55,22 @@ def run_score(cfg: ScoreConfig, prior_ids=None, dtype: str | None = None) -> Man
         t = time.time()
         # the id pass of a small corpus runs here: a Ray Data job of its own costs seconds of start-up
         ids = executor if job.total_bytes > SMALL_CORPUS_BYTES else InProcess()
-        duplicates = find_duplicates(job.files, prior_ids, FieldMap.of(cfg), ids)
+        id_pass = find_duplicates(job.files, job.splits, prior_ids, FieldMap.of(cfg), ids)
         phases["ids_s"] = time.time() - t
         committed = {u: m.key for u, m in job.markers.items()}
-        chain = scoring_chain(cfg, len(job.files), keys, duplicates, committed, job.heads)
-        summaries, legacy = job.collect(executor.run(chain, job.files), phases, cfg.progress)
+        items = id_pass.numbered(job.splits)  # each split with the number of its first line
+        chain = scoring_chain(cfg, len(items), keys, id_pass.duplicates, committed, job.heads)
+        progress = Progress(job.total_bytes, id_pass.records, live=executor.live,
+                            bar=cfg.progress and sys.stderr.isatty())
+        summaries, legacy = job.collect(executor.run(chain, items), phases, progress)
     placement = {"executor": name, "actors": place.actors, "gpus_per_actor": place.gpus_per_actor,
                  "cpus_per_actor": place.cpus_per_actor, "torch_threads": place.threads,
                  "why": f"{name}: {why}; {place.why}"}
     phases["actor_setup_s"] = max((s.setup_s for s in summaries), default=0.0)
     manifest = build_manifest(
         cfg, job.model, job.heads, job.files, summaries, time.time() - t0, scoring_key=keys.scoring,
-        placement=placement, phases=phases, duplicate_ids=sum(len(v) for v in duplicates.values()),
+        placement=placement, phases=phases, duplicate_ids=sum(len(v) for v in id_pass.duplicates.values()),
+        id_pass=id_pass.summary(),
         foreign_partitions=[] if prior_ids is not None else job.run.foreign_partitions([s.unit for s in summaries]))
     job.finish(manifest, legacy, dtype)
     return manifest
@@ -77,6 +82,7 @@ class ScoringJob:
     model, the heads (checked against it), the keys of earlier releases and the commit markers found."""
 
     files: list[str]
+    splits: list[list[Split]]  # per file: one, or the byte ranges of a large JSON-lines file
     run: object  # air_ray.store.layout.RunLayout
     model: object  # air_ray.models.OpenModel
     heads: dict  # the heads document
@@ -98,15 +104,17 @@ class ScoringJob:
         heads = load_heads(cfg.heads, fingerprint=model.fingerprint, shape=model.shape,
                            allow_mismatch=cfg.allow_model_mismatch)
         legacy = cfg.legacy_keys(model.fingerprint, heads["heads"])  # of the dtype option as given
-        return cls(files, run, model, heads, legacy, run.commits(), sum(input_size(f) for f in files))
+        sizes = [input_size(f) for f in files]
+        splits = [plan_splits(f, size, cfg.split_bytes) for f, size in zip(files, sizes)]
+        return cls(files, splits, run, model, heads, legacy, run.commits(files), sum(sizes))
 
-    def collect(self, summaries, phases: dict, progress: bool) -> tuple[list[UnitSummary], Counter]:
+    def collect(self, summaries, phases: dict, bar: Progress) -> tuple[list[UnitSummary], Counter]:
         """Every unit's summary as the chain gives them (a unit committed earlier: from its marker), with the
-        progress lines; ``Counter`` of the units committed under a legacy key, by what became of them."""
+        progress lines (``bar``, closed here); ``Counter`` of the units committed under a legacy key, by what became
+        of them."""
         t = time.time()
         out: list[UnitSummary] = []
         legacy: Counter = Counter()
-        bar = Progress(self.total_bytes, bar=progress and sys.stderr.isatty())
         try:
             for s in summaries:
                 if s.legacy:  # committed under a key of a release before SCORING_VERSION
@@ -157,18 +165,49 @@ def place_workers(cfg: ScoreConfig, executor: Executor) -> Placement:
     return place
 
 
-def find_duplicates(files: list[str], prior_ids, fields: FieldMap, executor: Executor) -> dict[str, dict[int, str]]:
-    """The id pass (``stages.id_chain`` on ``executor``): every valid record's (id hash, order) -> later occurrences
-    of an id, ``{source: {line: detail}}``."""
-    import numpy as np
+@dataclass
+class IdPass:
+    """What the id pass found: later occurrences of an id (``{source: {line: detail}}``), the records the files
+    hold (what the progress line counts to), the first line of each split of a file read in byte ranges, and what
+    it cost the driver (16 bytes per record; spilled to disk past ``air_ray.data.ids.MEMORY_ROWS``)."""
 
+    duplicates: dict[str, dict[int, str]]
+    records: int
+    first_lines: dict[int, list[int]]  # file index -> first line of each split (files read in byte ranges only)
+    nbytes: int
+    spilled: bool
+
+    def numbered(self, splits: list[list[Split]]) -> list[Split]:
+        """Every split to score, each with the file's number of its first line."""
+        return [replace(s, first_line=self.first_lines[fi][s.index]) if fi in self.first_lines else s
+                for fi, file_splits in enumerate(splits) for s in file_splits]
+
+    def summary(self) -> dict:
+        return {"records": self.records, "bytes": self.nbytes, "spilled_to_disk": self.spilled,
+                "split_files": len(self.first_lines),
+                "splits": sum(len(v) for v in self.first_lines.values())}
+
+
+def find_duplicates(files: list[str], splits: list[list[Split]], prior_ids, fields: FieldMap,
+                    executor: Executor) -> IdPass:
+    """The id pass (``stages.id_chain`` on ``executor``, one item per file or split): every valid record's (id hash,
+    order) into an ``IdTable`` (with the ids of ``prior_ids`` first: they win), then its duplicates."""
     from air_ray.data import ids as dedupe
 
-    hashes, orders = [], []
-    for out in executor.run(id_chain(fields), list(enumerate(files))):
-        hashes.append(np.asarray(out["hash"], np.int64))
-        orders.append(np.asarray(out["order"], np.int64))
-    if not hashes:
-        return {}
-    h, o = dedupe.with_prior(np.concatenate(hashes), np.concatenate(orders), prior_ids)
-    return dedupe.by_source(dedupe.find_duplicates(h, o), files)
+    records, lines = 0, {}
+    with dedupe.IdTable() as table:
+        table.add(*dedupe.prior_orders(prior_ids))
+        items = [(fi, s) for fi, file_splits in enumerate(splits) for s in file_splits]
+        for out in executor.run(id_chain(fields), items):
+            table.add(out["hash"], out["order"])
+            records += out["records"]
+            lines[(out["file"], out["split"])] = out["lines"]
+        first_lines = {}
+        for fi, file_splits in enumerate(splits):
+            if len(file_splits) > 1:  # the first line of each split: 1 + the lines of the splits before it
+                starts = [1]
+                for s in file_splits[:-1]:
+                    starts.append(starts[-1] + lines[(fi, s.index)])
+                first_lines[fi] = starts
+        duplicates = dedupe.by_source(table.duplicates(), files, first_lines)
+        return IdPass(duplicates, records, first_lines, table.nbytes, table.spilled)

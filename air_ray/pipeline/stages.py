@@ -4,8 +4,9 @@
 A stage has the ``resources`` one worker of it needs, ``setup()`` once per worker, ``process(item)`` per item and
 ``teardown()`` when the worker ends:
 
-    IdStage       (file index, URI) -> (id hash, order) of every valid record   (CPU; feeds the dedupe)
-    ReadStage     source URI       -> Chunks of raw records              (CPU; several per item)
+    IdStage       (file index, Split) -> (id hash, order) of every valid record, the records and lines read
+                                                                         (CPU; feeds the dedupe)
+    ReadStage     Split (a file, or a byte range of a large one) -> Chunks of raw records (CPU; several per item)
     PrepareStage  Chunk            -> PreparedChunk: token ids + steps    (CPU: a tokenizer, no model);
                                       or "skipped" when the unit is already committed with the same key
     ScoreStage    PreparedChunk    -> partition files + commit marker + a UnitSummary
@@ -31,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from air_ray.config.commands import ScoreConfig
-from air_ray.data.corpus import Chunk, read_chunks
+from air_ray.data.corpus import Chunk, Split, read_chunks
 from air_ray.data.rows import FieldMap, PreparedRow, RowError
 from air_ray.store.records import UnitSummary
 
@@ -47,6 +48,7 @@ class PreparedChunk:
     key: str = ""  # the unit key its commit marker records
     skipped: bool = False  # committed by an earlier run with the same key: nothing to do
     legacy: str = ""  # committed under a legacy key: LEGACY_KEPT (skipped), else why it is scored again
+    corpus_fields: Counter = field(default_factory=Counter)  # prepared rows carrying a defect / reference field
 
 
 def unit_key(scoring_key: str, chunk: Chunk, duplicate_lines) -> str:
@@ -80,9 +82,13 @@ def worker_name() -> str:
 
 class Stage(abc.ABC):
     """``resources`` (Ray resources of one worker), ``setup()`` once, ``process(item)`` per item, ``teardown()``
-    at the end (release what ``setup`` took)."""
+    at the end (release what ``setup`` took). ``progress(rows, tokens)``: work done inside an item, as it goes;
+    the executor that runs the stage connects it to the run's progress line (here it goes nowhere)."""
 
     resources: dict = {"num_cpus": 0.25}
+
+    def progress(self, rows: int, tokens: int) -> None:
+        pass
 
     def setup(self) -> None:
         pass
@@ -96,24 +102,32 @@ class Stage(abc.ABC):
 
 
 class IdStage(Stage):
-    """The ids of one file's valid records, hashed, with their global order (see ``air_ray.data.ids``)."""
+    """The ids of the valid records of one file or split, hashed, with their global order (see
+    ``air_ray.data.ids``; a split's lines counted from 1), and how many records and lines (blank ones too) it
+    holds."""
 
     def __init__(self, fields: FieldMap = FieldMap()):
         self.fields = fields
 
-    def process(self, item: tuple[int, str]) -> dict:
+    def process(self, item: tuple[int, Split]) -> dict:
+        import numpy as np
+
         from air_ray.data.ids import id_hash, order_key
         from air_ray.data.shapes import record_id
 
-        file_index, source = item
-        hashes, orders = [], []
-        for chunk in read_chunks(source, 1 << 16):
+        file_index, split = item
+        hashes, lines, records, counts = [], [], 0, {}
+        for chunk in read_chunks(split, 1 << 16, counts):
+            records += len(chunk.lines)
             for line, text in zip(chunk.lines, chunk.texts):
                 rid = record_id(text, self.fields)
                 if rid is not None:
                     hashes.append(id_hash(rid))
-                    orders.append(order_key(file_index, line))
-        return {"hash": hashes, "order": orders}
+                    lines.append(line)
+        within = split.index if split.count > 1 else 0
+        return {"file": file_index, "split": split.index, "hash": np.asarray(hashes, np.int64),
+                "order": order_key(file_index, np.asarray(lines, np.int64), within), "records": records,
+                "lines": counts.get("lines", 0)}
 
 
 class ReadStage(Stage):
@@ -122,8 +136,8 @@ class ReadStage(Stage):
     def __init__(self, rows_per_partition: int):
         self.rows_per_partition = rows_per_partition
 
-    def process(self, source: str):
-        yield from read_chunks(source, self.rows_per_partition)
+    def process(self, split: Split):
+        yield from read_chunks(split, self.rows_per_partition)
 
 
 class PrepareStage(Stage):
@@ -173,6 +187,7 @@ class PrepareStage(Stage):
                 row = load_record(text)
                 rid = _stated_id(row, fields)
                 out.prepared.append((line, self.preparer.prepare(row)))
+                out.corpus_fields.update(carried_fields(row))
             except RowError as e:
                 out.rejected.append(rejected_row(chunk.source, line, e.reason, e.detail, rid))
             except RecursionError:  # a record nested too deep for the parser or the tokenizer's template
@@ -219,24 +234,25 @@ class ScoreStage(Stage):
     def process(self, chunk: PreparedChunk) -> UnitSummary:
         from air_ray.store.layout import REJECTED_DIR, SCORES_DIR
         from air_ray.store.records import CommitMarker
-        from air_ray.store.schemas import REJECTED, SCORES, to_table
+        from air_ray.store.schemas import REJECTED, scores_schema, to_table
 
         t0 = time.time()
         if chunk.skipped:  # the driver takes its counts from the commit marker
             return self._summary(chunk)
         rows = [p for _, p in chunk.prepared]
-        results = self.scorer.score_prepared(rows)
+        results = self.scorer.score_prepared(rows, on_batch=self.progress)
         scored, rejected = [], list(chunk.rejected)
         for (line, p), r in zip(chunk.prepared, results):
             if isinstance(r, RowError):
                 rejected.append(rejected_row(chunk.source, line, r.reason, r.detail, p.id))
             else:
                 scored.append(dict(r, source=chunk.source))
-        self.run.write_partition(SCORES_DIR, chunk.unit, to_table(scored, SCORES, self.metadata))
+        self.run.write_partition(SCORES_DIR, chunk.unit, to_table(scored, scores_schema(self.cfg.embed), self.metadata))
         self.run.write_partition(REJECTED_DIR, chunk.unit, to_table(rejected, REJECTED))
         summary = self._summary(chunk, rows_read=chunk.rows_read, rows_scored=len(scored),
                                 rows_rejected=len(rejected), reasons=dict(Counter(r["reason"] for r in rejected)),
-                                weights=weight_stats(scored), tokens=sum(len(p.input_ids) for p in rows),
+                                weights=weight_stats(scored), corpus_fields=dict(chunk.corpus_fields),
+                                tokens=sum(len(p.input_ids) for p in rows),
                                 seconds=time.time() - t0)
         self.run.write_commit(CommitMarker(chunk.unit, chunk.key, summary))  # last: the unit is done
         return summary
@@ -252,6 +268,17 @@ class ScoreStage(Stage):
         if self.scorer is not None:
             self.scorer.close()  # in the caller's process (--executor in-process) torch's threads as they were
             self.scorer = None
+
+
+def carried_fields(row) -> list[str]:
+    """The fields of a record that select's audit reads (``air_ray.data.answers``): the planted defect field and
+    the first reference field, where the record has them."""
+    from air_ray.data.answers import DEFECT_FIELD, find_reference
+
+    if not isinstance(row, dict):
+        return []
+    name, _ = find_reference(row)
+    return ([DEFECT_FIELD] if DEFECT_FIELD in row else []) + ([name] if name else [])
 
 
 def _stated_id(row, fields: FieldMap) -> str | None:
@@ -311,16 +338,17 @@ class Chain:
     links: tuple[Link, ...]
 
 
-def scoring_chain(cfg: ScoreConfig, n_files: int, keys: UnitKeys, duplicates: dict, committed: dict,
+def scoring_chain(cfg: ScoreConfig, n_items: int, keys: UnitKeys, duplicates: dict, committed: dict,
                   heads_doc: dict) -> Chain:
-    """read -> prepare -> score, over the input files: the scoring run (``cfg``'s placement already resolved)."""
+    """read -> prepare -> score, over the input files and splits: the scoring run (``cfg``'s placement already
+    resolved)."""
     return Chain((
         Link("read", ReadStage, (cfg.rows_per_partition,), fan_out=True),
-        Link("prepare", PrepareStage, (cfg, keys, duplicates, committed), pool=Pool(1, max(1, min(n_files, 4)))),
+        Link("prepare", PrepareStage, (cfg, keys, duplicates, committed), pool=Pool(1, max(1, min(n_items, 4)))),
         Link("score", ScoreStage, (cfg, heads_doc), pool=Pool(cfg.workers, cfg.workers, in_flight=1)),
     ))
 
 
 def id_chain(fields: FieldMap) -> Chain:
-    """The id pass, over ``(file index, URI)`` items: every valid record's id hash and global order."""
+    """The id pass, over ``(file index, Split)`` items: every valid record's id hash and global order."""
     return Chain((Link("ids", IdStage, (fields,)),))

@@ -166,10 +166,16 @@ class RunLayout:
         write_bytes_atomic(self.fs, self.path(COMMITS_DIR, f"{marker.unit}.json"),
                            json.dumps(marker.to_json()).encode())
 
-    def commits(self) -> dict[str, CommitMarker]:
+    def commits(self, sources: Sequence[str] | None = None) -> dict[str, CommitMarker]:
         """The commit markers of earlier runs: ``{unit: marker}`` (unreadable ones are ignored: their units are
-        redone)."""
+        redone); ``sources``: only those of these input files' units (one listing, then only their markers read: a
+        rescore of a few new files into a large version reads a few markers)."""
         paths = self.fs.glob(self.path(COMMITS_DIR, "*.json"))
+        if sources is not None:
+            from air_ray.data.corpus import unit_prefix
+
+            prefixes = tuple(unit_prefix(s) for s in sources)
+            paths = [p for p in paths if posixpath.basename(p).startswith(prefixes)]
         if not paths:
             return {}
         out = {}

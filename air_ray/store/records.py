@@ -4,8 +4,8 @@
 driver, and is kept in the unit's commit marker (``CommitMarker``: ``_commits/<unit>.json``, ``{unit, key,
 summary}``), from which a later run counts a unit it skips. ``Manifest``: ``_manifest.json``, the run as a whole.
 
-The JSON forms are contracts (markers written by earlier releases are read back): a summary's ``reasons`` and
-``weights`` are JSON text inside the marker, as they have been since they were Arrow columns; keys a marker of an
+The JSON forms are contracts (markers written by earlier releases are read back): a summary's ``reasons``,
+``weights`` and ``corpus_fields`` are JSON text inside the marker, as they have been since they were Arrow columns; keys a marker of an
 earlier release does not have read as their defaults.
 """
 
@@ -29,6 +29,7 @@ class UnitSummary:
     rows_rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # rejected rows by reason
     weights: dict | None = None  # step-weight statistics (air_ray.pipeline.stages.weight_stats); None: unknown
+    corpus_fields: dict[str, int] = field(default_factory=dict)  # rows carrying a defect or reference field, by name
     tokens: int = 0
     nbytes: int = 0  # input bytes of the unit
     seconds: float = 0.0
@@ -40,16 +41,18 @@ class UnitSummary:
         d = asdict(self)
         d.pop("actor")
         d["reasons"], d["weights"] = json.dumps(self.reasons), json.dumps(self.weights)
+        d["corpus_fields"] = json.dumps(self.corpus_fields)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "UnitSummary":
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
-        for k in ("reasons", "weights"):
+        for k in ("reasons", "weights", "corpus_fields"):
             if isinstance(values.get(k), str):
                 values[k] = json.loads(values[k])
         values["reasons"] = values.get("reasons") or {}
+        values["corpus_fields"] = values.get("corpus_fields") or {}
         return cls(**values)
 
 
@@ -96,6 +99,12 @@ class Manifest:
     phases: dict | None = None
     duplicate_ids: int | None = None
     foreign_partitions: list | None = None
+    # rows whose record carries a planted defect field or a reference answer field, by field name (select reads the
+    # corpus for its audit when any does)
+    corpus_fields: dict | None = None
+    # the id pass: records counted, bytes of (id hash, order) pairs gathered by the driver, whether they spilled to
+    # disk, the files read in byte ranges and their splits
+    id_pass: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

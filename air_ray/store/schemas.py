@@ -1,6 +1,6 @@
 """The Parquet schemas of what air_ray writes, and how tables are written and their metadata read.
 
-``SCORES`` (a score partition), ``REJECTED`` (the rejected rows of a partition), ``SELECTION``
+``SCORES`` (a score partition; ``scores_schema(embed=True)`` adds ``embedding``), ``REJECTED`` (the rejected rows of a partition), ``SELECTION``
 (``selection.parquet``), ``LEDGER`` (a rescore version's ``ledger.parquet``), and the columns of an export
 (``EXPORT_COLUMNS``; ``AIR_COLUMNS`` beside the source columns of ``--style original``). Every reader asks for
 columns of these by name through the store (``air_ray.store.scores``), which checks them against the schema. Columns
@@ -42,6 +42,19 @@ SCORES = pa.schema([
     pa.field("n_copy_tokens", pa.int32(), nullable=True),
     pa.field("delta_copy", pa.float64(), nullable=True),
 ])
+
+# `air-ray score --embed` only (the default partitions stay as they are): the base model's last hidden state mean-pooled
+# over the response tokens, projected to EMBED_DIMS by a seeded random matrix (air_ray.engine.scorer), for select's
+# --diversity quotas
+EMBEDDING = "embedding"
+EMBED_DIMS = 64
+EMBEDDING_FIELD = pa.field(EMBEDDING, pa.list_(pa.float32(), EMBED_DIMS), nullable=True)
+
+
+def scores_schema(embed: bool = False) -> pa.Schema:
+    """The schema of a score partition: ``SCORES``, with the embedding column when the run has ``--embed``."""
+    return SCORES.append(EMBEDDING_FIELD) if embed else SCORES
+
 
 REJECTED = pa.schema([
     pa.field("source", pa.string(), nullable=False),

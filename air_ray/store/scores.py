@@ -20,7 +20,7 @@ from air_ray.store.layout import (
     PARTITION_EXT, SCORES_DIR, SELECTION_JSON, SELECTION_PARQUET, RunLayout, hidden, selection_candidates,
     selection_json, selection_parquet,
 )
-from air_ray.store.schemas import SCORES, read_metadata
+from air_ray.store.schemas import SCORES, read_metadata, scores_schema
 
 
 class NoScores(AirRayError):
@@ -101,7 +101,8 @@ def open_scores(uri: str, who: str = "select", columns: Sequence[str] | None = N
     import pyarrow.dataset as ds
 
     fs, files = find_partitions(uri, who)
-    schema = SCORES if columns is None else pa.schema([SCORES.field(c) for c in columns])
+    known = scores_schema(embed=True)  # every column a partition may hold
+    schema = SCORES if columns is None else pa.schema([known.field(c) for c in columns])
     rows = 0
     try:
         dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=schema)

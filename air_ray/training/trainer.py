@@ -170,9 +170,10 @@ def load_trainable(cfg: TrainConfig):
     return ref, tokenizer, model
 
 
-def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
+def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None, quiet: bool = False) -> dict:
     """Join, encode, fine-tune with step weights, save the model and ``training_summary.json`` into
-    ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple."""
+    ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple. ``quiet``:
+    without the Trainer's line per optimiser step (compare's students: the losses are in the summary)."""
     from air_ray.data.rows import RowPreparer
     from air_ray.models import open_model
 
@@ -199,6 +200,10 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None) -> dict:
     if not features:
         raise AirRayError("train: no trainable rows")
     trainer = build_trainer(cfg, model, tokenizer, features)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train()
     out = cfg.output.removeprefix("file://")
     first = trainer.is_world_process_zero()  # data parallel (Ray Train): one worker writes

@@ -7,7 +7,8 @@ next-token entropy where it has the full distribution:
     backend = open_backend(name, spec, **own) # BackendSpec: model, heads, options, device, dtype, GPUs, threads;
                                               # own: the fields of the backend's own Spec
     backend.max_tokens                        # the longest row it accepts (None: no limit of its own)
-    backend.token_losses(prepared)            # -> [TokenLosses(base, ref, entropy | None)] in row order
+    backend.token_losses(prepared, on_batch)  # -> [TokenLosses(base, ref, entropy | None, pooled)] in row order;
+                                              #    on_batch(rows, tokens) after each model batch it runs
     backend.close()                           # release the model / engines now
 
 ``hf`` (``air_ray.engine.backends.hf``): transformers, one copy of the weights, the heads switched in place; its
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -31,13 +32,19 @@ from air_ray.data.rows import PreparedRow
 from air_ray.models.resolve import ModelRef
 
 
+OnBatch = Callable[[int, int], None]  # (rows, tokens) of a model batch done: progress inside a partition
+
+
 class TokenLosses(NamedTuple):
     """One row's response tokens: losses (nats) under the base and the reference model, and the base model's
-    next-token entropy (nats; None when the backend has no full distribution). Shapes: [response tokens]."""
+    next-token entropy (nats; None when the backend has no full distribution). Shapes: [response tokens].
+    ``pooled``: the base model's last hidden state averaged over the response tokens, [d_model] (only when the
+    backend was opened with ``options.embed``)."""
 
     base: np.ndarray
     ref: np.ndarray
     entropy: np.ndarray | None
+    pooled: np.ndarray | None = None
 
 
 @dataclass
@@ -58,7 +65,7 @@ class BackendSpec:
 class Backend(Protocol):
     max_tokens: int | None
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]: ...
+    def token_losses(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None) -> list[TokenLosses]: ...
 
     def close(self) -> None: ...
 

@@ -17,7 +17,7 @@ from typing import Sequence
 from air_ray.data.rows import PreparedRow
 from air_ray.engine import heap
 from air_ray.engine.ablation import HeadAblation
-from air_ray.engine.backends import BackendSpec, TokenLosses
+from air_ray.engine.backends import BackendSpec, OnBatch, TokenLosses
 from air_ray.engine.losses import batch_by_tokens, default_batch_tokens, token_nll_pair
 from air_ray.models.load import load_model, token_limit
 
@@ -50,6 +50,7 @@ class HFBackend:
         self.max_tokens = token_limit(opts.max_tokens, spec.config)  # --max-tokens, within the model's context
         self.pad_id = spec.pad_id
         self.share_prefix = bool(spec.share_prefix)
+        self.embed = bool(opts.embed)  # also the response's mean last hidden state (TokenLosses.pooled)
         self.batcher = batch_by_tokens  # (lengths, budget) -> [[row index]]; the bench swaps it to measure
         # a backend dropped without close() lets go of the heap when it is collected
         self._release_heap = (weakref.finalize(self, heap.release) if str(spec.device) == "cpu" and heap.hold()
@@ -60,16 +61,18 @@ class HFBackend:
         """Whether this backend holds the process's freed memory (``air_ray.engine.heap``) now."""
         return self._release_heap is not None and self._release_heap.alive
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
+    def token_losses(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None) -> list[TokenLosses]:
         out: list = [None] * len(prepared)
         for batch in self.batcher([len(p.input_ids) for p in prepared], self.batch_tokens):
             seqs = [prepared[i].input_ids for i in batch]
             starts = [prepared[i].n_prompt_tokens for i in batch]
-            base, ref, ent = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
-                                            first_layer=self.ablation.first_layer, pad_id=self.pad_id,
-                                            share_prefix=self.share_prefix)
-            for i, b, r, e in zip(batch, base, ref, ent):
-                out[i] = TokenLosses(b, r, e)
+            base, ref, ent, *pooled = token_nll_pair(self.model, seqs, starts, ablated=self.ablation.ablated,
+                                                     first_layer=self.ablation.first_layer, pad_id=self.pad_id,
+                                                     share_prefix=self.share_prefix, pool=self.embed)
+            for j, (i, b, r, e) in enumerate(zip(batch, base, ref, ent)):
+                out[i] = TokenLosses(b, r, e, pooled[0][j] if pooled else None)
+            if on_batch is not None:
+                on_batch(len(batch), sum(len(s) for s in seqs))
         return out
 
     def _restore_threads(self) -> None:

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from air_ray.data.rows import PreparedRow
-from air_ray.engine.backends import BackendSpec, TokenLosses
+from air_ray.engine.backends import BackendSpec, OnBatch, TokenLosses
 from air_ray.errors import AirRayError
 from air_ray.models.load import weights_dir
 from air_ray.models.resolve import ModelRef, air_ray_home, cached_checkpoint
@@ -142,10 +142,12 @@ class VllmBackend:
                                    dtype=np.float64))
         return result
 
-    def token_losses(self, prepared: Sequence[PreparedRow]) -> list[TokenLosses]:
-        """All rows go to each engine at once (it schedules them itself); no entropy (vLLM returns no full
-        next-token distribution)."""
+    def token_losses(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None) -> list[TokenLosses]:
+        """All rows go to each engine at once (it schedules them itself): ``on_batch`` once, at the end; no entropy
+        (vLLM returns no full next-token distribution)."""
         base, ref = self._losses(self.base, prepared), self._losses(self.ref, prepared)
+        if on_batch is not None:
+            on_batch(len(prepared), sum(len(p.input_ids) for p in prepared))
         return [TokenLosses(b, r, None) for b, r in zip(base, ref)]
 
     def close(self) -> None:
