@@ -96,11 +96,15 @@ def verbose() -> bool:
 
 def quiet_libraries() -> None:
     """Unless verbose: transformers' and huggingface_hub's own progress bars off ("Loading weights" on every model
-    load, in every worker), where this process imports them now or later."""
+    load, in every worker), where this process imports them now or later; when stderr is no terminal, every other
+    tqdm bar of the processes started from here too (the run's own bar passes ``disable=False``)."""
     if verbose():
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
     import sys
+
+    if not sys.stderr.isatty():  # in a log, other tqdm bars too (transformers' GGUF conversion draws one with tqdm
+        os.environ.setdefault("TQDM_DISABLE", "1")  # directly): read when tqdm is first imported (the children)
 
     if "transformers" in sys.modules:  # imported already: switch its bars off directly
         from transformers.utils import logging as hf_logging

@@ -1,62 +1,12 @@
 #!/usr/bin/env bash
-# The evidence run of docs/EVIDENCE.md on a 2-core CPU, float32 (issue #32: <= 120 min on a quiet machine):
-#   1. critical heads of the default model (PROBES probes) and placebo heads (as many, random non-critical ones);
-#   2. the planted pool: the 512-row GSM8K pool with a seeded 25 % of its rows corrupted (bench/plant_defects.py:
-#      wrong_answer, wrong_step, shuffled, truncated in equal parts; column air_defect, reference column solution),
-#      scored with the critical heads (--embed: the diversity quotas need it) and with the placebo heads;
-#      the original pool, scored with the critical heads (--embed);
-#   3. air-ray compare on each, K rows per strategy, one student each (loss only: --max-new-tokens 0; EVAL_ROWS
-#      held-out rows), every strategy placed in the null of SUBSETS random subsets:
-#      planted: the positive control clean_random (CLEAN random subsets of the clean rows), the AIR score plain,
-#      balanced, diverse and step-weighted, delta plain / balanced / diverse, random_diverse, the answer-match
-#      filter, the placebo heads' score and the negative control loss_base;
-#      original: the score, delta balanced, the diverse strategies and the answer filter (no reference column
-#      there: it is random subset 0, whose student is reused);
-#   4. the report of each run.
-# Outputs under ${OUT:-out/evidence}; rerunning resumes (finished students are reused). Prints the wall time of each
-# step and the load average at the end.
+# The evidence run of docs/EVIDENCE.md on a 2-core CPU, float32 (issue #32: <= 120 min on a quiet machine): the recipe
+# of bench/compare_recipe.sh with the CPU's sizes: the 512-row GSM8K pool, 32 rows per selection, 20 random subsets,
+# 10 clean subsets, 32 probes; students evaluated on 48 held-out rows by their losses only (--max-new-tokens 0:
+# exact match sits at the floor for a 135M student, and decoding was 60-80 % of a student's time).
+# OUT / POOL / HELDOUT / K / SUBSETS / CLEAN / EVAL_ROWS / PROBES / DEFECTS override; rerunning resumes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out/evidence}
-PY=${PY:-.venv/bin/python}
-K=${K:-32}
-SUBSETS=${SUBSETS:-20}
-CLEAN=${CLEAN:-10}
-EVAL_ROWS=${EVAL_ROWS:-48}
-PROBES=${PROBES:-32}
-POOL=${POOL:-data/gsm8k_compare/pool.jsonl}
-HELDOUT=${HELDOUT:-data/gsm8k_compare/heldout.jsonl}
-DEFECTS=${DEFECTS:-0.25}
-mkdir -p "$OUT"
-start=$(date +%s)
-step() { echo "compare_cpu: $1 done at +$(( $(date +%s) - start )) s"; }
-[ -f "$OUT/heads.json" ] || $PY -m air_ray heads --num-probes "$PROBES" --output "$OUT/heads.json"
-$PY -m air_ray heads --placebo --from "$OUT/heads.json" --seed 0 --output "$OUT/placebo.json"
-step heads
-$PY bench/plant_defects.py "$POOL" "$OUT/planted.jsonl" --frac "$DEFECTS" --seed 0
-score() {  # score INPUT HEADS OUTPUT [flags]
-  $PY -m air_ray score --input "$1" --heads "$2" --output "$3" --dtype float32 "${@:4}"
-}
-score "$OUT/planted.jsonl" "$OUT/heads.json" "$OUT/planted/run" --embed
-step "score (planted pool, critical heads)"
-score "$OUT/planted.jsonl" "$OUT/placebo.json" "$OUT/planted/placebo_run"
-step "score (planted pool, placebo heads)"
-score "$POOL" "$OUT/heads.json" "$OUT/original/run" --embed
-step "score (original pool, critical heads)"
-
-common=(--eval-input "$HELDOUT" --eval-rows "$EVAL_ROWS" --top-k "$K" --seeds 1 --random-subsets "$SUBSETS"
-        --max-new-tokens 0 --eval-batch-size 32 --dtype float32)
-$PY -m air_ray select --scores "$OUT/planted/run" --output "$OUT/planted/run/selection" --top-k "$K"
-$PY -m air_ray compare --scores "$OUT/planted/run" --placebo-scores "$OUT/planted/placebo_run" \
-    --input "$OUT/planted.jsonl" "${common[@]}" --clean-subsets "$CLEAN" \
-    --strategies clean_random score score_balanced score_diverse score_weighted delta delta_balanced delta_diverse \
-                 random_diverse answer_filter placebo loss_base random
-step "compare (planted pool)"
-$PY -m air_ray select --scores "$OUT/original/run" --output "$OUT/original/run/selection" --top-k "$K"
-$PY -m air_ray compare --scores "$OUT/original/run" --input "$POOL" "${common[@]}" \
-    --strategies score delta_balanced score_diverse delta_diverse random_diverse answer_filter random
-step "compare (original pool)"
-$PY -m air_ray report --scores "$OUT/planted/run" --heads "$OUT/heads.json" \
-    --placebo-scores "$OUT/planted/placebo_run" --output "$OUT/planted/report"
-$PY -m air_ray report --scores "$OUT/original/run" --heads "$OUT/heads.json" --output "$OUT/original/report"
-echo "compare_cpu: wall $(( $(date +%s) - start )) s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+export NAME=compare_cpu OUT=${OUT:-out/evidence} POOL=${POOL:-data/gsm8k_compare/pool.jsonl}
+export HELDOUT=${HELDOUT:-data/gsm8k_compare/heldout.jsonl} K=${K:-32} SUBSETS=${SUBSETS:-20} CLEAN=${CLEAN:-10}
+export EVAL_ROWS=${EVAL_ROWS:-48} SCORE_DTYPE=float32 HEADS_ARGS="--num-probes ${PROBES:-32}"
+export STUDENT_ARGS="--max-new-tokens 0 --eval-batch-size 32 --dtype float32"
+exec bash "$(dirname "$0")/compare_recipe.sh"

@@ -224,8 +224,10 @@ def test_progress_bar_on_a_terminal_plain_lines_elsewhere(how, progress_corpus, 
         p = subprocess.run([sys.executable, "-m", "air_ray", *args, *extra], capture_output=True, text=True,
                            timeout=600, env=dict(env, HF_HUB_OFFLINE="1", AIR_RAY_PROGRESS_S="1"))
         code, text = p.returncode, p.stdout + p.stderr
-        if "verbose" in how:  # Ray's own lines are there to be kept out: the check below can fail
-            assert "Execution plan of Dataset" in text and "Loading weights" in text, text[-3000:]
+        if "verbose" in how:  # Ray's own lines are there to be kept out: the check below can fail. (Only the
+            # driver's own: the worker's loader bar reaches the driver through Ray's log monitor, which may send it
+            # after the driver has exited.)
+            assert "Execution plan of Dataset" in text, text[-3000:]
         else:
             assert not [n for n in NOISE if n in text], text[-3000:]
     assert code == 0, text[-3000:]

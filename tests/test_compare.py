@@ -226,7 +226,7 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     assert doc["summary"]["random"]["students"] == 3 and doc["summary"]["random"]["loss"]["min"] == min(null)
     md = (out / "compare.md").read_text()
     assert "| score_weighted | 1 |" in md and "initial model" in md and "| random | 3 |" in md
-    assert "Planted defects among the selected rows" in md and "Positive control: clean_random" in md
+    assert "Planted defects among the selected rows" in md and "Positive control on the held-out loss: clean_random" in md
 
     # the report shows the comparison
     rep = tmp_path / "report"

@@ -7,6 +7,7 @@ s:``) releases the backend's model or engines. No Ray here; the pipeline's scori
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -71,6 +72,7 @@ class Scorer:
             pad_id=pad_id, gpus=gpus, threads=threads), shard=shard, share_prefix=share_prefix)
         self.preparer = RowPreparer.of(self.tokenizer, opts, max_tokens=self.backend.max_tokens)
         self._projection = None  # [d_model, EMBED_DIMS] of --embed, made on first use
+        self.engine_s = 0.0  # seconds spent in the backend (token_losses) so far
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -99,7 +101,11 @@ class Scorer:
         ``on_batch(rows, tokens)``: called after each model batch (progress inside a long call)."""
         if self.backend is None:
             raise AirRayError("this Scorer is closed")
-        return self.backend.token_losses(prepared, on_batch)
+        t = time.perf_counter()
+        try:
+            return self.backend.token_losses(prepared, on_batch)
+        finally:
+            self.engine_s += time.perf_counter() - t
 
     def score_prepared(self, prepared: Sequence[PreparedRow], on_batch: OnBatch | None = None
                        ) -> list[dict | RowError]:

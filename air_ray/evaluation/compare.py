@@ -2,32 +2,43 @@
 
 From one scoring run (``--scores``, the pool ``--input``):
 
-1. **select** ``top_k`` rows per strategy with ``air_ray.outputs.select`` (``STRATEGIES``: the AIR score, the score
-   balanced over ``loss_base`` bins, the absolute divergence ``delta`` (plain and balanced), the score of a placebo
-   run (``--placebo-scores``: random non-critical heads disabled), the heuristics ``loss_base``, ``entropy_base``,
-   ``n_response_tokens``, and two nulls: ``random`` (``--random-subsets`` seeded random subsets) and
-   ``matched_random`` (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's difficulty).
-   Every selection must hold exactly ``top_k`` rows;
+1. **select** ``top_k`` rows per strategy with ``air_ray.outputs.select`` (``STRATEGIES``: the AIR score plain,
+   balanced over ``loss_base`` bins, with diversity quotas and trained with its step weights; the absolute divergence
+   ``delta`` plain, balanced and diverse; the score of a placebo run (``--placebo-scores``: random non-critical heads
+   disabled); the heuristics ``loss_base``, ``entropy_base``, ``n_response_tokens``, ``random_diverse`` (random inside
+   each diversity group) and ``answer_filter`` (the rows whose final answer matches their reference, then random
+   ones); the nulls ``random`` (``--random-subsets`` seeded random subsets) and ``matched_random``
+   (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's difficulty); and, on a pool with
+   planted defects (``air_ray.evaluation.defects``), the positive control ``clean_random`` (``--clean-subsets``
+   random subsets of the rows without a defect). Every selection must hold exactly ``top_k`` rows;
 2. **train** a student on each from the same initial weights with the same hyperparameters through
    ``air_ray.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
    ``score_weighted`` (the score selection with its step weights). A deterministic strategy trains once per training
-   seed ``0..seeds-1``; random subset ``j`` is one student (selection seed ``j``, training seed ``j mod seeds``);
+   seed ``0..seeds-1``; random subset ``j`` is one student (selection seed ``j``, training seed ``j mod seeds``).
+   Runs that select the same rows in the same order share one student (``run_keys``);
 3. **evaluate** every student on the held-out rows (``--eval-input``, none of them in the pool) with
-   ``air_ray.evaluation.students``: mean response loss (nats per token) and, unless ``--max-new-tokens 0``, greedy
-   exact match.
+   ``air_ray.evaluation.students``: mean response loss (nats per token), the same over the final answer's tokens
+   alone, and, unless ``--max-new-tokens 0``, greedy exact match.
 
 **Why a null of subsets.** Rerunning one selection with another training seed moves the held-out loss by ~0.0002 on
 the default model; two random subsets of 64 GSM8K rows differ by ~0.009. The variance is in *which rows*, so each
 strategy (its mean over training seeds) is placed in the distribution of the random students
 (``air_ray.outputs.stats.null_position``): its percentile (100 = better than every random subset), the one-sided
-empirical p-values of "better" and "worse" ((1 + null draws at least as good) / (N + 1): with N = 10 the smallest
-is 0.09), and z = (value - null mean) / null sd (signed: positive is better). The same against ``matched_random``,
+empirical p-values of "better" and "worse" ((1 + null draws at least as good) / (N + 1): with N = 20 the smallest
+is 0.048), and z = (value - null mean) / null sd (signed: positive is better). The same against ``matched_random``,
 the fair null for the balanced strategies.
+
+**Can the experiment tell at all?** A pool with planted defects has an answer: random subsets of its clean rows
+must train better students than random subsets of all rows. ``clean_random``'s students are tested against the
+random ones (``two_sample``: a one-sided permutation test of the difference of the means) on each loss, and
+``positive_control`` says, per loss, whether it separated at p < 0.05: where it did not, no strategy's place in that
+null says anything at this size.
 
 Each finished run leaves ``runs/<strategy>-seed<j>/result.json`` with a key of everything that determines it; a
 rerun with the same options reuses those and trains only what is missing (an interrupted compare resumes). Then
-``compare.json`` (config, held-out counts, the initial model, every run, ``summary``, ``table``), ``compare.md``
-(the table) and ``compare.png`` (every student's held-out loss, the nulls as dots) are written.
+``compare.json`` (config, held-out counts, the initial model, every run, ``summary``, ``positive_control``, the
+pool's defect and wrong-answer shares, ``table``), ``compare.md`` (the tables) and ``compare.png`` (every student's
+held-out losses, the subsets' students as dots) are written.
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ from air_ray.store.layout import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, CompareL
 METRICS = (("loss", "held-out loss (nats/token)", True), ("answer_loss", "final-answer loss (nats/token)", True),
            ("accuracy", "exact match", False))
 LOSSES = ("loss", "answer_loss")
+EVALUATION = 2  # what a student's result holds (2: the final-answer loss too): in every run key, so a result made
+# by an earlier evaluation is made again, not shown without the new measure
 NULLS = ("random", "matched_random")  # the distributions every strategy is placed in
 
 
@@ -216,7 +229,7 @@ def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids
            ("dtype", "format", "max_steps", "lr", "batch_size", "max_length", "grad_accum", "bf16", "add_eos",
             "top_k", "max_new_tokens", "think_tags", "prompt_field", "response_field", "reasoning_field",
             "messages_field", "id_field", "domain_field")}
-    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=__version__,
+    doc.update(model=fingerprint, input=sorted(cfg.input), air_ray=__version__, evaluation=EVALUATION,
                held_out=hashlib.sha1("\n".join(held_out_ids).encode()).hexdigest(),
                scores=_scores_signature(cfg.scores))
     keys = {"initial": _hash(dict(doc, strategy="initial", seed=0))}
@@ -551,15 +564,17 @@ def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     decoded = doc["config"].get("max_new_tokens", 0) > 0
     corpus = _corpus_columns(doc)
     answers = any((e.get("answer_loss") or {}).get("mean") is not None for e in doc["summary"].values())
+    matched = "matched_random" in doc["summary"]
     header = ["strategy", "students", "selected loss_base", *(h for h, _ in corpus), "held-out loss (nats/token)",
-              "vs random", "vs matched random"]
+              "vs random", *(["vs matched random"] if matched else [])]
     if answers:
         header += ["final-answer loss (nats/token)", "final-answer loss vs random"]
     if decoded:
         header += ["exact match (%)", "exact match vs random"]
     header.append("min rel. weight change")
     ini = doc["initial"]["eval"]
-    rows = [["initial model (no training)", "–", "–", *("–" for _ in corpus), f"{ini['loss']:.4f}", "–", "–"]
+    rows = [["initial model (no training)", "–", "–", *("–" for _ in corpus), f"{ini['loss']:.4f}", "–",
+             *(["–"] if matched else [])]
             + ([_num(ini.get("answer_loss"), ".4f"), "–"] if answers else [])
             + (["–" if ini["accuracy"] is None else f"{100 * ini['accuracy']:.1f}", "–"] if decoded else []) + ["0"]]
     for s, e in doc["summary"].items():
@@ -567,7 +582,7 @@ def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         shares = e.get("selected_corpus") or {}
         row = [s, str(e["students"]), _num(e["selected_loss_base"], ".3f"), *(_pct(shares.get(k)) for _, k in corpus),
                _spread(loss), _place(loss.get("vs_random")) + _two_sample(loss.get("two_sample_vs_random")),
-               _place(loss.get("vs_matched_random"))]
+               *([_place(loss.get("vs_matched_random"))] if matched else [])]
         if answers:
             a = e.get("answer_loss") or {}
             row += [_spread(a), _place(a.get("vs_random")) + _two_sample(a.get("two_sample_vs_random"))]
@@ -597,11 +612,16 @@ def defect_rows(doc: dict) -> tuple[list[str], list[list[str]]] | None:
 def caption(doc: dict) -> str:
     c = doc["config"]
     decoded = c.get("max_new_tokens", 0) > 0
-    clean = ("clean_random" in doc.get("strategies", [])) and \
-        f", the positive control clean_random with {c.get('clean_subsets')} random subsets of the clean rows"
+    strategies = doc.get("strategies") or list(doc["summary"])
+    subsets = [f"{c['random_subsets']} random subsets"]
+    if "matched_random" in strategies:
+        subsets.append(f"{c['matched_subsets']} difficulty-matched random subsets")
+    if "clean_random" in strategies:
+        subsets.append(f"the positive control clean_random with {c.get('clean_subsets')} random subsets of the clean "
+                       "rows")
     return (f"Students ({doc['model']['name']}) fine-tuned on {c['top_k']} rows per selection; deterministic "
-            f"strategies with {c['seeds']} training seed(s), the nulls with {c['random_subsets']} random and "
-            f"{c['matched_subsets']} difficulty-matched random subsets{clean or ''}, one student each. Held-out: "
+            f"strategies with {c['seeds']} training seed(s), {', '.join(subsets[:-1])}"
+            f"{' and ' if len(subsets) > 1 else ''}{subsets[-1]}, one student each. Held-out: "
             f"{doc['held_out']['rows_used']} rows"
             + (f" ({doc['held_out']['n_checkable']} with a checkable answer, greedy decoding up to "
                f"{c['max_new_tokens']} new tokens)" if decoded else " (loss only, no decoding)")

@@ -554,7 +554,7 @@ class _Bias:
         if cfg.by in ("score", "delta") and cfg.balance is None and rho is not None and abs(rho) >= BIAS_WARN:
             pool, chosen = out["pool_mean"]["loss_base"], out["selected_mean"]["loss_base"]
             means = "" if pool is None or chosen is None else \
-                f" (selected mean loss_base {chosen:.3g}, the pool's {pool:.3g})"
+                f" (selected mean loss_base {chosen:.3f}, the pool's {pool:.3f})"
             out["warning"] = (f"select --by {cfg.by}: Spearman {rho:+.2f} with loss_base over the pool: the selection "
                               f"favours rows the base model finds {'easy' if rho < 0 else 'hard'}{means}; "
                               "--balance loss_base ranks within loss_base bins and keeps the pool's difficulty")

@@ -58,7 +58,7 @@ class Progress:
                 sized = False
             self.bar = tqdm(total=self.total_bytes, desc="[air-ray score]", unit="B", unit_scale=True,
                             unit_divisor=1024, file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 100,
-                            mininterval=0.5, postfix="0 rows, 0 tok/s",
+                            mininterval=0.5, postfix="0 rows, 0 tok/s", disable=False,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} input{postfix} "
                                        "[{elapsed}<{remaining}]")
         self.ticker = Ticker(self._tick, every_s=2.0 if bar else every_s).start()  # _tick prints itself
@@ -208,6 +208,9 @@ def build_manifest(cfg, model, heads_doc: dict, files: list[str], summaries: lis
             "rows_read": sum(s.rows_read for s in fresh),
             "rows_scored": sum(s.rows_scored for s in fresh),
             "rows_rejected": sum(s.rows_rejected for s in fresh),
+            # summed over the scoring workers: their time on the units, and the part of it in the model
+            "score_stage_s": round(sum(s.seconds for s in fresh), 3),
+            "engine_s": round(sum(s.engine_s for s in fresh), 3),
         },
         per_actor_rows=dict(sorted(per_actor.items())),
         per_source={k: dict(v) for k, v in sorted(per_source.items())},

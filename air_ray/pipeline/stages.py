@@ -240,6 +240,7 @@ class ScoreStage(Stage):
         if chunk.skipped:  # the driver takes its counts from the commit marker
             return self._summary(chunk)
         rows = [p for _, p in chunk.prepared]
+        engine_before = self.scorer.engine_s
         results = self.scorer.score_prepared(rows, on_batch=self.progress)
         scored, rejected = [], list(chunk.rejected)
         for (line, p), r in zip(chunk.prepared, results):
@@ -253,7 +254,7 @@ class ScoreStage(Stage):
                                 rows_rejected=len(rejected), reasons=dict(Counter(r["reason"] for r in rejected)),
                                 weights=weight_stats(scored), corpus_fields=dict(chunk.corpus_fields),
                                 tokens=sum(len(p.input_ids) for p in rows),
-                                seconds=time.time() - t0)
+                                seconds=time.time() - t0, engine_s=self.scorer.engine_s - engine_before)
         self.run.write_commit(CommitMarker(chunk.unit, chunk.key, summary))  # last: the unit is done
         return summary
 

@@ -32,7 +32,8 @@ class UnitSummary:
     corpus_fields: dict[str, int] = field(default_factory=dict)  # rows carrying a defect or reference field, by name
     tokens: int = 0
     nbytes: int = 0  # input bytes of the unit
-    seconds: float = 0.0
+    seconds: float = 0.0  # the scoring stage's time on the unit (the model, the scores, the files)
+    engine_s: float = 0.0  # of which in the model (the backend's token_losses)
     setup_s: float = 0.0  # the scoring worker's setup, reported with its first unit
     actor: str = ""  # the worker that scored it (host:pid); not kept in the marker
 
