@@ -93,3 +93,21 @@ def test_native_noise_is_dropped_and_every_other_line_passes(tmp_path):
     text = err.read_text()
     assert "native before\n" in text and "native after\n" in text and "no newline at the end" in text
     assert "python side\n" in text and "constructor arguments" not in text
+
+
+def test_other_libraries_bars_stay_out_of_a_log_unless_verbose():
+    """A library's own tqdm bar (transformers draws the GGUF conversion's with tqdm directly) in a process started
+    after ``quiet_libraries``, with stderr a pipe: gone by default, there with AIR_RAY_VERBOSE=1."""
+    script = textwrap.dedent("""
+        import subprocess, sys
+        from air_ray.progress import quiet_libraries
+        quiet_libraries()
+        child = "from tqdm import tqdm\\nfor _ in tqdm(range(3), desc='LIBRARY-BAR'): pass"
+        sys.exit(subprocess.run([sys.executable, "-c", child]).returncode)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "AIR_RAY_VERBOSE")}
+    for verbose, shown in ((None, False), ("1", True)):
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env=dict(env, **({"AIR_RAY_VERBOSE": verbose} if verbose else {})))
+        assert p.returncode == 0, p.stderr
+        assert ("LIBRARY-BAR" in p.stderr) is shown, p.stderr
