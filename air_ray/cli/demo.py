@@ -81,8 +81,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"what the score favours: Spearman(score, loss_base) {num(b['spearman']['loss_base'], '+.2f')}; selected "
           f"mean loss_base {num(b['selected_mean']['loss_base'])}, the pool's {num(b['pool_mean']['loss_base'])} "
           "(select --balance loss_base or --by delta: see README)")
-    print(f"step weights ({w['rule']}): effective token share median {w['effective_token_share']['median']}, "
-          f"largest weight {w['max_weight']}")
+    print(f"step weights ({w['rule']}): effective token share median {num(w['effective_token_share']['median'])}, "
+          f"largest weight {num(w['max_weight'])}")
     print()
     print(f"{'rank':>4}  {'id':<20} {'score':>8} {'tokens':>6}  most influential step")
     for r in sel[:10]:
