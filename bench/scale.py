@@ -29,9 +29,9 @@ command, and of every other process of its tree: Ray's workers by their role, fr
 5. `export` of the selected 1 % (`--style messages`, Parquet).
 
 Then the exactly-once check (committed rows + rejected rows = the corpus's records; no id twice among the scores).
-The pipeline's overhead per row is (wall - the scoring workers' time in the model) / rows, the model's time from the
-manifest (``this_run.engine_s``, summed over the units); the engine alone on a sample of rows (the same model,
-`Scorer.token_losses` in this process) is reported beside it.
+The pipeline's overhead per row is (wall - the scoring workers' time in the model / workers) / rows, the model's time
+from the manifest (``this_run.engine_s``, summed over the units, so divided by the workers that ran side by side);
+the engine alone on a sample of rows (the same model, `Scorer.token_losses` in this process) is reported beside it.
 """
 
 from __future__ import annotations
