@@ -612,7 +612,7 @@ def defect_rows(doc: dict) -> tuple[list[str], list[list[str]]] | None:
 def caption(doc: dict) -> str:
     c = doc["config"]
     decoded = c.get("max_new_tokens", 0) > 0
-    strategies = doc.get("strategies") or list(doc["summary"])
+    strategies = doc["summary"]  # the strategies that ran, as table_rows reads them
     subsets = [f"{c['random_subsets']} random subsets"]
     if "matched_random" in strategies:
         subsets.append(f"{c['matched_subsets']} difficulty-matched random subsets")
