@@ -8,11 +8,12 @@
 #      scored with the critical heads (--embed);
 #   3. air-ray compare on each, K rows per strategy, one student each, every strategy placed in the null of SUBSETS
 #      random subsets:
-#      planted: the positive control clean_random (CLEAN random subsets of the clean rows), the AIR score plain,
-#      balanced, diverse and step-weighted, delta plain / balanced / diverse, random_diverse, the answer-match
-#      filter, the placebo heads' score and the negative control loss_base;
+#      planted: the positive control clean_random (CLEAN random subsets of the clean rows, subset j made from
+#      random subset j: tested paired and unpaired), the AIR score plain, balanced, diverse and step-weighted, delta
+#      plain / balanced / diverse, random_diverse, the answer-match filter (CLEAN subsets, made and tested as
+#      clean_random's), the placebo heads' score and the negative control loss_base;
 #      original: the score, delta balanced, the diverse strategies and the answer filter (no reference column
-#      there: it is random subset 0, whose student is reused);
+#      there: its subsets are the random ones, whose students are reused);
 #   4. the report of each run.
 # Outputs under OUT; rerunning resumes (finished students are reused). Prints the wall time of each step and the
 # load average at the end.
@@ -51,7 +52,7 @@ $PY -m air_ray compare --scores "$OUT/planted/run" --placebo-scores "$OUT/plante
                  random_diverse answer_filter placebo loss_base random
 step "compare (planted pool)"
 $PY -m air_ray select --scores "$OUT/original/run" --output "$OUT/original/run/selection" --top-k "$K"
-$PY -m air_ray compare --scores "$OUT/original/run" --input "$POOL" "${common[@]}" \
+$PY -m air_ray compare --scores "$OUT/original/run" --input "$POOL" "${common[@]}" --clean-subsets "$CLEAN" \
     --strategies score delta_balanced score_diverse delta_diverse random_diverse answer_filter random
 step "compare (original pool)"
 $PY -m air_ray report --scores "$OUT/planted/run" --heads "$OUT/heads.json" \

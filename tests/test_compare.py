@@ -159,7 +159,7 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr
 
     strategies = ["score", "score_balanced", "delta_balanced", "placebo", "score_weighted", "score_diverse",
-                  "random_diverse", "answer_filter", "random", "matched_random", "clean_random"]
+                  "random_diverse", "answer_filter", "random", "matched_random", "clean_random", "repaired_random"]
     args = ["compare", "--scores", run, "--input", pool, "--eval-input", held, "--model", smol_ref.name,
             "--strategies", *strategies, "--placebo-scores", placebo_run, "--random-subsets", "3",
             "--matched-subsets", "2", "--clean-subsets", "2", "--diversity", "2", "--balance-bins", "2",
@@ -174,17 +174,23 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     assert doc["held_out"]["rows_used"] == 4 and doc["held_out"]["rows_unparsable"] == 1
     assert doc["held_out"]["n_checkable"] == 4  # GSM8K's #### N
     names = [(r["strategy"], r["seed"], r["train_seed"]) for r in doc["runs"]]
-    assert names == [(s, 0, 0) for s in strategies] + [("random", 1, 0), ("matched_random", 1, 0),
-                                                       ("clean_random", 1, 0), ("random", 2, 0)]
+    assert names == [(s, 0, 0) for s in strategies] + [("answer_filter", 1, 0), ("random", 1, 0),
+                                                       ("matched_random", 1, 0), ("clean_random", 1, 0),
+                                                       ("repaired_random", 1, 0), ("random", 2, 0)]
     # the planted defects: the pool's share, each selection's, the oracle filter's none
     assert doc["pool_corpus"]["defect_share"] == 0.25 and doc["pool_corpus"]["rows"] == 12
     for r in doc["runs"]:
         assert r["selected_corpus"]["defect_share"] is not None
-        if r["strategy"] == "clean_random":
+        if r["strategy"] in ("clean_random", "repaired_random"):
             assert r["selected_corpus"]["defect_share"] == 0.0
     assert doc["summary"]["clean_random"]["loss"]["two_sample_vs_random"]["n"] == 2
+    assert doc["summary"]["clean_random"]["loss"]["paired_vs_random"]["n_pairs"] == 2  # clean j against random j
+    assert doc["summary"]["answer_filter"]["loss"]["paired_vs_random"]["n_pairs"] == 2  # the filter's, the same way
     assert set(doc["positive_control"]) == {"loss", "answer_loss"}  # GSM8K's #### N: a final-answer loss too
-    assert all("separated" in c for c in doc["positive_control"].values())
+    assert all("separated" in c and c["repaired"]["n_pairs"] == 2 for c in doc["positive_control"].values())
+    # repaired_random: random subset j's rows, its planted ones trained with their original responses
+    assert "repaired_random trains on random subsets with the pool's 3 planted defects repaired" in p.stdout
+    defective = {r["id"] for r in planted if r["air_defect"]}
     assert doc["initial"]["eval"]["n_answer_tokens"] > 0 and doc["initial"]["eval"]["answer_loss"] > 0
     initial = doc["initial"]["eval"]
     for r in doc["runs"]:
@@ -198,7 +204,8 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
             pytest.approx(r["selected_loss_base"])
         c = sel["config"]
         assert c["by"] == {"delta_balanced": "delta", "random": "random", "matched_random": "random",
-                           "random_diverse": "random", "answer_filter": "random", "clean_random": "random"}.get(
+                           "random_diverse": "random", "answer_filter": "random", "clean_random": "random",
+                           "repaired_random": "random"}.get(
             r["strategy"], "score")
         assert c["diversity"] == (2 if r["strategy"] in ("score_diverse", "random_diverse") else None)
         assert c["exclude_wrong_answer"] == (r["strategy"] == "answer_filter")
@@ -219,7 +226,15 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
     subsets = {tuple(sorted(pq.read_table(Path(by[("random", j)]["selection"]) / "selection.parquet")
                             .column("id").to_pylist())) for j in range(3)}
     assert len(subsets) >= 2  # seeded subsets of 4 of 12 rows: not all the same
-    # weighted and plain training on the same rows give different students
+
+    def ids(r):
+        return pq.read_table(Path(r["selection"]) / "selection.parquet").column("id").to_pylist()
+
+    for j in range(2):  # repaired_random j: random subset j's rows in its order, a student of its own
+        assert ids(by[("repaired_random", j)]) == ids(by[("random", j)])
+        assert "same_student_as" not in by[("repaired_random", j)]
+        assert by[("repaired_random", j)]["train"]["rows_repaired"] == len(defective & set(ids(by[("random", j)])))
+    assert any(by[("repaired_random", j)]["train"]["rows_repaired"] for j in range(2))  # a repair was trained    # weighted and plain training on the same rows give different students
     assert by[("score", 0)]["eval"]["loss"] != by[("score_weighted", 0)]["eval"]["loss"]
     # each strategy placed in the nulls of its students' results
     null = [by[("random", j)]["eval"]["loss"] for j in range(3)]

@@ -7,14 +7,15 @@ import json
 import math
 import random
 import re
-from itertools import combinations
+from itertools import combinations, product
 
 import pytest
 
 from air_ray.data.answers import DEFECT_FIELD, final_answer
-from air_ray.evaluation.compare import positive_control, summarise
-from air_ray.evaluation.defects import KINDS, SOLUTION_FIELD, plant_defects, write_planted
-from air_ray.outputs.stats import two_sample
+from air_ray.evaluation.compare import control_line, positive_control, summarise
+from air_ray.evaluation.defects import KINDS, SOLUTION_FIELD, plant_defects, repair_defects, write_planted
+from air_ray.errors import AirRayError
+from air_ray.outputs.stats import paired, two_sample
 
 NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -101,3 +102,65 @@ def test_the_positive_control_is_read_from_the_students():
     assert not positive_control(summary)["loss"]["separated"]
     assert positive_control(summarise(results[:20], ["random"])) is None
     assert math.isfinite(summary["clean_random"]["loss"]["two_sample_vs_random"]["t"])
+
+
+def test_paired_sign_flip_test_by_hand():
+    clean, null = [0.90, 0.95, 0.91, 0.99], [0.92, 0.96, 0.90, 1.00]
+    t = paired(clean, null, lower_is_better=True)
+    d = [b - a for a, b in zip(clean, null)]  # better = lower: null - clean
+    flips = [sum(s * x for s, x in zip(signs, d)) / 4 for signs in product((1, -1), repeat=4)]
+    observed = sum(d) / 4
+    assert t["n_pairs"] == 4 and t["permutations"] == 16 and t["diff"] == pytest.approx(observed)
+    assert t["p_better"] == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / 16)
+    sd = math.sqrt(sum((x - observed) ** 2 for x in d) / 3)
+    assert t["sd"] == pytest.approx(sd) and t["t"] == pytest.approx(observed / (sd / 2))
+    # higher is better (exact match): the signs turn; a missing value drops its pair; one pair: no test
+    up = paired([0.5, 0.6, None, 0.7], [0.4, 0.5, 0.9, 0.6], lower_is_better=False)
+    assert up["n_pairs"] == 3 and up["diff"] == pytest.approx(0.1) and up["p_better"] == pytest.approx(1 / 8)
+    assert paired([1.0], [2.0], True)["p_better"] is None
+    # more pairs than exact flips allowed: seeded random flips, (1 + hits) / (1 + permutations)
+    big = paired([1.0 - 0.001 * (j % 3) for j in range(30)], [1.0] * 30, True, permutations=2000)
+    assert big["permutations"] == 2000 and big["p_better"] == pytest.approx(1 / 2001)
+
+
+def test_the_paired_control_sees_what_the_spread_between_subsets_hides():
+    """Random subset j trained as it is and repaired share subset j's luck: a gain of 0.002 under a spread of 0.01
+    between subsets separates paired (repaired_random) and not unpaired (clean_random, on other rows), and the
+    page says which; pairs are matched by seed, whatever order the results come in."""
+    def run(s, k, loss):
+        return {"strategy": s, "seed": k, "eval": {"loss": loss, "answer_loss": None, "accuracy": None},
+                "weights_delta": 0.1, "selected_loss_base": 1.0}
+
+    rng = random.Random(1)
+    luck = [rng.gauss(0, 0.01) for _ in range(30)]
+    results = [run("random", j, 1.0 + luck[j]) for j in range(20)]
+    results += [run("repaired_random", j, 0.998 + luck[j] + rng.gauss(0, 0.0005)) for j in range(10)]
+    results += [run("clean_random", j, 0.998 + luck[20 + j]) for j in range(10)]  # other rows: other luck
+    rng.shuffle(results)
+    summary = summarise(results, ["random", "clean_random", "repaired_random"])
+    pc = positive_control(summary)["loss"]
+    fixed = pc["repaired"]
+    assert fixed["n_pairs"] == 10 and fixed["separated"] and fixed["p_better"] < 0.01
+    assert fixed["diff"] == pytest.approx(0.002, abs=5e-4) and fixed == dict(
+        summary["repaired_random"]["loss"]["paired_vs_random"], separated=True)
+    assert not pc["separated"] and pc["p_better"] > 0.05 and pc["two_sample"]["n"] == 10
+    line = control_line({"positive_control": {"loss": pc}})
+    assert "clean_random did NOT separate" in line and "the students see the planted defects, but the gain is " \
+        "smaller than the spread" in line and "same 10 random subsets" in line
+    # only the paired control: its verdict alone; a repaired subset whose random subset has no student: left out
+    fewer = [r for r in results if r["strategy"] != "clean_random" and not (r["strategy"] == "random" and r["seed"] == 9)]
+    pc = positive_control(summarise(fewer, ["random", "repaired_random"]))["loss"]
+    assert "separated" not in pc and pc["repaired"]["n_pairs"] == 9
+    assert control_line({"positive_control": {"loss": pc}}).startswith("Paired control on the held-out loss")
+
+
+def test_repair_gives_every_planted_row_its_solution(gsm8k_rows):
+    rows, counts = plant_defects(gsm8k_rows[:40], 0.25, seed=3)
+    fixed, n = repair_defects(rows)
+    assert n == counts["defective"] == 10
+    for before, planted, after in zip(gsm8k_rows[:40], rows, fixed):
+        assert after["response"] == before["response"] and after[DEFECT_FIELD] is None
+        assert {k: v for k, v in after.items() if k not in ("response", DEFECT_FIELD)} == \
+            {k: v for k, v in planted.items() if k not in ("response", DEFECT_FIELD)}
+    with pytest.raises(AirRayError, match="no 'solution' text"):
+        repair_defects([{"id": "a", "response": "x", DEFECT_FIELD: "shuffled"}])

@@ -235,6 +235,18 @@ def test_exclude_wrong_answer_and_defective_with_the_audit(tmp_path):
     s = select(SelectConfig(scores=run, output=str(tmp_path / "o2"), top_k=10, by="random", exclude_defective=True))
     got = pq.read_table(tmp_path / "o2" / "selection.parquet").column("id").to_pylist()
     assert not set(got) & wrong and s["counts"]["rows_defective"] == 16 and len(got) == 10
+    # ... built from the random subset of the same seed (what pairs compare's clean_random-j with random-j): that
+    # subset's clean rows in their order, then the next clean rows of the same seeded order
+    for seed in (0, 3):
+        select(SelectConfig(scores=run, output=str(tmp_path / f"r{seed}"), top_k=10, by="random", seed=seed))
+        select(SelectConfig(scores=run, output=str(tmp_path / f"c{seed}"), top_k=10, by="random", seed=seed,
+                            exclude_defective=True))
+        select(SelectConfig(scores=run, output=str(tmp_path / f"a{seed}"), top_k=40, by="random", seed=seed))
+        rand, clean, order = (pq.read_table(tmp_path / f"{d}{seed}" / "selection.parquet").column("id").to_pylist()
+                              for d in "rca")
+        assert sorted(order) == sorted(ids) and rand == order[:10]
+        kept = [i for i in rand if i not in wrong]
+        assert 0 < len(kept) < 10 and clean == [i for i in order if i not in wrong][:10] and clean[:len(kept)] == kept
     s = select(SelectConfig(scores=run, output=str(tmp_path / "o3"), top_k=8, input=[str(corpus)]))
     top = sorted(zip(ids, scores), key=lambda r: (-r[1], r[0]))[:8]
     share = sum(1 for i, _ in top if i in wrong) / 8

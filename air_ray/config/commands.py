@@ -510,7 +510,7 @@ class TrainConfig(TrainingOptions, ModelOptions, CorpusOptions):
 # air-ray compare: the selection strategies (air_ray.evaluation.compare.STRATEGIES says how each selects and trains)
 COMPARE_STRATEGIES = ("score", "score_balanced", "delta", "delta_balanced", "placebo", "loss_base", "entropy_base",
                       "n_response_tokens", "score_weighted", "score_diverse", "delta_diverse", "random_diverse",
-                      "answer_filter", "random", "matched_random", "clean_random")
+                      "answer_filter", "random", "matched_random", "clean_random", "repaired_random")
 
 
 @dataclass
@@ -531,10 +531,11 @@ class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
                                 group="selection",
                                 help="the selections compared: deterministic ones train once per --seeds; random and "
                                      "matched_random are the nulls (--random-subsets / --matched-subsets students), "
-                                     "clean_random the positive control of a pool with planted defects "
-                                     "(--clean-subsets students); left out of the default where the run lacks what "
-                                     "they need: placebo a --placebo-scores run, the *_diverse ones an embedding "
-                                     "(score --embed), clean_random a defect column")()
+                                     "clean_random and repaired_random the positive controls of a pool with "
+                                     "planted defects (--clean-subsets students each); left out of the default "
+                                     "where the run lacks what they need: placebo a --placebo-scores run, the "
+                                     "*_diverse ones an embedding (score --embed), clean_random and repaired_random "
+                                     "a defect column")()
     placebo_scores: str | None = PLACEBO_SCORES(help=PLACEBO_SCORES.help + ": the placebo strategy selects from it")
     random_subsets: int = Opt(10, group="selection",
                               help="random subsets, one student each: the null every strategy is placed in")()
@@ -542,8 +543,12 @@ class CompareConfig(RunOptions, TrainingOptions, ModelOptions, CorpusOptions):
                                       help="difficulty-matched random subsets (random within loss_base bins; default: "
                                            "--random-subsets)")()
     clean_subsets: int = Opt(10, group="selection",
-                             help="clean_random: random subsets of the rows without a planted defect, one student "
-                                  "each (the positive control: it must beat the random null)")()
+                             help="clean_random and answer_filter: subsets of the rows each filter keeps, one "
+                                  "student each; subset j is random subset j less the rows the filter drops, topped "
+                                  "up from the same seeded order, so each pairs with a random student (clean_random: "
+                                  "no planted defect, the positive control; answer_filter: a final answer that "
+                                  "matches its reference); and repaired_random's: random subsets 0..N-1 again, "
+                                  "trained with their planted defects repaired")()
     balance_bins: int = Opt(8, group="selection", help="loss_base bins of the balanced strategies and of matched_random")()
     diversity: int = Opt(8, group="selection", help="k-means groups of the *_diverse strategies (select --diversity)")()
     top_k: int = Opt(64, group="selection", help="rows selected by every strategy")()

@@ -6,11 +6,13 @@ From one scoring run (``--scores``, the pool ``--input``):
    balanced over ``loss_base`` bins, with diversity quotas and trained with its step weights; the absolute divergence
    ``delta`` plain, balanced and diverse; the score of a placebo run (``--placebo-scores``: random non-critical heads
    disabled); the heuristics ``loss_base``, ``entropy_base``, ``n_response_tokens``, ``random_diverse`` (random inside
-   each diversity group) and ``answer_filter`` (the rows whose final answer matches their reference, then random
-   ones); the nulls ``random`` (``--random-subsets`` seeded random subsets) and ``matched_random``
-   (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's difficulty); and, on a pool with
-   planted defects (``air_ray.evaluation.defects``), the positive control ``clean_random`` (``--clean-subsets``
-   random subsets of the rows without a defect). Every selection must hold exactly ``top_k`` rows;
+   each diversity group) and ``answer_filter`` (subsets of the rows whose final answer matches their reference,
+   made as clean_random's are: ``--clean-subsets``); the nulls ``random`` (``--random-subsets`` seeded random
+   subsets) and ``matched_random`` (``--matched-subsets`` random subsets within ``loss_base`` bins: the pool's
+   difficulty); and, on a pool with planted defects (``air_ray.evaluation.defects``), the positive controls
+   ``clean_random`` (``--clean-subsets`` random subsets of the rows without a defect) and ``repaired_random``
+   (random subsets 0..clean_subsets-1 again, trained with their defects repaired). Every selection must hold exactly
+   ``top_k`` rows;
 2. **train** a student on each from the same initial weights with the same hyperparameters through
    ``air_ray.training.train_weighted_sft`` (the code of ``air-ray train``): plain SFT, except
    ``score_weighted`` (the score selection with its step weights). A deterministic strategy trains once per training
@@ -28,11 +30,20 @@ empirical p-values of "better" and "worse" ((1 + null draws at least as good) / 
 is 0.048), and z = (value - null mean) / null sd (signed: positive is better). The same against ``matched_random``,
 the fair null for the balanced strategies.
 
-**Can the experiment tell at all?** A pool with planted defects has an answer: random subsets of its clean rows
-must train better students than random subsets of all rows. ``clean_random``'s students are tested against the
-random ones (``two_sample``: a one-sided permutation test of the difference of the means) on each loss, and
-``positive_control`` says, per loss, whether it separated at p < 0.05: where it did not, no strategy's place in that
-null says anything at this size.
+**Can the experiment tell at all?** A pool with planted defects has two answers, both tested one-sided per loss:
+
+- ``clean_random``: random subsets of the clean rows must train better students than random subsets of all rows
+  (a permutation test against all random students). This is the test a strategy faces, one selection placed in
+  the spread between random subsets: where the control does not stand out of it, no strategy's place in that null
+  says anything at this size. (Clean subset j is random subset j less its defective rows, topped up with the next
+  clean rows of seed j's order; its paired test against random subset j is reported too, though swapping a quarter
+  of the rows changes a student about as much as a new subset does.)
+- ``repaired_random``: random subset j itself, the same ids in the same order and the same training seed, trained
+  on the pool with its defects repaired (each corrupted row given back its ``solution``), against random subset j
+  (a sign-flip test of the pairs). The two students differ by the defects alone, so this asks whether the students
+  see data quality at all, free of the spread between subsets.
+
+``positive_control`` holds both verdicts at p < 0.05.
 
 Each finished run leaves ``runs/<strategy>-seed<j>/result.json`` with a key of everything that determines it; a
 rerun with the same options reuses those and trains only what is missing (an interrupted compare resumes). Then
@@ -54,7 +65,7 @@ from pathlib import Path
 from air_ray.config.commands import COMPARE_STRATEGIES, CompareConfig, SelectConfig, TrainConfig
 from air_ray.errors import AirRayError
 from air_ray.fsio import local_fs, write_bytes_atomic, write_json_atomic
-from air_ray.outputs.stats import null_position, two_sample
+from air_ray.outputs.stats import null_position, paired, two_sample
 from air_ray.progress import Ticker, duration, say
 from air_ray.store.layout import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, CompareLayout
 
@@ -82,6 +93,8 @@ class Strategy:
     exclude_wrong_answer: bool = False
     exclude_defective: bool = False
     subsets: str | None = None
+    paired: bool = False  # its subset j is made from random subset j: tested paired with that student too
+    repaired: bool = False  # trained on the pool with its planted defects repaired (``defects.repair_defects``)
 
 
 STRATEGIES = {
@@ -97,10 +110,17 @@ STRATEGIES = {
     "score_diverse": Strategy("score", diverse=True),
     "delta_diverse": Strategy("delta", diverse=True),
     "random_diverse": Strategy("random", diverse=True),  # random inside each group (selection seed 0)
-    "answer_filter": Strategy("random", exclude_wrong_answer=True),  # the curator's filter, then random rows (seed 0)
+    # the curator's filter, made as clean_random is: subset j is random subset j less its wrong final answers, topped
+    # up with the next rows of seed j's order that pass (paired with random subset j)
+    "answer_filter": Strategy("random", exclude_wrong_answer=True, subsets="clean_subsets", paired=True),
     "random": Strategy("random", subsets="random_subsets"),
     "matched_random": Strategy("random", balance="loss_base", subsets="matched_subsets"),
-    "clean_random": Strategy("random", exclude_defective=True, subsets="clean_subsets"),  # the positive control
+    # the positive control: subset j is random subset j's clean rows topped up with the next clean rows of seed j's
+    # order (select --by random --seed j --exclude-defective), so its students pair with the random ones
+    "clean_random": Strategy("random", exclude_defective=True, subsets="clean_subsets", paired=True),
+    # the paired positive control: random subset j itself (the same ids in the same order, the same seed), trained
+    # with its planted defects repaired: the two students differ by the defects alone
+    "repaired_random": Strategy("random", subsets="clean_subsets", paired=True, repaired=True),
 }
 assert tuple(STRATEGIES) == COMPARE_STRATEGIES, "every compare strategy is declared once, in the config's order"
 
@@ -160,7 +180,8 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
 def summarise(results: list[dict], strategies: list[str]) -> dict:
     """Per strategy and metric: its students' values, mean and sd, and its place in each null (``null_position`` of
     its mean); for a strategy with subsets its spread (min, max), and for the positive control (clean_random) also
-    the two-sample test of its students against the random ones (``two_sample``). Per strategy the selected rows'
+    the tests of its students against the random ones: unpaired (``two_sample``) and paired with the subset each
+    is made from (``paired``). Per strategy the selected rows'
     mean loss_base and planted-defect and wrong-answer shares (means over its students) where the pool has them."""
     by: dict[str, list[dict]] = {}
     for r in results:
@@ -188,6 +209,9 @@ def summarise(results: list[dict], strategies: list[str]) -> dict:
                 e.update(min=min(finite, default=None), max=max(finite, default=None))
                 if s not in NULLS and nulls["random"][metric]:
                     e["two_sample_vs_random"] = two_sample(vals, nulls["random"][metric], lower)
+                if STRATEGIES[s].paired and by.get("random"):
+                    null_by_seed = {r["seed"]: r["eval"].get(metric) for r in by["random"]}
+                    e["paired_vs_random"] = paired(vals, [null_by_seed.get(r["seed"]) for r in runs], lower)
             for n in NULLS:
                 if s != n and nulls[n][metric]:
                     e[f"vs_{n}"] = null_position(m, nulls[n][metric], lower)
@@ -199,16 +223,33 @@ def summarise(results: list[dict], strategies: list[str]) -> dict:
 
 
 def positive_control(summary: dict, alpha: float = 0.05) -> dict | None:
-    """Per loss metric (``LOSSES``): whether the positive control (clean_random) separated from the random null, its
-    students better than the random ones at one-sided permutation p < ``alpha``; a metric on which it did not cannot
-    tell a better selection from random ones at this size. None without a positive control."""
+    """Per loss metric (``LOSSES``): what the two positive controls of a pool with planted defects say, each a
+    one-sided test at ``alpha``:
+
+    - clean_random (``separated``, ``p_better``, ``diff``, ``n``, ``n_null``; the test in ``two_sample``): its
+      students against all random ones, unpaired. Does a selection without the defects stand out of the spread
+      between random subsets? That is how every other strategy, one selection each, is placed in the random null:
+      where it does not, no strategy's place in that null can show a gain of that size. (Its paired test, clean
+      subset j against random subset j, is under ``paired``.)
+    - repaired_random (``repaired``: its ``paired`` test, with ``separated``): random subset j trained with its
+      defects repaired against random subset j as it is, a sign-flip test of the pairs. The two students differ by
+      the defects alone: does this experiment see data quality at all?
+
+    None without a positive control."""
     out = {}
     for metric in LOSSES:
-        e = summary.get("clean_random", {}).get(metric, {})
-        test = e.get("two_sample_vs_random")
+        entry: dict = {"alpha": alpha}
+        clean = summary.get("clean_random", {}).get(metric, {})
+        test = clean.get("two_sample_vs_random")
         if test and test.get("p_better") is not None:
-            out[metric] = {"alpha": alpha, "separated": test["p_better"] < alpha, **test,
-                           "percentile_of_mean": (e.get("vs_random") or {}).get("percentile")}
+            entry.update(separated=test["p_better"] < alpha, diff=test["diff"], p_better=test["p_better"],
+                         n=test["n"], n_null=test["n_null"], two_sample=test, paired=clean.get("paired_vs_random"),
+                         percentile_of_mean=(clean.get("vs_random") or {}).get("percentile"))
+        fixed = summary.get("repaired_random", {}).get(metric, {}).get("paired_vs_random")
+        if fixed and fixed.get("p_better") is not None:
+            entry["repaired"] = dict(fixed, separated=fixed["p_better"] < alpha)
+        if len(entry) > 1:
+            out[metric] = entry
     return out or None
 
 
@@ -235,7 +276,8 @@ def run_keys(cfg: CompareConfig, fingerprint: str, runs: list[Run], held_out_ids
     keys = {"initial": _hash(dict(doc, strategy="initial", seed=0))}
     for r in runs:
         keys[r.name] = _hash(dict(doc, selected=selections[r.selection_name].digest, train_seed=r.train_seed,
-                                  weighted=STRATEGIES[r.strategy].weighted))
+                                  weighted=STRATEGIES[r.strategy].weighted,
+                                  **({"repaired": True} if STRATEGIES[r.strategy].repaired else {})))
     return keys
 
 
@@ -317,14 +359,58 @@ def _select(cfg: CompareConfig, out: CompareLayout, run: Run) -> Selected:
                           f"a row whose {st.by} is missing is no candidate); lower --top-k or drop the strategy")
     ids = read_selection_ids(str(sel_dir))
     corpus = summary["bias"].get("corpus") or {}
+    chosen = corpus.get("selected")
+    if st.repaired and chosen and "defect_share" in chosen:  # trained repaired: no defect left (answers not audited)
+        chosen = {"defect_share": 0.0,
+                  "defect_share_by_kind": dict.fromkeys(chosen.get("defect_share_by_kind") or {}, 0.0)}
     return Selected(str(sel_dir), hashlib.sha1("\n".join(ids).encode()).hexdigest(),
-                    summary["bias"]["selected_mean"].get("loss_base"), corpus.get("selected"), corpus.get("pool"))
+                    summary["bias"]["selected_mean"].get("loss_base"), chosen, corpus.get("pool"))
+
+
+def repaired_pool(cfg: CompareConfig) -> dict[str, str]:
+    """``{id: original response}`` of every row of the pool with a planted defect (``defects.repair_defects``):
+    what repaired_random's students train on in place of the corrupted responses. The pool must be JSON lines
+    (plain or compressed) of ``{id, prompt, response}`` rows, as ``bench/plant_defects.py`` writes it."""
+    from air_ray.data.answers import DEFECT_FIELD
+    from air_ray.evaluation.defects import repair_defects
+    from air_ray.fsio import open_uri
+
+    rows = []
+    for uri in cfg.input:
+        if not uri.split("?")[0].endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")):
+            raise AirRayError(f"compare: repaired_random reads the planted pool as JSON lines; {uri} is not a .jsonl "
+                              "file (leave the strategy out, or plant the defects with bench/plant_defects.py)")
+        with open_uri(uri, "rt", compression="infer", encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    field, id_field = cfg.response_field or "response", cfg.id_field or "id"
+    planted = [r for r in rows if r.get(DEFECT_FIELD)]
+    if any(not isinstance(r.get(id_field), str) or not isinstance(r.get(field), str) for r in planted):
+        raise AirRayError(f"compare: repaired_random needs every planted row to carry its {id_field!r} and a "
+                          f"{field!r} text (the rows bench/plant_defects.py writes)")
+    fixed, _ = repair_defects(planted, field)
+    return {r[id_field]: r[field] for r in fixed}
+
+
+def _repaired_rows(tcfg: TrainConfig, tokenizer, fixes: dict[str, str]):
+    """The student's rows joined as ``air-ray train`` joins them (the planted pool, checked against its scores),
+    then every planted row given its original response: plain SFT, no step spans. Returns (rows, rows repaired)."""
+    from air_ray.data.rows import RowPreparer
+    from air_ray.training.examples import training_rows
+
+    rows = training_rows(tcfg, RowPreparer.of(tokenizer, tcfg))
+    n = 0
+    for ex in rows.examples:
+        if ex["id"] in fixes:
+            ex.update(response=fixes[ex["id"]], step_spans=[], step_weights=[])
+            n += 1
+    return rows, n
 
 
 def available(cfg: CompareConfig, log=print) -> list[str]:
     """The strategies of this run: as asked for; the default leaves out those the run lacks what they need for
-    (placebo: already in the config's check; the *_diverse ones: an embedding column; clean_random: a defect
-    column in the pool), each with a line saying why. Asked for by name, they fail at their selection instead."""
+    (placebo: already in the config's check; the *_diverse ones: an embedding column; clean_random and
+    repaired_random: a defect column in the pool), each with a line saying why. Asked for by name, they fail at
+    their selection instead."""
     from air_ray.data.answers import DEFECT_FIELD
     from air_ray.outputs.facts import read_facts
     from air_ray.data.rows import FieldMap
@@ -340,9 +426,9 @@ def available(cfg: CompareConfig, log=print) -> list[str]:
             "are left out")
         strategies = [s for s in strategies if not STRATEGIES[s].diverse]
     if not read_facts(list(cfg.input), FieldMap.of(cfg), expand=True).has_defects:
-        log(f"compare: the pool has no {DEFECT_FIELD} column: clean_random (the positive control of a pool with "
-            "planted defects) is left out")
-        strategies = [s for s in strategies if s != "clean_random"]
+        log(f"compare: the pool has no {DEFECT_FIELD} column: clean_random and repaired_random (the positive "
+            "controls of a pool with planted defects) are left out")
+        strategies = [s for s in strategies if s not in ("clean_random", "repaired_random")]
     return strategies
 
 
@@ -395,8 +481,9 @@ def run_compare(cfg: CompareConfig, log=say) -> dict:
     runs = plan(cfg, strategies)
     log(f"compare: {len(held_out)} held-out rows ({n_check} with a checkable answer"
         f"{'' if cfg.max_new_tokens else ', not decoded: --max-new-tokens 0'}), {len(runs)} students "
-        f"({', '.join(strategies)}; {cfg.seeds} training seed(s), {cfg.random_subsets} random, "
-        f"{cfg.matched_subsets} matched and {cfg.clean_subsets} clean subsets), top_k {cfg.top_k}, into {out}")
+        f"({', '.join(strategies)}; {cfg.seeds} training seed(s), "
+        + ", ".join(f"{getattr(cfg, STRATEGIES[s].subsets)} {s} subsets" for s in strategies if STRATEGIES[s].subsets)
+        + f"), top_k {cfg.top_k}, into {out.root}")
     eval_kw = dict(format=cfg.format, add_eos=cfg.add_eos, max_length=cfg.max_length,
                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
 
@@ -407,6 +494,11 @@ def run_compare(cfg: CompareConfig, log=say) -> dict:
             selections[r.selection_name] = _select(cfg, out, r)
 
     keys = run_keys(cfg, ref.fingerprint, runs, held_ids, selections)
+    repaired = None
+    if any(STRATEGIES[r.strategy].repaired for r in runs):
+        repaired = repaired_pool(cfg)
+        log(f"compare: repaired_random trains on random subsets with the pool's {len(repaired)} planted defects "
+            "repaired (their original responses)")
     initial = _read_json(out.result(out.INITIAL))
     todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
     state0 = None
@@ -429,7 +521,7 @@ def run_compare(cfg: CompareConfig, log=say) -> dict:
         for i, r in enumerate(runs, 1):
             status.set(i, "training")
             results.append(_student(cfg, out, r, i, selections[r.selection_name], keys[r.name], students, state0,
-                                    tokenizer, held_out, eval_kw, status, log))
+                                    tokenizer, held_out, eval_kw, status, log, repaired))
             status.left -= 1
 
     summary = summarise(results, strategies)
@@ -462,9 +554,10 @@ def run_compare(cfg: CompareConfig, log=say) -> dict:
 
 
 def _student(cfg: CompareConfig, out: CompareLayout, r: Run, i: int, sel: Selected, key: str, students: dict,
-             state0: dict | None, tokenizer, held_out, eval_kw: dict, status: _Status, log) -> dict:
+             state0: dict | None, tokenizer, held_out, eval_kw: dict, status: _Status, log,
+             repaired: dict[str, str] | None = None) -> dict:
     """The result of run ``r``: found done before (same key), the student of another run with the same key, or a
-    student trained and evaluated now."""
+    student trained and evaluated now (repaired_random: its planted rows given their ``repaired`` responses)."""
     from air_ray.evaluation.students import evaluate
     from air_ray.training import load_trainable, train_weighted_sft
 
@@ -485,7 +578,8 @@ def _student(cfg: CompareConfig, out: CompareLayout, r: Run, i: int, sel: Select
     t0 = time.perf_counter()
     tcfg = _train_config(cfg, out.run(r.name), sel.dir, r.train_seed, STRATEGIES[r.strategy].weighted)
     loaded = load_trainable(tcfg)
-    summary = train_weighted_sft(tcfg, log=lambda *_: None, loaded=loaded, quiet=True)
+    rows, n_repaired = _repaired_rows(tcfg, tokenizer, repaired) if STRATEGIES[r.strategy].repaired else (None, None)
+    summary = train_weighted_sft(tcfg, log=lambda *_: None, loaded=loaded, quiet=True, rows=rows)
     model = loaded[2]
     t_train = time.perf_counter() - t0
     status.set(i, "evaluating")
@@ -493,6 +587,7 @@ def _student(cfg: CompareConfig, out: CompareLayout, r: Run, i: int, sel: Select
         "key": key, **own,
         "train": {"steps": summary["global_step"], "loss": summary["train_loss"], "losses": summary["losses"],
                   "rows": summary["join"]["n_examples"], "step_weights": summary["step_weights"],
+                  **({"rows_repaired": n_repaired} if n_repaired is not None else {}),
                   "seconds": t_train},
         "weights_delta": _weights_delta(model, state0),
         "eval": evaluate(model, tokenizer, held_out, **eval_kw),
@@ -544,10 +639,13 @@ def _corpus_columns(doc: dict) -> list[tuple[str, str]]:
     return cols
 
 
-def _two_sample(t: dict | None) -> str:
+def _two_sample(t: dict | None, pair: dict | None = None) -> str:
     if not t or t.get("p_better") is None:
         return ""
-    return f"; vs the random students: {t['diff']:+.4f}, permutation p {t['p_better']:.3f}"
+    out = f"; vs the random students: {t['diff']:+.4f}, permutation p {t['p_better']:.3f}"
+    if pair and pair.get("p_better") is not None:
+        out += f"; paired ({pair['n_pairs']}): {pair['diff']:+.4f}, sign-flip p {pair['p_better']:.3f}"
+    return out
 
 
 def _spread(e: dict) -> str:
@@ -581,11 +679,13 @@ def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         loss, acc = e["loss"], e["accuracy"]
         shares = e.get("selected_corpus") or {}
         row = [s, str(e["students"]), _num(e["selected_loss_base"], ".3f"), *(_pct(shares.get(k)) for _, k in corpus),
-               _spread(loss), _place(loss.get("vs_random")) + _two_sample(loss.get("two_sample_vs_random")),
+               _spread(loss), _place(loss.get("vs_random"))
+               + _two_sample(loss.get("two_sample_vs_random"), loss.get("paired_vs_random")),
                *([_place(loss.get("vs_matched_random"))] if matched else [])]
         if answers:
             a = e.get("answer_loss") or {}
-            row += [_spread(a), _place(a.get("vs_random")) + _two_sample(a.get("two_sample_vs_random"))]
+            row += [_spread(a), _place(a.get("vs_random"))
+                    + _two_sample(a.get("two_sample_vs_random"), a.get("paired_vs_random"))]
         if decoded:
             row += [_num(acc["mean"], ".1f", 100) + ("" if acc["sd"] is None else f" ± {100 * acc['sd']:.1f}"),
                     _place(acc.get("vs_random"))]
@@ -619,6 +719,12 @@ def caption(doc: dict) -> str:
     if "clean_random" in strategies:
         subsets.append(f"the positive control clean_random with {c.get('clean_subsets')} random subsets of the clean "
                        "rows")
+    if "repaired_random" in strategies:
+        subsets.append(f"the paired control repaired_random: random subsets 0-{c.get('clean_subsets', 1) - 1} "
+                       "trained with their planted defects repaired")
+    if "answer_filter" in strategies:
+        subsets.append(f"answer_filter with {c.get('clean_subsets')} subsets of the rows whose final answer matches "
+                       "its reference")
     return (f"Students ({doc['model']['name']}) fine-tuned on {c['top_k']} rows per selection; deterministic "
             f"strategies with {c['seeds']} training seed(s), {', '.join(subsets[:-1])}"
             f"{' and ' if len(subsets) > 1 else ''}{subsets[-1]}, one student each. Held-out: "
@@ -628,8 +734,9 @@ def caption(doc: dict) -> str:
             + ". \"vs random\": the strategy's place in the null of random-subset students: percentile (100 % = "
               "better than every one), one-sided empirical p-values of better / worse ((1 + null draws at least as "
               "good) / (N + 1)), z (positive = better); for a strategy with subsets of its own, that of its mean "
-              "and the permutation test of its students against the random ones. Loss: lower is better; exact "
-              "match: higher is better. Defect and wrong-answer shares: of the selected rows (means over a "
+              "and the permutation test of its students against the random ones (and, for the filters, whose "
+              "subset j is random subset j less the rows they drop, topped up, the sign-flip test of the pairs). "
+              "Loss: lower is better; exact match: higher is better. Defect and wrong-answer shares: of the selected rows (means over a "
               "strategy's students), beside the pool's.")
 
 
@@ -642,15 +749,27 @@ def control_line(doc: dict) -> str | None:
     out = []
     for metric, pc in pcs.items():
         what = label[metric].split(" (")[0]
-        if pc["separated"]:
-            out.append(f"Positive control on the {what}: clean_random beat the random students ({pc['diff']:+.4f} "
-                       f"better in the mean, one-sided permutation p {pc['p_better']:.3f} < {pc['alpha']}): on this "
-                       "measure the experiment can tell a better selection from random ones.")
-        else:
-            out.append(f"Positive control on the {what}: clean_random did NOT separate from the random students "
-                       f"(difference {pc['diff']:+.4f}, one-sided permutation p {pc['p_better']:.3f} >= {pc['alpha']}): "
-                       "on this measure the experiment cannot tell a better selection from random ones at this size, "
-                       "so no strategy's place in its null says anything.")
+        if "separated" in pc:
+            if pc["separated"]:
+                out.append(f"Positive control on the {what}: clean_random beat the random students ({pc['diff']:+.4f} "
+                           f"better in the mean, one-sided permutation p {pc['p_better']:.3f} < {pc['alpha']}): on "
+                           "this measure the experiment can tell a better selection from random ones.")
+            else:
+                out.append(f"Positive control on the {what}: clean_random did NOT separate from the random students "
+                           f"(difference {pc['diff']:+.4f}, one-sided permutation p {pc['p_better']:.3f} >= "
+                           f"{pc['alpha']}): on this measure the experiment cannot tell a better selection from "
+                           "random ones at this size, so no strategy's place in its null says anything.")
+        fixed = pc.get("repaired")
+        if fixed:
+            said = (f"repaired_random, the same {fixed['n_pairs']} random subsets trained with their defects "
+                    f"repaired: {fixed['diff']:+.4f} better in the mean, sign-flip p {fixed['p_better']:.3f}")
+            if fixed["separated"]:
+                out.append(f"Paired control on the {what} ({said} < {pc['alpha']}): the students see the planted "
+                           "defects" + (", but the gain is smaller than the spread between random subsets." if
+                                        pc.get("separated") is False else "."))
+            else:
+                out.append(f"Paired control on the {what} ({said} >= {pc['alpha']}): the students do not measurably "
+                           "see the planted defects at this size.")
     return " ".join(out)
 
 

@@ -15,7 +15,9 @@ A row is a ``{prompt, response, ...}`` row whose response is a GSM8K-style trace
 ``#### N``. A row that cannot carry a kind (no number in a step, fewer than two distinct steps) is given another kind
 or left clean; the counts come back with the rows, so the pool's defect share is what was planted, never assumed.
 Every row gets ``air_defect`` (the kind, or null when clean: a column the scorer never reads) and ``solution`` (the
-row's original response, the reference ``select --exclude-wrong-answer`` checks against). Pure Python, no model.
+row's original response, the reference ``select --exclude-wrong-answer`` checks against). ``repair_defects`` undoes
+it: every corrupted row given back its ``solution`` (compare's ``repaired_random``: the same rows, repaired). Pure
+Python, no model.
 """
 
 from __future__ import annotations
@@ -160,3 +162,19 @@ def write_planted(source: str, output: str, frac: float, seed: int = 0) -> dict:
         json.dump(counts, f, indent=2)
         f.write("\n")
     return counts
+
+
+def repair_defects(rows: list[dict], response_field: str = "response") -> tuple[list[dict], int]:
+    """``(rows, repaired)``: the rows of a planted pool with every corrupted one (``air_defect`` set) given back its
+    original response (``solution``) and marked clean; id, prompt and every other field as they were."""
+    out, n = [], 0
+    for i, r in enumerate(rows):
+        if r.get(DEFECT_FIELD):
+            if not isinstance(r.get(SOLUTION_FIELD), str):
+                raise AirRayError(f"row {i} (id {r.get('id')!r}) is marked {DEFECT_FIELD}={r[DEFECT_FIELD]!r} but has no "
+                                  f"{SOLUTION_FIELD!r} text to repair it from (pools written by bench/plant_defects.py "
+                                  "carry it)")
+            r = dict(r, **{response_field: r[SOLUTION_FIELD], DEFECT_FIELD: None})
+            n += 1
+        out.append(r)
+    return out, n

@@ -170,10 +170,11 @@ def load_trainable(cfg: TrainConfig):
     return ref, tokenizer, model
 
 
-def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None, quiet: bool = False) -> dict:
+def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None, quiet: bool = False, rows=None) -> dict:
     """Join, encode, fine-tune with step weights, save the model and ``training_summary.json`` into
     ``cfg.output``; returns the summary. ``loaded``: an already loaded ``load_trainable(cfg)`` triple. ``quiet``:
-    without the Trainer's line per optimiser step (compare's students: the losses are in the summary)."""
+    without the Trainer's line per optimiser step (compare's students: the losses are in the summary). ``rows``:
+    the ``TrainingRows`` to train on, already joined (``training_rows(cfg, ...)`` otherwise)."""
     from air_ray.data.rows import RowPreparer
     from air_ray.models import open_model
 
@@ -183,7 +184,7 @@ def train_weighted_sft(cfg: TrainConfig, log=print, loaded=None, quiet: bool = F
     else:  # the tokenizer first: a join that fails does not wait for the model
         opened = open_model(cfg)
         ref, tokenizer, model = opened.ref, opened.tokenizer, None
-    rows = training_rows(cfg, RowPreparer.of(tokenizer, cfg))
+    rows = training_rows(cfg, RowPreparer.of(tokenizer, cfg)) if rows is None else rows
     if not cfg.step_weights:  # plain SFT: no step, so every response token weighs 1.0
         rows.examples = [dict(ex, step_spans=[], step_weights=[]) for ex in rows.examples]
     report = rows.report()
