@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The evidence run on one GPU (issue #32: sized for <= 10 min on an H100/H200 with the default model; NOT YET RUN on
 # a GPU): the recipe of bench/compare_recipe.sh at 10x the pool and 15x the selection: the 6,000-row GSM8K pool
-# scored in bf16, 500 rows per selection, 8 random and 6 clean subsets, students trained in bf16 mixed precision and
-# evaluated on 500 of the 1,473 held-out rows by their losses and greedy exact match (up to NEW_TOKENS new tokens).
+# scored in bf16, 500 rows per selection, 8 random subsets and 6 each of clean_random, repaired_random and
+# answer_filter, students trained in bf16 mixed precision and evaluated on 500 of the 1,473 held-out rows by their
+# losses and greedy exact match (up to NEW_TOKENS new tokens).
 # OUT / POOL / HELDOUT / K / SUBSETS / CLEAN / EVAL_ROWS / NEW_TOKENS / DEFECTS override; rerunning resumes.
 set -euo pipefail
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

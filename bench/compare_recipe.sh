@@ -9,7 +9,9 @@
 #   3. air-ray compare on each, K rows per strategy, one student each, every strategy placed in the null of SUBSETS
 #      random subsets:
 #      planted: the positive control clean_random (CLEAN random subsets of the clean rows, subset j made from
-#      random subset j: tested paired and unpaired), the AIR score plain, balanced, diverse and step-weighted, delta
+#      random subset j: tested paired and unpaired), the paired control repaired_random (random subsets 0..CLEAN-1
+#      trained with their defects repaired, each against its random student), the AIR score plain, balanced,
+#      diverse and step-weighted, delta
 #      plain / balanced / diverse, random_diverse, the answer-match filter (CLEAN subsets, made and tested as
 #      clean_random's), the placebo heads' score and the negative control loss_base;
 #      original: the score, delta balanced, the diverse strategies and the answer filter (no reference column
@@ -48,8 +50,8 @@ common=(--eval-input "$HELDOUT" --eval-rows "$EVAL_ROWS" --top-k "$K" --seeds 1 
 $PY -m air_ray select --scores "$OUT/planted/run" --output "$OUT/planted/run/selection" --top-k "$K"
 $PY -m air_ray compare --scores "$OUT/planted/run" --placebo-scores "$OUT/planted/placebo_run" \
     --input "$OUT/planted.jsonl" "${common[@]}" --clean-subsets "$CLEAN" \
-    --strategies clean_random score score_balanced score_diverse score_weighted delta delta_balanced delta_diverse \
-                 random_diverse answer_filter placebo loss_base random
+    --strategies clean_random repaired_random score score_balanced score_diverse score_weighted delta delta_balanced \
+                 delta_diverse random_diverse answer_filter placebo loss_base random
 step "compare (planted pool)"
 $PY -m air_ray select --scores "$OUT/original/run" --output "$OUT/original/run/selection" --top-k "$K"
 $PY -m air_ray compare --scores "$OUT/original/run" --input "$POOL" "${common[@]}" --clean-subsets "$CLEAN" \
