@@ -474,7 +474,10 @@ def test_job_reports_missing_rows_as_an_error(tmp_path):
                         "--scores", scores, "--input", corpus, "--output", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
-    assert "1 not in the corpus" in p.stderr and "Traceback" not in p.stderr
+    # the driver's own output: no traceback (Ray's worker lines, "(TrainController pid=...) ...", may carry one of
+    # Ray Train's own under load: "Failed to send resource request ... safe to ignore")
+    driver = "\n".join(line for line in p.stderr.splitlines() if not line.startswith("("))
+    assert "1 not in the corpus" in driver and "Traceback" not in driver
 
 
 @pytest.mark.slow
