@@ -234,7 +234,8 @@ def test_compare_end_to_end(tiny_model, smol_ref, gsm8k_rows, tmp_path):
         assert ids(by[("repaired_random", j)]) == ids(by[("random", j)])
         assert "same_student_as" not in by[("repaired_random", j)]
         assert by[("repaired_random", j)]["train"]["rows_repaired"] == len(defective & set(ids(by[("random", j)])))
-    assert any(by[("repaired_random", j)]["train"]["rows_repaired"] for j in range(2))  # a repair was trained    # weighted and plain training on the same rows give different students
+    assert any(by[("repaired_random", j)]["train"]["rows_repaired"] for j in range(2))  # a repair was trained
+    # weighted and plain training on the same rows give different students
     assert by[("score", 0)]["eval"]["loss"] != by[("score_weighted", 0)]["eval"]["loss"]
     # each strategy placed in the nulls of its students' results
     null = [by[("random", j)]["eval"]["loss"] for j in range(3)]

@@ -148,7 +148,8 @@ def test_the_paired_control_sees_what_the_spread_between_subsets_hides():
     assert "clean_random did NOT separate" in line and "the students see the planted defects, but the gain is " \
         "smaller than the spread" in line and "same 10 random subsets" in line
     # only the paired control: its verdict alone; a repaired subset whose random subset has no student: left out
-    fewer = [r for r in results if r["strategy"] != "clean_random" and not (r["strategy"] == "random" and r["seed"] == 9)]
+    fewer = [r for r in results
+             if r["strategy"] != "clean_random" and not (r["strategy"] == "random" and r["seed"] == 9)]
     pc = positive_control(summarise(fewer, ["random", "repaired_random"]))["loss"]
     assert "separated" not in pc and pc["repaired"]["n_pairs"] == 9
     assert control_line({"positive_control": {"loss": pc}}).startswith("Paired control on the held-out loss")

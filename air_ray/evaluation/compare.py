@@ -181,8 +181,8 @@ def summarise(results: list[dict], strategies: list[str]) -> dict:
     """Per strategy and metric: its students' values, mean and sd, and its place in each null (``null_position`` of
     its mean); for a strategy with subsets its spread (min, max), and for the positive control (clean_random) also
     the tests of its students against the random ones: unpaired (``two_sample``) and paired with the subset each
-    is made from (``paired``). Per strategy the selected rows'
-    mean loss_base and planted-defect and wrong-answer shares (means over its students) where the pool has them."""
+    is made from (``paired``). Per strategy the selected rows' mean loss_base and planted-defect and wrong-answer
+    shares (means over its students) where the pool has them."""
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["strategy"], []).append(r)
@@ -384,10 +384,10 @@ def repaired_pool(cfg: CompareConfig) -> dict[str, str]:
             rows += [json.loads(line) for line in f if line.strip()]
     field, id_field = cfg.response_field or "response", cfg.id_field or "id"
     planted = [r for r in rows if r.get(DEFECT_FIELD)]
-    if any(not isinstance(r.get(id_field), str) or not isinstance(r.get(field), str) for r in planted):
-        raise AirRayError(f"compare: repaired_random needs every planted row to carry its {id_field!r} and a "
-                          f"{field!r} text (the rows bench/plant_defects.py writes)")
-    fixed, _ = repair_defects(planted, field)
+    if any(not isinstance(r.get(id_field), str) for r in planted):
+        raise AirRayError(f"compare: repaired_random needs every planted row to carry its {id_field!r} (the rows "
+                          "bench/plant_defects.py writes do)")
+    fixed, _ = repair_defects(planted, field)  # checks each has its solution
     return {r[id_field]: r[field] for r in fixed}
 
 
@@ -494,13 +494,13 @@ def run_compare(cfg: CompareConfig, log=say) -> dict:
             selections[r.selection_name] = _select(cfg, out, r)
 
     keys = run_keys(cfg, ref.fingerprint, runs, held_ids, selections)
-    repaired = None
-    if any(STRATEGIES[r.strategy].repaired for r in runs):
+    initial = _read_json(out.result(out.INITIAL))
+    todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
+    repaired = None  # read only when a repaired_random student is still to train
+    if any(STRATEGIES[r.strategy].repaired for r in todo):
         repaired = repaired_pool(cfg)
         log(f"compare: repaired_random trains on random subsets with the pool's {len(repaired)} planted defects "
             "repaired (their original responses)")
-    initial = _read_json(out.result(out.INITIAL))
-    todo = [r for r in runs if (_read_json(out.result(r.name)) or {}).get("key") != keys[r.name]]
     state0 = None
     if todo or (initial or {}).get("key") != keys["initial"]:
         t0 = time.perf_counter()
@@ -734,10 +734,10 @@ def caption(doc: dict) -> str:
             + ". \"vs random\": the strategy's place in the null of random-subset students: percentile (100 % = "
               "better than every one), one-sided empirical p-values of better / worse ((1 + null draws at least as "
               "good) / (N + 1)), z (positive = better); for a strategy with subsets of its own, that of its mean "
-              "and the permutation test of its students against the random ones (and, for the filters, whose "
-              "subset j is random subset j less the rows they drop, topped up, the sign-flip test of the pairs). "
-              "Loss: lower is better; exact match: higher is better. Defect and wrong-answer shares: of the selected rows (means over a "
-              "strategy's students), beside the pool's.")
+              "and the permutation test of its students against the random ones (and, for those made from random "
+              "subset j: clean_random, answer_filter, repaired_random, the sign-flip test of the pairs). Loss: "
+              "lower is better; exact match: higher is better. Defect and wrong-answer shares: of the selected rows "
+              "(means over a strategy's students), beside the pool's.")
 
 
 def control_line(doc: dict) -> str | None:

@@ -171,9 +171,9 @@ def repair_defects(rows: list[dict], response_field: str = "response") -> tuple[
     for i, r in enumerate(rows):
         if r.get(DEFECT_FIELD):
             if not isinstance(r.get(SOLUTION_FIELD), str):
-                raise AirRayError(f"row {i} (id {r.get('id')!r}) is marked {DEFECT_FIELD}={r[DEFECT_FIELD]!r} but has no "
-                                  f"{SOLUTION_FIELD!r} text to repair it from (pools written by bench/plant_defects.py "
-                                  "carry it)")
+                raise AirRayError(f"row {i} (id {r.get('id')!r}) is marked {DEFECT_FIELD}={r[DEFECT_FIELD]!r} but has "
+                                  f"no {SOLUTION_FIELD!r} text to repair it from (pools written by "
+                                  "bench/plant_defects.py carry it)")
             r = dict(r, **{response_field: r[SOLUTION_FIELD], DEFECT_FIELD: None})
             n += 1
         out.append(r)
